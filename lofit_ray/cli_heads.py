@@ -1,0 +1,228 @@
+"""`lofit-ray heads ...`: read head sets and adapters recorded in MLflow.
+
+    lofit-ray heads list     [--model M] [--task T]          runs with a head set, metrics, versions, champion
+    lofit-ray heads show     REF [--k K] [--limit N]          ranked heads, top K marked, per-layer histogram
+    lofit-ray heads compare  REF REF [REF ...] [--k K]        overlap, Jaccard, per-layer histograms
+    lofit-ray heads promote  NAME VERSION                     move alias @champion
+
+REF is a run id, runs:/RUN_ID, models:/NAME@ALIAS, models:/NAME/VERSION or a local head set JSON.
+Every sub-command takes --tracking-uri (default $MLFLOW_TRACKING_URI or sqlite:///./mlflow.db) and
+--experiment.
+"""
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence], right: Sequence[int] = ()) -> str:
+    """Plain aligned text; columns whose index is in ``right`` are right-aligned."""
+    cells = [[str(h) for h in headers]] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = []
+    for row in cells:
+        parts = [c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))]
+        lines.append("  ".join(parts).rstrip())
+    return "\n".join(lines)
+
+
+def _bar(count: int, scale: float = 1.0) -> str:
+    return "#" * int(round(count * scale))
+
+
+def _metric(value) -> str:
+    from .tracking import format_metric
+
+    return format_metric(value)
+
+
+# -- list --------------------------------------------------------------------------------------
+
+def cmd_list(args) -> None:
+    from .tracking import MAIN_METRICS, list_head_sets, resolve_tracking_uri
+
+    uri = resolve_tracking_uri(args.tracking_uri)
+    rows = list_head_sets(uri, args.experiment, args.model, args.task)
+    if not rows:
+        where = f" in experiment {args.experiment!r}" if args.experiment else ""
+        which = " ".join(f"{k}={v}" for k, v in (("model", args.model), ("task", args.task)) if v)
+        raise ValueError(f"no head sets recorded at {uri}{where}{' for ' + which if which else ''}; run "
+                         f"`lofit-ray search` first, or point --tracking-uri/--experiment at the store it used")
+    present = {k for r in rows for k in r["metrics"]}
+    metric_cols = [m for m in MAIN_METRICS if m in present]
+    headers = ["RUN", "VERSION", "MODEL", "TASK", "METHOD", "K", *metric_cols, "STATUS", "CHAMPION"]
+    table, champions, versions = [], [], 0
+    for r in rows:
+        regs = r["registered"]
+        versions += len(regs)
+        version = ", ".join(f"{v['name']}/{v['version']}" for v in regs) or "-"
+        champ = [f"{v['name']}/{v['version']}" for v in regs if "champion" in v["aliases"]]
+        champions += champ
+        table.append([r["run_id"], version, r["model"] or "-", r["task"] or "-", r["method"] or "-",
+                      r["k"] if r["k"] is not None else "-", *[_metric(r["metrics"].get(m)) for m in metric_cols],
+                      r["status"], "*" if champ else ""])
+    print(_table(headers, table, right=[5] + list(range(6, 6 + len(metric_cols)))))
+    experiments = sorted({r["experiment"] for r in rows})
+    print(f"{len(rows)} head set{'s' * (len(rows) != 1)} in {len(experiments)} experiment"
+          f"{'s' * (len(experiments) != 1)} ({', '.join(experiments)}), {versions} registered version"
+          f"{'s' * (versions != 1)}; champion: {', '.join(champions) or 'none'}")
+
+
+# -- show --------------------------------------------------------------------------------------
+
+def _describe(head_set, k: int) -> str:
+    L, H = head_set.layout["num_layers"], head_set.layout["num_heads"]
+    return (f"model {head_set.model} (fingerprint {head_set.fingerprint}), task {head_set.task or '-'}, "
+            f"method {head_set.method}, seed {head_set.seed}, K={k} of {L * H} heads ({L} layers x {H} heads)")
+
+
+def _histogram(counts_by_set: dict[str, list[int]]) -> str:
+    """Per-layer counts; one bar column when there is a single set, a count column per set otherwise."""
+    names = list(counts_by_set)
+    layers = len(next(iter(counts_by_set.values())))
+    if len(names) == 1:
+        counts = counts_by_set[names[0]]
+        peak = max(counts) or 1
+        scale = min(1.0, 40 / peak)
+        rows = [[f"L{l}", counts[l], _bar(counts[l], scale)] for l in range(layers)]
+        return _table(["LAYER", "COUNT", ""], rows, right=[1])
+    rows = [[f"L{l}", *[counts_by_set[n][l] for n in names]] for l in range(layers)]
+    return _table(["LAYER", *names], rows, right=list(range(1, len(names) + 1)))
+
+
+def cmd_show(args) -> None:
+    from .heads import per_layer_counts
+    from .tracking import load_head_set, resolve_tracking_uri
+
+    uri = resolve_tracking_uri(args.tracking_uri)
+    head_set = load_head_set(uri, args.ref)
+    k = args.k if args.k is not None else head_set.k
+    top = head_set.top(k)  # validates K
+    limit = args.limit if args.limit is not None else max(2 * k, 10)
+    ranking = head_set.ranking if limit <= 0 else head_set.ranking[:limit]
+    print(f"head set {args.ref}: {_describe(head_set, k)}")
+    rows = [[rank, int(l), int(h), f"{float(s):.4f}", "*" if rank <= k else ""]
+            for rank, (l, h, s) in enumerate(ranking, 1)]
+    print(_table(["RANK", "LAYER", "HEAD", "SCORE", "TOP"], rows, right=[0, 1, 2, 3]))
+    if len(ranking) < len(head_set.ranking):
+        print(f"... {len(head_set.ranking) - len(ranking)} more (--limit 0 shows all)")
+    counts = per_layer_counts(head_set, k)
+    print(f"per-layer count of the top {k}:")
+    print(_histogram({"top": counts}))
+    layers = sorted({l for l, _ in top})
+    busiest = max(range(len(counts)), key=lambda l: counts[l])
+    print(f"top {k} heads span {len(layers)} layer{'s' * (len(layers) != 1)} (L{layers[0]}-L{layers[-1]}); "
+          f"most in L{busiest} ({counts[busiest]}); best L{top[0][0]}H{top[0][1]}")
+
+
+# -- compare -----------------------------------------------------------------------------------
+
+def _labels(refs: Sequence[str]) -> list[str]:
+    labels = []
+    for ref in refs:
+        label = ref
+        if len(ref) == 32 and ref.isalnum():
+            label = ref[:8]
+        elif ref.startswith("runs:/"):
+            label = ref[len("runs:/"):].split("/")[0][:8]
+        elif ref.startswith("models:/"):
+            label = ref[len("models:/"):]
+        elif ref.endswith(".json"):
+            label = ref.rsplit("/", 1)[-1][:-5]
+        base, n = label, 2
+        while label in labels:
+            label, n = f"{base}#{n}", n + 1
+        labels.append(label)
+    return labels
+
+
+def cmd_compare(args) -> None:
+    from .heads import compare
+    from .tracking import load_head_set, resolve_tracking_uri
+
+    if len(args.refs) < 2:
+        raise ValueError("compare needs at least two head sets: lofit-ray heads compare REF REF [REF ...]")
+    uri = resolve_tracking_uri(args.tracking_uri)
+    labels = _labels(args.refs)
+    sets = {label: load_head_set(uri, ref) for label, ref in zip(labels, args.refs)}
+    shapes = {label: (s.layout["num_layers"], s.layout["num_heads"]) for label, s in sets.items()}
+    if len(set(shapes.values())) > 1:
+        described = "; ".join(f"{label} ({sets[label].model}) has {L} layers x {H} heads"
+                              for label, (L, H) in shapes.items())
+        raise ValueError(f"cannot compare head sets of different shapes: {described}. Only sets from models "
+                         f"with equal layers x heads compare; pick refs of one model (see `lofit-ray heads list`)")
+    for label, ref in zip(labels, args.refs):
+        s = sets[label]
+        print(f"{label}: {ref} -> {_describe(s, args.k or s.k)}")
+    models = sorted({s.model for s in sets.values()})
+    if len(models) > 1:
+        print(f"note: different models of equal shape ({', '.join(models)}): layer/head indices are compared as is")
+    result = compare(sets, args.k)
+    rows = [[p["a"], p["b"], p["overlap"], f"{p['jaccard']:.3f}"] for p in result["pairs"]]
+    print(_table(["A", "B", "OVERLAP", "JACCARD"], rows, right=[2, 3]))
+    print("per-layer count of each set's top K:")
+    print(_histogram(result["per_layer"]))
+    shared = set.intersection(*(set(s.top(args.k)) for s in sets.values()))
+    print(f"in every set: {', '.join(f'L{l}H{h}' for l, h in sorted(shared)) or 'none'}")
+    jac = [p["jaccard"] for p in result["pairs"]]
+    ks = sorted({args.k or s.k for s in sets.values()})
+    print(f"{len(sets)} head sets, K={'/'.join(map(str, ks))}: mean Jaccard {sum(jac) / len(jac):.3f} "
+          f"(min {min(jac):.3f}, max {max(jac):.3f}) over {len(jac)} pair{'s' * (len(jac) != 1)}, "
+          f"{len(shared)} head{'s' * (len(shared) != 1)} shared by all")
+
+
+# -- promote -----------------------------------------------------------------------------------
+
+def cmd_promote(args) -> None:
+    from .tracking import client, format_metric, resolve_tracking_uri, set_champion
+
+    uri = resolve_tracking_uri(args.tracking_uri)
+    old = set_champion(uri, args.name, args.version)
+    c = client(uri)
+    version = c.get_model_version(args.name, str(args.version))
+    metrics = ""
+    if version.run_id:
+        run_metrics = c.get_run(version.run_id).data.metrics
+        metrics = " ".join(f"{k}={format_metric(v)}" for k, v in sorted(run_metrics.items())
+                           if k.startswith(("val_", "test_", "sel_")))
+    print(f"old champion: {f'{args.name}/{old}' if old else 'none'}")
+    print(f"new champion: {args.name}/{version.version} (run {version.run_id or '-'}{', ' + metrics if metrics else ''})")
+    if old == str(version.version):
+        print(f"{args.name}@champion already pointed at version {old}; nothing changed")
+    else:
+        print(f"promoted {args.name}/{version.version} to @champion (was {old or 'unset'}); "
+              f"serve it as models:/{args.name}@champion")
+
+
+def add_heads_parser(subparsers) -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--tracking-uri", default=None,
+                        help="MLflow tracking URI (default $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db)")
+    common.add_argument("--experiment", default=None, help="MLflow experiment name that `list` searches (default: all); "
+                             "refs to show/compare/promote are global")
+
+    p = subparsers.add_parser("heads", help="list, show and compare head sets recorded in MLflow; promote a champion",
+                              description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="heads_command", required=True)
+
+    q = sub.add_parser("list", parents=[common], help="runs with a head set: model, task, K, metrics, versions")
+    q.add_argument("--model", default=None, help="only this model spec (tag lofit.model)")
+    q.add_argument("--task", default=None, help="only this task (tag lofit.task)")
+    q.set_defaults(func=cmd_list)
+
+    q = sub.add_parser("show", parents=[common], help="one head set: ranked heads, top K, per-layer histogram")
+    q.add_argument("ref", help="run id, runs:/ID, models:/NAME@ALIAS, models:/NAME/VERSION or a head set JSON")
+    q.add_argument("--k", type=int, default=None, help="mark the top K (default: the set's own K)")
+    q.add_argument("--limit", type=int, default=None, help="rows of the ranking to print (default 2K; 0: all)")
+    q.set_defaults(func=cmd_show)
+
+    q = sub.add_parser("compare", parents=[common], help="overlap and Jaccard of the top K between head sets")
+    q.add_argument("refs", nargs="+", metavar="REF", help="two or more refs (as for show)")
+    q.add_argument("--k", type=int, default=None, help="compare the top K of every set (default: each set's K)")
+    q.set_defaults(func=cmd_compare)
+
+    q = sub.add_parser("promote", parents=[common], help="point alias @champion of a registered adapter at VERSION")
+    q.add_argument("name", help="registered model name, e.g. lofit-smollm2-135m-truthfulqa")
+    q.add_argument("version", help="version number to promote")
+    q.set_defaults(func=cmd_promote)
+    return p

@@ -1,0 +1,58 @@
+"""Answer-only log-likelihoods, the SFT and DPO losses, and cached DPO reference log-probs.
+
+The LM head and log-softmax run only at answer positions: with a 49k-token
+vocabulary that head is a large share of a small model's compute.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+
+import torch
+import torch.nn.functional as F
+
+from .batching import Batch
+
+
+def answer_logprobs(model, batch: Batch, past_key_values=None) -> torch.Tensor:
+    """Sum of log p(answer token) per sequence: [B].
+
+    With `past_key_values` (a shared prefix already run), the batch holds only the tokens after
+    it; right padding needs no mask then, since padding only ever follows real tokens.
+    """
+    mask = None if past_key_values is not None else batch.attention_mask
+    hidden = model.get_decoder()(input_ids=batch.input_ids, attention_mask=mask,
+                                 cache=past_key_values, use_cache=past_key_values is not None,
+                                 ).last_hidden_state
+    # Position t predicts token t+1: gather hidden states just before each answer token.
+    target_mask = batch.answer_mask[:, 1:]
+    rows, cols = target_mask.nonzero(as_tuple=True)
+    logits = model.get_output_embeddings()(hidden[rows, cols])
+    softcap = getattr(model.config, "final_logit_softcapping", None)
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    token_logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, batch.input_ids[rows, cols + 1, None])[:, 0]
+    return torch.zeros(batch.input_ids.shape[0], device=token_logp.device).index_add(0, rows, token_logp)
+
+
+def sft_loss(model, batch: Batch) -> torch.Tensor:
+    """Mean negative log-likelihood per answer token."""
+    return -answer_logprobs(model, batch).sum() / batch.answer_mask[:, 1:].sum().clamp(min=1)
+
+
+def dpo_loss(policy_logp: torch.Tensor, reference_logp: torch.Tensor, beta: float) -> torch.Tensor:
+    """policy/reference log-probs laid out [chosen..., rejected...] (as batch_items collates pairs)."""
+    n = policy_logp.shape[0] // 2
+    margin = (policy_logp[:n] - reference_logp[:n]) - (policy_logp[n:] - reference_logp[n:])
+    return -F.logsigmoid(beta * margin).mean()
+
+
+def l1_penalty(scale: torch.Tensor) -> torch.Tensor:
+    return scale.abs().sum()
+
+
+def data_key(fingerprint: str, encoded: list, max_length: int) -> str:
+    """A key for reference log-probs: the model's fingerprint and the exact token ids."""
+    digest = hashlib.sha256(f"{fingerprint}:{max_length}".encode())
+    digest.update(json.dumps([[c.ids, c.answer_start, r.ids, r.answer_start] for c, r in encoded]).encode())
+    return digest.hexdigest()[:24]

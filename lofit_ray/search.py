@@ -1,0 +1,411 @@
+"""The search service: Ray Tune + Optuna (TPE) + ASHA over K, L1 and learning rates, recorded in MLflow.
+
+Per model, one Tuner runs trials of `trial_fn`:
+  1. phase 1 (head ranking) comes from the memo in MLflow when a run with the same phase-1
+     key exists (model fingerprint, data, l1, phase-1 lr, epochs, seed: K is not in the key,
+     it only cuts the ranking); otherwise it runs as a Ray Train + DeepSpeed job and is recorded;
+  2. phase 2 trains offsets on the top K heads in the trial process, evaluating the selection
+     split every epoch and reporting to Tune (ASHA stops weak trials early);
+  3. a finished trial logs its adapter and registers it as a model version.
+When the search ends, the best version gets the `champion` alias and is scored once on the
+held-out report split, next to the 0-shot model.
+
+Cost-aware mode (search.cost_aware) adds the sharing: phase-1 rankings precomputed for the whole
+discrete phase-1 grid in one Ray Train job (all models at once) and memoized, DPO reference
+log-probs cached on disk, models and data kept per trial process (actors are reused).
+"""
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import os
+import re
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from . import tracking
+from .adapter import Adapter
+from .config import RunConfig, Space, to_dict
+from .evaluate import evaluate
+from .heads import HeadSet
+from .models import load_model
+from .offsets import HeadOffsets
+from .splits import build_splits
+from .tasks import get_task
+from .train import NaNLossError, TrainConfig, reference_logprobs, train_offsets
+from . import batching
+
+SEARCHED = ("k", "l1", "phase1_lr", "phase2_lr")
+_CACHE: dict = {}  # per-process: loaded models and splits, kept across trials when cost-aware
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(text).name if os.sep in text else text).strip("-")
+
+
+# -- config -> pieces ---------------------------------------------------------------------
+
+def task_spec(cfg: RunConfig) -> dict:
+    """What a worker needs to rebuild the same splits (data dir resolved to an absolute path)."""
+    from .tasks.base import data_dir
+
+    t = cfg.task
+    kwargs = {"data_dir": str(data_dir(t.data_dir).resolve())} if t.name != "jsonl" else {}
+    if t.name == "jsonl":
+        kwargs = {"train_path": str(Path(t.train).resolve()), "eval_path": str(Path(t.report).resolve())}
+    return {"name": t.name, "kwargs": kwargs,
+            "splits": {"train": t.train, "report": t.report, "select": t.select,
+                       "select_fraction": t.select_fraction, "carve_seed": t.carve_seed,
+                       "limit_train": t.limit_train, "limit_select": t.limit_select, "limit_report": t.limit_report}}
+
+
+def get_splits(spec: dict, cache: bool = True):
+    key = ("splits", json.dumps(spec, sort_keys=True))
+    if cache and key in _CACHE:
+        return _CACHE[key]
+    task = get_task(spec["name"], **spec["kwargs"])
+    value = (task, build_splits(task, **spec["splits"]))
+    if cache:
+        _CACHE[key] = value
+    return value
+
+
+def get_model(spec: str, dtype: str, cache: bool = True):
+    key = ("model", spec, dtype)
+    if cache and key in _CACHE:
+        return _CACHE[key]
+    device = "cuda" if torch.cuda.is_available() and dtype != "float32" else "cpu"
+    loaded = load_model(spec, dtype=dtype, device=device)
+    if cache:
+        _CACHE[key] = loaded
+    return loaded
+
+
+def phase1_cfg(cfg: RunConfig, l1: float, lr: float) -> TrainConfig:
+    t = cfg.training
+    return TrainConfig(epochs=t.phase1_epochs, lr=lr, batch_size=t.batch_size, l1=l1, dpo_beta=t.dpo_beta,
+                       max_length=t.max_length, seed=t.seed)
+
+
+def phase1_key(fingerprint: str, train_hash: str, task: str, tc: TrainConfig) -> str:
+    payload = json.dumps({"fp": fingerprint, "data": train_hash, "task": task, **asdict(tc)}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:20]
+
+
+def _tune_domain(space: Space):
+    from ray import tune
+
+    if space.values is not None:
+        return tune.choice(list(space.values))
+    if space.integer:
+        return tune.lograndint(int(space.low), int(space.high) + 1) if space.log else \
+            tune.randint(int(space.low), int(space.high) + 1)
+    return tune.loguniform(space.low, space.high) if space.log else tune.uniform(space.low, space.high)
+
+
+# -- phase 1 ------------------------------------------------------------------------------
+
+def phase1_job(cfg: RunConfig, model: str, loaded, splits, l1: float, lr: float, k: int) -> dict:
+    tc = phase1_cfg(cfg, l1, lr)
+    job = {"model": model, "dtype": cfg.dtype, "task": task_spec(cfg), "train_cfg": asdict(tc), "k": k,
+           "key": phase1_key(loaded.fingerprint, splits.train_hash(), cfg.task.name, tc)}
+    encoded = batching.encode_examples(loaded.tokenizer, splits.train, tc.max_length)
+    if isinstance(encoded[0], tuple):  # DPO: the reference is computed once here, shipped to every worker
+        job["reference"] = reference_logprobs(loaded, encoded, tc, use_cache=cfg.search.cost_aware).tolist()
+    return job
+
+
+def run_phase1_jobs(cfg: RunConfig, jobs: list[dict], ctx: dict, name: str) -> list[HeadSet]:
+    """Run phase-1 jobs in one Ray Train job and record each head set as a memo run in MLflow."""
+    from .distributed import run_phase1
+
+    sc = cfg.scaling
+    start = time.time()
+    outputs = run_phase1(jobs, num_workers=sc.num_workers, cpus_per_worker=sc.cpus_per_worker, use_gpu=sc.use_gpu,
+                         zero_stage=cfg.deepspeed.zero_stage, use_deepspeed=cfg.deepspeed.enabled,
+                         storage_path=ctx["storage_path"], name=name, max_failures=sc.max_failures)
+    seconds = (time.time() - start) / max(len(outputs), 1)
+    head_sets = []
+    for job, out in zip(jobs, outputs):
+        head_set = HeadSet(**out["head_set"])
+        uri = ctx["tracking_uri"]
+        run_id = tracking.start_run(uri, ctx["experiment_id"], f"phase1-{slug(job['model'])}-{job['key'][:8]}",
+                                    params={**job["train_cfg"], "model": job["model"], "workers": sc.num_workers,
+                                            "zero_stage": cfg.deepspeed.zero_stage},
+                                    tags={tracking.PHASE1_KEY_TAG: job["key"], "lofit.kind": "phase1"},
+                                    parent_run_id=ctx["parent_run_id"])
+        for epoch in out["history"]:
+            tracking.log_metrics(uri, run_id, {"phase1_loss": epoch["loss"]}, step=epoch["epoch"])
+        tracking.log_metrics(uri, run_id, {"phase1_seconds": seconds})
+        tracking.log_head_set(uri, run_id, head_set, key=job["key"])
+        tracking.end_run(uri, run_id)
+        head_sets.append(head_set)
+    return head_sets
+
+
+def precompute_phase1(cfg: RunConfig, ctx: dict) -> int:
+    """One Ray Train job for every (model, l1, phase-1 lr) of a discrete grid that the memo lacks."""
+    space = cfg.search.space
+    if space.l1.values is None or space.phase1_lr.values is None:
+        return 0
+    jobs = []
+    k = int(space.k.bounds()[0])
+    for model in cfg.models:
+        loaded = get_model(model, cfg.dtype)
+        _, splits = get_splits(task_spec(cfg))
+        for l1, lr in itertools.product(space.l1.values, space.phase1_lr.values):
+            job = phase1_job(cfg, model, loaded, splits, l1, lr, min(k, loaded.layout.total_heads))
+            if tracking.find_head_set(ctx["tracking_uri"], ctx["experiment_id"], job["key"]) is None:
+                jobs.append(job)
+    if jobs:
+        print(f"[lofit-ray] phase 1 for {len(jobs)} (model, l1, lr) settings in one Ray Train job", flush=True)
+        run_phase1_jobs(cfg, jobs, ctx, name=f"{cfg.name}-phase1")
+    return len(jobs)
+
+
+# -- one trial ------------------------------------------------------------------------------
+
+def trial_fn(config: dict) -> None:
+    """A Tune function trainable: phase 1 (memoized) -> phase 2 with per-epoch evaluation -> registry."""
+    from ray import tune
+
+    ctx = config["ctx"]
+    cfg = RunConfig(**_restore(ctx["run_config"]))
+    cost_aware = cfg.search.cost_aware
+    torch.set_num_threads(max(1, int(ctx.get("threads", 1))))
+    params = {name: config[name] for name in SEARCHED}
+    uri, model = ctx["tracking_uri"], ctx["model"]
+    trial_id = tune.get_context().get_trial_id()
+    for offsets in _CACHE.pop("attached", []):  # a reused actor may hold hooks of a stopped trial
+        offsets.detach()
+    run_id = tracking.start_run(uri, ctx["experiment_id"], f"trial-{slug(model)}-{trial_id}",
+                                params={**params, "model": model, "task": cfg.task.name,
+                                        "phase2_epochs": cfg.training.phase2_epochs, "cost_aware": cost_aware},
+                                tags={"lofit.kind": "trial", "lofit.trial_id": trial_id, tracking.MODEL_TAG: model,
+                                      tracking.TASK_TAG: cfg.task.name}, parent_run_id=ctx["parent_run_id"])
+    timing = {"phase1_s": 0.0, "phase2_s": 0.0, "eval_s": 0.0}
+    done: dict = {}  # set once the trial's run is recorded as FINISHED
+    start = time.time()
+    try:
+        loaded = get_model(model, cfg.dtype, cache=cost_aware)
+        task, splits = get_splits(task_spec(cfg), cache=cost_aware)
+        metric = cfg.metric(task.eval_kind)
+        k = int(params["k"])
+        if k > loaded.layout.total_heads:
+            raise ValueError(f"search.space.k: K={k} is larger than {model}'s {loaded.layout.total_heads} heads")
+        t0 = time.time()
+        job = phase1_job(cfg, model, loaded, splits, params["l1"], params["phase1_lr"], k)
+        head_set = tracking.find_head_set(uri, ctx["experiment_id"], job["key"]) if cost_aware else None
+        memo_hit = head_set is not None
+        if head_set is None:
+            head_set = run_phase1_jobs(cfg, [job], ctx, name=f"{cfg.name}-phase1-{trial_id}")[0]
+        timing["phase1_s"] = time.time() - t0
+        head_set = head_set.with_k(k)
+        tracking.log_head_set(uri, run_id, head_set, k=k)
+
+        t2 = cfg.training
+        tc = TrainConfig(epochs=t2.phase2_epochs, lr=params["phase2_lr"], batch_size=t2.batch_size,
+                         dpo_beta=t2.dpo_beta, max_length=t2.max_length, seed=t2.seed)
+        offsets = HeadOffsets(loaded.layout, bias_heads=head_set.top(k), seed=t2.seed)
+        _CACHE["attached"] = [offsets]
+        reference = torch.tensor(job["reference"]) if "reference" in job else None
+        p2_start = time.time()
+
+        def on_epoch(epoch: int, stats: dict) -> None:
+            e0 = time.time()
+            scores = evaluate(loaded, splits.select)
+            timing["eval_s"] += time.time() - e0
+            timing["phase2_s"] = time.time() - p2_start - timing["eval_s"]
+            metrics = {f"sel_{name}": scores[name] for name in ("mc1", "mc2", "em", "em_lenient") if name in scores}
+            metrics.update(sel_metric=scores[metric], train_loss=stats["loss"])
+            tracking.log_metrics(uri, run_id, metrics, step=epoch)
+            report = {**metrics, **timing, "epoch": epoch, "memo_hit": int(memo_hit), "mlflow_run_id": run_id}
+            if epoch == tc.epochs:
+                # Record everything before the last report: Tune stops the trial as soon as it sees
+                # the final epoch, and code after that report would never run.
+                report["version"] = done["version"] = _finish_trial(uri, ctx, run_id, trial_id, loaded, offsets, head_set, cfg, tc,
+                                                  params, metrics, {**timing, "total_s": time.time() - start,
+                                                                    "memo_hit": int(memo_hit)})
+            tune.report({**report, "total_s": time.time() - start})
+
+        train_offsets(loaded, offsets, splits.train, tc, reference=reference, on_epoch=on_epoch)
+    except Exception as exc:
+        if not done:
+            reason = f"diverged: {exc}" if isinstance(exc, NaNLossError) else f"{type(exc).__name__}: {exc}"
+            tracking.end_run(uri, run_id, "FAILED", reason=reason)
+        raise
+    finally:
+        for offsets in _CACHE.pop("attached", []):
+            offsets.detach()
+
+
+def _finish_trial(uri, ctx, run_id, trial_id, loaded, offsets, head_set, cfg, tc, params, metrics, timing) -> str:
+    """Log the adapter, register it as a model version with its metrics as tags, close the run."""
+    adapter = Adapter.from_offsets(offsets, loaded, task=cfg.task.name, head_set=head_set,
+                                   hparams={**params, **asdict(tc)})
+    tracking.log_adapter(uri, run_id, adapter)
+    version = tracking.register_adapter(
+        uri, ctx["registered_name"], run_id,
+        tags={"k": params["k"], "trial_id": trial_id, "sel_metric": f"{metrics['sel_metric']:.6f}",
+              "l1": params["l1"], "phase1_lr": params["phase1_lr"], "phase2_lr": params["phase2_lr"],
+              "parameters": adapter.num_parameters})
+    tracking.set_tags(uri, run_id, {"lofit.registered_version": version})
+    tracking.log_metrics(uri, run_id, timing)
+    tracking.end_run(uri, run_id)
+    return version
+
+
+def _restore(data: dict) -> dict:
+    """RunConfig(**dict) from to_dict(): rebuild the nested dataclasses."""
+    from .config import _build
+
+    return vars(_build(RunConfig, data, ""))
+
+
+# -- the driver ------------------------------------------------------------------------------
+
+def _state_file(storage: Path, cfg: RunConfig) -> Path:
+    return storage / f"{cfg.name}.lofit-state.json"
+
+
+def run_search(cfg: RunConfig, resume: bool = False) -> dict:
+    """Run the whole search (all models); returns a summary with champions and report-split metrics."""
+    import ray
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search import ConcurrencyLimiter
+    from ray.tune.search.optuna import OptunaSearch
+
+    started = time.time()
+    uri = tracking.resolve_tracking_uri(cfg.mlflow.tracking_uri)
+    storage = Path(cfg.storage_path or tracking.lofit_home() / "ray_results").expanduser().resolve()
+    storage.mkdir(parents=True, exist_ok=True)
+    experiment_id = tracking.ensure_experiment(cfg.mlflow.experiment, uri, cfg.mlflow.artifact_root)
+    state_path = _state_file(storage, cfg)
+    state = json.loads(state_path.read_text()) if resume and state_path.is_file() else {}
+    if not state.get("parent_run_id"):
+        state["parent_run_id"] = tracking.start_run(
+            uri, experiment_id, cfg.name, params=to_dict(cfg), tags={"lofit.kind": "search"})
+        state_path.write_text(json.dumps(state))
+    parent = state["parent_run_id"]
+    print(f"[lofit-ray] MLflow: {uri} (experiment '{cfg.mlflow.experiment}', parent run {parent})", flush=True)
+    if not ray.is_initialized():
+        ray.init(runtime_env={"env_vars": {"MLFLOW_DISABLE_TELEMETRY": "true", "LOFIT_HOME": str(tracking.lofit_home()),
+                                           **({} if cfg.scaling.use_gpu else {"DS_ACCELERATOR": "cpu"})}})
+    ctx = {"tracking_uri": uri, "experiment_id": experiment_id, "parent_run_id": parent,
+           "storage_path": str(storage), "run_config": to_dict(cfg),
+           "threads": max(1, int((os.cpu_count() or 1) / cfg.search.max_concurrent))}
+    summary = {"name": cfg.name, "tracking_uri": uri, "experiment_id": experiment_id, "parent_run_id": parent,
+               "models": {}}
+    try:
+        p1_start = time.time()
+        if cfg.search.cost_aware and not state.get("precomputed"):
+            precompute_phase1(cfg, ctx)
+            state["precomputed"] = True
+            state_path.write_text(json.dumps(state))
+        summary["precompute_s"] = time.time() - p1_start
+        for model in cfg.models:
+            summary["models"][model] = _search_one_model(cfg, model, ctx, storage, resume)
+        tracking.end_run(uri, parent)
+    except BaseException as exc:
+        tracking.close_dangling_runs(uri, parent, reason=f"search stopped: {type(exc).__name__}")
+        tracking.end_run(uri, parent, "FAILED", reason=f"{type(exc).__name__}: {exc}")
+        raise
+    summary["wall_s"] = round(time.time() - started, 1)
+    return summary
+
+
+def _search_one_model(cfg: RunConfig, model: str, ctx: dict, storage: Path, resume: bool) -> dict:
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search import ConcurrencyLimiter
+    from ray.tune.search.optuna import OptunaSearch
+
+    uri = ctx["tracking_uri"]
+    task = get_task(cfg.task.name, **task_spec(cfg)["kwargs"])
+    metric = cfg.metric(task.eval_kind)
+    name = tracking.registered_name(model, cfg.task.name)
+    trial_ctx = {**ctx, "model": model, "registered_name": name}
+    trainable = tune.with_resources(trial_fn, {"cpu": cfg.scaling.trial_cpus,
+                                               **({"gpu": 1} if cfg.scaling.use_gpu else {})})
+    run_name = f"{cfg.name}-{slug(model)}"
+    path = storage / run_name
+    space = cfg.search.space
+    if resume and tune.Tuner.can_restore(str(path)):
+        print(f"[lofit-ray] resuming {path}", flush=True)
+        tuner = tune.Tuner.restore(str(path), trainable=trainable, resume_errored=True)
+    else:
+        searcher = ConcurrencyLimiter(OptunaSearch(seed=cfg.search.seed), max_concurrent=cfg.search.max_concurrent)
+        scheduler = None
+        if cfg.search.asha:
+            scheduler = ASHAScheduler(time_attr="epoch", max_t=cfg.training.phase2_epochs,
+                                      grace_period=cfg.search.grace_period, reduction_factor=cfg.search.reduction_factor)
+        tuner = tune.Tuner(
+            trainable,
+            param_space={**{n: _tune_domain(getattr(space, n)) for n in SEARCHED}, "ctx": trial_ctx},
+            tune_config=tune.TuneConfig(metric="sel_metric", mode="max", search_alg=searcher, scheduler=scheduler,
+                                        num_samples=cfg.search.num_trials, max_concurrent_trials=cfg.search.max_concurrent,
+                                        reuse_actors=cfg.search.cost_aware),
+            run_config=tune.RunConfig(name=run_name, storage_path=str(storage), verbose=1),
+        )
+    results = tuner.fit()
+    tracking.close_dangling_runs(uri, ctx["parent_run_id"], reason="stopped early by ASHA")
+    trials = []
+    for r in results:
+        m = r.metrics or {}
+        trials.append({"trial_id": m.get("trial_id"), "config": {k: r.config.get(k) for k in SEARCHED},
+                       "sel_metric": m.get("sel_metric"), "epochs": m.get("epoch"), "mlflow_run_id": m.get("mlflow_run_id"),
+                       "error": str(r.error)[:300] if r.error else None,
+                       **{k: m.get(k) for k in ("phase1_s", "phase2_s", "eval_s", "total_s", "memo_hit")}})
+    out = {"registered_model": name, "metric": metric, "trials": trials}
+    champion = _pick_champion(uri, name)
+    if champion is None:
+        out["error"] = "no trial finished; see the failed runs in MLflow"
+        return out
+    version, run_id = champion
+    tracking.set_champion(uri, name, version)
+    out.update(champion_version=version, champion_run_id=run_id)
+    out["report"] = _report(cfg, model, uri, name, run_id, ctx["parent_run_id"])
+    print(f"[lofit-ray] {model}: champion {name} v{version}; report split {metric}: "
+          f"{out['report']['champion'][metric]:.3f} vs 0-shot {out['report']['zero_shot'][metric]:.3f}", flush=True)
+    return out
+
+
+def _pick_champion(uri: str, name: str):
+    """The registered version with the best selection metric (each finished trial is a version)."""
+    c = tracking.client(uri)
+    try:
+        versions = c.search_model_versions(f"name='{name}'")
+    except Exception:
+        return None
+    best = None
+    for v in versions:
+        try:
+            score = float(v.tags.get("sel_metric", "nan"))
+        except ValueError:
+            continue
+        if score == score and (best is None or score > best[0]):
+            best = (score, str(v.version), v.run_id)
+    return best[1:] if best else None
+
+
+def _report(cfg: RunConfig, model: str, uri: str, name: str, run_id: str, parent: str) -> dict:
+    """Score the champion once on the held-out report split, beside the 0-shot model."""
+    loaded = get_model(model, cfg.dtype)
+    task, splits = get_splits(task_spec(cfg))
+    zero = evaluate(loaded, splits.report)
+    adapter = Adapter.from_pretrained(tracking.download_adapter(f"models:/{name}@{tracking.CHAMPION}", uri))
+    offsets = adapter.attach(loaded.model, loaded.fingerprint)
+    try:
+        champ = evaluate(loaded, splits.report)
+    finally:
+        offsets.detach()
+    keys = [k for k in ("mc1", "mc2", "em", "em_lenient") if k in champ]
+    tracking.log_metrics(uri, run_id, {f"val_{k}": champ[k] for k in keys})
+    tracking.log_metrics(uri, parent, {f"{slug(model)}.val_{k}": champ[k] for k in keys} |
+                         {f"{slug(model)}.val_zero_shot_{k}": zero[k] for k in keys})
+    return {"split": cfg.task.report, "n": champ["n"], "champion": champ, "zero_shot": zero}

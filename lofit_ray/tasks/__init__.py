@@ -1,0 +1,142 @@
+"""Task registry: turns each task's files into training examples and eval items.
+
+`get_task(name, **kw)` returns a Task object (see `Task`); the task modules are
+imported lazily so this package stays importable without torch or any task's
+extra dependencies. Everything here is pure Python (csv/json only).
+
+`exact_match` / `match_item` score greedy generations for the generation tasks
+(MQuAKE, CLUTRR, JSONL generation rows); they live here so every task and the
+evaluator share one definition.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+from pathlib import Path
+from typing import Iterable
+
+from .base import (
+    DATA_DIR_ENV,
+    GenerationItem,
+    MCQuestion,
+    PreferenceExample,
+    SFTExample,
+    TaskDataError,
+    data_dir,
+    limit_items,
+    require_file,
+)
+
+__all__ = [
+    "DATA_DIR_ENV", "GenerationItem", "MCQuestion", "PreferenceExample", "SFTExample",
+    "TaskDataError", "data_dir", "limit_items", "require_file",
+    "Task", "SPLIT_NAMES", "TASK_NAMES", "get_task", "exact_match", "match_item",
+]
+
+SPLIT_NAMES = ("train", "val", "test")
+
+
+class Task:
+    """Common surface of every task.
+
+    Subclasses set `name`, `objective` ("dpo" | "sft"), `eval_kind` ("mc" |
+    "generation") and `splits` (split name -> file path relative to the data dir),
+    and implement `train_examples` / `eval_items` (and `labelled_statements` for
+    ITI probing). `path=None` means the default split: "train" for training,
+    "val" for evaluation; `path` may also be a split name or a file path.
+    """
+
+    name = ""
+    objective = ""
+    eval_kind = ""
+    splits: dict[str, str] = {}
+    source_hint = ""  # appended to "split file missing" errors: where the file comes from
+    splits_under_data_dir = True  # False: split paths are used as given (user files)
+
+    def __init__(self, data_dir: str | os.PathLike | None = None):
+        self.data_dir = data_dir
+        self.splits = dict(type(self).splits)
+
+    def resolve(self, split_or_path, data_dir: str | os.PathLike | None = None) -> Path:
+        """A split name ("train"/"val"/"test") maps via `splits`; anything else is a file path."""
+        if isinstance(split_or_path, str) and split_or_path in self.splits:
+            rel = Path(self.splits[split_or_path])
+            if not self.splits_under_data_dir:
+                return require_file(rel, f"{self.name} '{split_or_path}' file")
+            path = rel if rel.is_absolute() else _data_dir(data_dir or self.data_dir) / rel
+            if not path.is_file():
+                raise TaskDataError(
+                    f"{self.name} '{split_or_path}' split: file not found: {path}. {self.source_hint}"
+                    f"Put {rel} under the data dir (--data-dir / ${DATA_DIR_ENV}), "
+                    f"or pass an existing file path instead of the split name."
+                )
+            return path
+        if isinstance(split_or_path, str) and split_or_path in SPLIT_NAMES:
+            raise TaskDataError(
+                f"{self.name} has no '{split_or_path}' split (known splits: "
+                f"{', '.join(sorted(self.splits)) or 'none'}). Pass a file path instead."
+            )
+        return require_file(split_or_path, f"{self.name} data")
+
+    def _path(self, path, default_split: str, data_dir) -> Path:
+        return self.resolve(default_split if path is None else path, data_dir)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r}, objective={self.objective!r}, eval_kind={self.eval_kind!r})"
+
+
+_data_dir = data_dir  # Task.resolve's argument shadows the function name
+
+# name -> "module:class"; imported on first use.
+_REGISTRY = {
+    "truthfulqa": "lofit_ray.tasks.truthfulqa:TruthfulQATask",
+    "mquake": "lofit_ray.tasks.mquake:MQuAKETask",
+    "clutrr": "lofit_ray.tasks.clutrr:ClutrrTask",
+    "jsonl": "lofit_ray.tasks.jsonl:JsonlTask",
+}
+TASK_NAMES = tuple(_REGISTRY)
+
+
+def get_task(name: str, **kw) -> Task:
+    """Build a task by name; keyword arguments go to its constructor
+    (builtin tasks: data_dir=...; jsonl: train_path=..., eval_path=...)."""
+    key = str(name).strip().lower()
+    if key not in _REGISTRY:
+        raise TaskDataError(f"unknown task {name!r}; known tasks: {', '.join(TASK_NAMES)}")
+    module, cls = _REGISTRY[key].split(":")
+    return getattr(importlib.import_module(module), cls)(**kw)
+
+
+# --- exact match for generation tasks ---------------------------------------
+
+_QUOTES = "\"'`\u2018\u2019\u201c\u201d"
+
+
+def _lenient(text: str, stops: Iterable[str] = ()) -> str:
+    text = text.strip()
+    for stop in stops:
+        text = text.split(stop, 1)[0]
+    return text.strip().rstrip("." + _QUOTES).lstrip(_QUOTES).strip().casefold()
+
+
+def exact_match(generated: str, answers: list[str], stops: Iterable[str] = ("\n",)) -> tuple[bool, bool]:
+    """(strict, lenient) exact match of a generation against accepted answers.
+
+    strict: equal after stripping surrounding whitespace.
+    lenient: the generation is cut at the first stop string (a newline by default),
+    then both sides drop trailing periods and surrounding quotes and compare
+    case-insensitively. This is what the LoFiT repo's evaluators effectively
+    did (MQuAKE: cut at newline, lower-case; CLUTRR: cut at '.', strip, lower-case),
+    minus their whitespace bugs. Stops apply to the generation only, so answers
+    like "Washington, D.C." are not truncated.
+    """
+    gen = generated.strip()
+    strict = any(gen == a.strip() for a in answers)
+    cut = _lenient(generated, stops)
+    lenient = bool(cut) and any(cut == _lenient(a) for a in answers)
+    return strict, strict or lenient
+
+
+def match_item(generated: str, item: GenerationItem) -> tuple[bool, bool]:
+    """exact_match with the item's own stop strings (item.meta["stops"], e.g. CLUTRR cuts at '.')."""
+    return exact_match(generated, item.answers, stops=item.meta.get("stops", ("\n",)))

@@ -1,0 +1,244 @@
+"""The torch core: hooks, ranking, adapters, merge/export, evaluation, errors; tiny models and SmolLM2."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from dataclasses import asdict
+
+import pytest
+import torch
+
+from lofit_ray import Adapter, HeadOffsets, HeadSet, TrainConfig, select_heads, tune_bias
+from lofit_ray.architectures import FAMILIES, UnsupportedArchitectureError, head_layout, o_projs
+from lofit_ray.evaluate import mc_metrics, mc_scores
+from lofit_ray.heads import compare, jaccard, random_ranking
+from lofit_ray.models import ModelSpecError, load_model
+from lofit_ray.tasks import MCQuestion, PreferenceExample, SFTExample, get_task
+from lofit_ray.train import NaNLossError, train_offsets
+
+IDS = torch.randint(0, 2000, (2, 11), generator=torch.Generator().manual_seed(0))
+
+
+def _logits(model, ids=IDS):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+# -- hooks ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_each_architecture_zero_offsets_leave_logits_unchanged(family):
+    loaded = load_model(f"tiny-{family}")
+    assert head_layout(loaded.model.config).num_heads == 4
+    base = _logits(loaded.model)
+    offsets = HeadOffsets(loaded.layout, scale=True, bias_heads=[(0, 1), (3, 2)], init_std=0.0).attach(loaded.model)
+    assert torch.equal(_logits(loaded.model), base)
+    with torch.no_grad():
+        offsets.bias.fill_(0.5)
+    assert not torch.allclose(_logits(loaded.model), base)
+    with offsets.disabled():
+        assert torch.equal(_logits(loaded.model), base)
+    offsets.detach()
+    assert torch.equal(_logits(loaded.model), base)
+
+
+def test_hooked_offsets_equal_a_straightforward_reference(tiny):
+    """z * (1 + A) + v on the o_proj input, computed head by head, equals the vectorized hook."""
+    layout = tiny.layout
+    offsets = HeadOffsets(layout, scale=True, bias_heads=[(1, 0), (1, 3), (2, 2)], init_std=0.3, seed=1)
+    captured = {}
+    proj = o_projs(tiny.model)[1]
+    handle = proj.register_forward_pre_hook(lambda m, a: captured.__setitem__("x", a[0].clone()))
+    _logits(tiny.model)
+    handle.remove()
+    x = captured["x"]
+    expected = x.clone()
+    D = layout.head_dim
+    for h in range(layout.num_heads):
+        sl = slice(h * D, (h + 1) * D)
+        expected[..., sl] = x[..., sl] * (1 + offsets.scale[1, h])
+        for row, (layer, head) in enumerate(offsets.bias_heads):
+            if (layer, head) == (1, h):
+                expected[..., sl] += offsets.bias[row]
+    torch.testing.assert_close(offsets.transform(1, x), expected)
+    # layers without a selected head get no hook when only v is trained
+    assert HeadOffsets(layout, bias_heads=[(2, 1)]).active_layers() == [2]
+
+
+def test_offsets_reject_bad_heads(tiny):
+    with pytest.raises(ValueError, match="outside"):
+        HeadOffsets(tiny.layout, bias_heads=[(9, 0)])
+    with pytest.raises(ValueError, match="twice"):
+        HeadOffsets(tiny.layout, bias_heads=[(0, 0), (0, 0)])
+
+
+# -- phase 1 ranking --------------------------------------------------------------------
+
+def test_ranking_recovers_planted_heads():
+    """Only the planted heads reach the output (the others' o_proj columns are zero), so only their
+    scales get a task gradient; the L1 penalty keeps the rest near zero and they rank last."""
+    loaded = load_model("tiny-llama", seed=5)
+    planted = {(1, 2), (3, 0)}
+    D = loaded.layout.head_dim
+    with torch.no_grad():
+        for layer, proj in enumerate(o_projs(loaded.model)):
+            for head in range(loaded.layout.num_heads):
+                if (layer, head) not in planted:
+                    proj.weight[:, head * D:(head + 1) * D] = 0
+    examples = [SFTExample(f"Q: item {i} A:", " yes") for i in range(16)]
+    head_set = select_heads(loaded, examples, TrainConfig(epochs=3, lr=2e-2, batch_size=8, l1=1e-3, seed=0), k=2)
+    assert set(head_set.top(2)) == planted
+    scores = [s for _, _, s in head_set.ranking]
+    assert scores[1] > 5 * scores[2]
+
+
+# -- head sets ------------------------------------------------------------------------
+
+def test_head_set_json_round_trip_random_control_and_compare(tiny, tmp_path):
+    layout = asdict(tiny.layout)
+    a = HeadSet("tiny-llama", tiny.fingerprint, layout, random_ranking(tiny.layout, 1), k=4, method="random", seed=1)
+    b = HeadSet("tiny-llama", tiny.fingerprint, layout, random_ranking(tiny.layout, 2), k=4, method="random", seed=2)
+    path = tmp_path / "a.json"
+    a.to_json(path)
+    again = HeadSet.from_json(path)
+    assert again == a and again.top() == a.top()
+    assert random_ranking(tiny.layout, 1) == a.ranking and a.top() != b.top()
+    assert jaccard(a, a) == 1.0
+    overlap = len(set(a.top()) & set(b.top()))
+    assert compare({"a": a, "b": b})["pairs"][0]["overlap"] == overlap
+    assert sum(compare({"a": a, "b": b})["per_layer"]["a"]) == 4
+    with pytest.raises(ValueError, match="out of range"):
+        HeadSet("tiny-llama", "x", layout, a.ranking, k=17)
+    with pytest.raises(ValueError, match="larger than"):
+        a.top(100)
+
+
+# -- phase 2, adapters, merge ------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def trained_adapter(tiny):
+    layout = asdict(tiny.layout)
+    head_set = HeadSet("tiny-llama", tiny.fingerprint, layout, random_ranking(tiny.layout, 0), k=3, method="random")
+    examples = [PreferenceExample(f"Q: colour {i}? A:", " blue", " green") for i in range(8)]
+    return tune_bias(tiny, head_set, examples, TrainConfig(epochs=2, lr=5e-2, batch_size=4), task="synthetic")
+
+
+def test_adapter_trains_only_selected_heads_and_round_trips(tiny, trained_adapter, tmp_path):
+    adapter = trained_adapter
+    assert adapter.num_parameters == 3 * tiny.layout.head_dim
+    assert adapter.bias.abs().max() > 1e-2  # it moved from the N(0, 1e-3) init
+    adapter.save_pretrained(tmp_path / "ad")
+    assert sorted(p.name for p in (tmp_path / "ad").iterdir()) == ["adapter_config.json", "offsets.safetensors"]
+    again = Adapter.from_pretrained(tmp_path / "ad")
+    assert torch.equal(again.bias, adapter.bias) and again.config == adapter.config
+    base = _logits(tiny.model)
+    offsets = again.attach(tiny.model, tiny.fingerprint)
+    hooked = _logits(tiny.model)
+    offsets.detach()
+    assert not torch.allclose(hooked, base)
+    with pytest.raises(FileNotFoundError, match="lofit-ray tune"):
+        Adapter.from_pretrained(tmp_path / "missing")
+
+
+def test_export_gives_a_plain_transformers_model_with_the_same_logits(tiny, trained_adapter, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    offsets = trained_adapter.attach(tiny.model)
+    hooked = _logits(tiny.model)
+    offsets.detach()
+    out = trained_adapter.export(tiny, tmp_path / "merged")
+    plain = AutoModelForCausalLM.from_pretrained(out).eval()
+    torch.testing.assert_close(_logits(plain), hooked, atol=1e-4, rtol=0)
+    assert plain.config.attention_bias is True
+
+
+def test_export_refuses_families_without_an_o_proj_bias_switch():
+    loaded = load_model("tiny-qwen2")
+    adapter = Adapter.from_offsets(HeadOffsets(loaded.layout, bias_heads=[(0, 0)]), loaded)
+    with pytest.raises(UnsupportedArchitectureError, match="attach it"):
+        adapter.export(loaded, "/tmp/never")
+    model = adapter.merge_and_unload(loaded.model)  # in-memory merge still works
+    assert o_projs(model)[0].bias is not None
+
+
+# -- training loop guards ------------------------------------------------------------------
+
+def test_nan_loss_stops_with_a_clear_error(tiny):
+    offsets = HeadOffsets(tiny.layout, bias_heads=[(0, 0)])
+    with torch.no_grad():
+        offsets.bias.fill_(float("nan"))
+    with pytest.raises(NaNLossError, match="lower the learning rate"):
+        train_offsets(tiny, offsets, [SFTExample("Q: a A:", " b")] * 4, TrainConfig(epochs=1, batch_size=4))
+    offsets.detach()
+
+
+def test_k_larger_than_the_head_count_and_unknown_models_fail_early(tiny):
+    with pytest.raises(ValueError, match="larger than the model's 16 heads"):
+        select_heads(tiny, [SFTExample("a", " b")], TrainConfig(), k=17)
+    with pytest.raises(ModelSpecError, match="bundled name"):
+        load_model("no-such-model")
+    with pytest.raises(ModelSpecError, match="never downloads"):
+        load_model("some-org/not-cached-model")
+
+
+def test_unknown_architecture_is_named():
+    from transformers import GPT2Config
+
+    with pytest.raises(UnsupportedArchitectureError, match="'gpt2' is not supported"):
+        head_layout(GPT2Config())
+
+
+# -- evaluation -------------------------------------------------------------------------
+
+def test_mc_scoring_with_shared_prefix_cache_equals_full_prompts(tiny):
+    items = get_task("truthfulqa").eval_items(limit=4)
+    cached = mc_scores(tiny, items, share_prefix=True)
+    full = mc_scores(tiny, items, share_prefix=False)
+    for a, b in zip(cached, full):
+        torch.testing.assert_close(torch.tensor(a), torch.tensor(b), atol=2e-3, rtol=1e-4)
+
+
+def test_mc_metrics_follow_the_truthfulqa_definitions():
+    item = MCQuestion("q", [" a", " b", " c"], labels=[1, 1, 0], best=1)
+    m = mc_metrics([item], [[-1.0, -2.0, -1.5]])
+    assert m["mc1"] == 0.0  # best (-2.0) does not beat the incorrect answer (-1.5)
+    p = torch.tensor([-1.0, -2.0, -1.5]).exp()
+    assert m["mc2"] == pytest.approx(float((p[0] + p[1]) / p.sum()))
+
+
+# -- the real model -----------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_smollm2_loads_and_a_few_dpo_steps_lower_the_loss(smollm2):
+    layout = smollm2.layout
+    assert (layout.num_layers, layout.num_heads, layout.head_dim) == (30, 9, 64)
+    examples = get_task("truthfulqa").train_examples(limit=8)
+    head_set = HeadSet("smollm2-135m", smollm2.fingerprint, asdict(layout), random_ranking(layout, 0), k=16)
+    offsets = HeadOffsets(layout, bias_heads=head_set.top(), seed=0)
+    history = train_offsets(smollm2, offsets, examples, TrainConfig(epochs=4, lr=2e-2, batch_size=8, max_length=96))
+    offsets.detach()
+    assert history[0]["loss"] == pytest.approx(0.6931, abs=0.02)  # DPO starts at log 2
+    assert history[-1]["loss"] < history[0]["loss"] - 0.05
+
+
+@pytest.mark.slow
+def test_cli_select_tune_eval_export_end_to_end(tmp_path):
+    def cli(*args):
+        res = subprocess.run([sys.executable, "-m", "lofit_ray.cli", *args], capture_output=True, text=True)
+        assert res.returncode == 0, res.stderr[-2000:]
+        return res.stdout
+
+    common = ["--model", "tiny-llama", "--task", "truthfulqa"]
+    out = cli("select", *common, "--limit", "8", "--k", "3", "--epochs", "1", "--out", str(tmp_path / "h.json"))
+    assert "selected 3 of 16 heads" in out
+    cli("tune", *common, "--limit", "8", "--heads", str(tmp_path / "h.json"), "--epochs", "1", "--out",
+        str(tmp_path / "ad"))
+    cli("eval", *common, "--limit", "3", "--adapter", str(tmp_path / "ad"), "--out", str(tmp_path / "m.json"))
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    assert metrics["n"] == 3 and 0 <= metrics["mc2"] <= 1 and metrics["wall_seconds"] > 0
+    cli("export", "--model", "tiny-llama", "--adapter", str(tmp_path / "ad"), "--out", str(tmp_path / "merged"))
+    assert (tmp_path / "merged" / "config.json").is_file()
+    bad = subprocess.run([sys.executable, "-m", "lofit_ray.cli", "select", *common, "--k", "99"],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "choose K in 1..16" in bad.stderr

@@ -1,0 +1,196 @@
+"""The search service against a real local Ray, real DeepSpeed and a real MLflow SQLite store.
+
+These start Ray clusters and run small searches on a tiny model: minutes, not seconds.
+Every process started here is stopped here.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from lofit_ray import Adapter, tracking
+from lofit_ray.config import ConfigError, load_config
+
+REPO = Path(__file__).resolve().parents[1]
+SMOKE = REPO / "configs" / "smoke.yaml"
+pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(home: Path) -> dict:
+    return {**os.environ, "LOFIT_HOME": str(home), "MLFLOW_DISABLE_TELEMETRY": "true", "DS_ACCELERATOR": "cpu",
+            "PYTHONUNBUFFERED": "1", "RAY_AUTH_MODE": "token"}
+
+
+def _search(home: Path, *extra: str, timeout: int = 1200) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "jobs" / "search.py"), "--config", str(SMOKE), *extra],
+                          env=_env(home), capture_output=True, text=True, timeout=timeout, cwd=home)
+
+
+def _runs(uri: str, kind: str) -> list:
+    c = tracking.client(uri)
+    return [r for r in c.search_runs([e.experiment_id for e in c.search_experiments()], max_results=1000)
+            if r.data.tags.get("lofit.kind") == kind]
+
+
+# -- config ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("override,message", [
+    ({"search.space.kk": [1]}, "search.space.kk: unknown key"),
+    ({"training.batch_size": 3}, "divisible by scaling.num_workers"),
+    ({"deepspeed.zero_stage": 4}, "deepspeed.zero_stage"),
+    ({"search.space.l1": {"low": 1.0}}, "search.space.l1"),
+    ({"models": []}, "models: list at least one"),
+])
+def test_config_errors_name_the_field(override, message):
+    with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
+        load_config(SMOKE, override)
+
+
+def test_every_shipped_config_loads():
+    for path in sorted((REPO / "configs").glob("*.yaml")):
+        if path.name != "reproduce.yaml":
+            load_config(path)
+
+
+# -- Ray Train + DeepSpeed ------------------------------------------------------------------
+
+def test_two_deepspeed_workers_match_a_single_process_run(tmp_path):
+    """Phase 1 on 2 Ray Train workers (DeepSpeed ZeRO-2, gloo) learns exactly what one process learns."""
+    import ray
+
+    from lofit_ray.distributed import job_examples, run_phase1
+    from lofit_ray.models import load_model
+    from lofit_ray.offsets import HeadOffsets
+    from lofit_ray.train import TrainConfig, train_offsets
+
+    tc = dict(epochs=1, lr=1e-2, batch_size=4, l1=1e-3, max_length=64, seed=3)
+    job = {"model": "tiny-llama", "task": {"name": "mquake", "splits": {"limit_train": 8}}, "train_cfg": tc, "k": 3}
+    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu"}})
+    try:
+        out = run_phase1([job], num_workers=2, cpus_per_worker=0.49, use_gpu=False, zero_stage=2,
+                         use_deepspeed=True, storage_path=str(tmp_path), name="grad-check")
+    finally:
+        ray.shutdown()
+    distributed = torch.tensor(out[0]["scale"])
+    loaded = load_model("tiny-llama")
+    single = HeadOffsets(loaded.layout, scale=True, seed=3)
+    initial = single.scale.detach().clone()
+    train_offsets(loaded, single, job_examples(job), TrainConfig(**tc))
+    single.detach()
+    assert (single.scale.detach() - initial).abs().max() > 1e-2  # it trained
+    torch.testing.assert_close(distributed, single.scale.detach(), atol=1e-6, rtol=0)
+    assert out[0]["head_set"]["hparams"]["workers"] == 2
+
+
+# -- the whole search -----------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def ray_head(tmp_path_factory):
+    """`ray start --head` on loopback with a dashboard for `ray job submit`; stopped afterwards."""
+    home = tmp_path_factory.mktemp("lofit_home")
+    port, dash = _free_port(), _free_port()
+    env = _env(home)
+    subprocess.run(["ray", "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port), "--num-cpus", "2",
+                    "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--disable-usage-stats"],
+                   env=env, check=True, capture_output=True, timeout=180)
+    try:
+        yield {"home": home, "address": f"http://127.0.0.1:{dash}", "env": env}
+    finally:
+        subprocess.run(["ray", "stop", "--force"], env=env, capture_output=True, timeout=120)
+
+
+def test_ray_job_submit_runs_a_search_that_registers_a_champion(ray_head):
+    """`ray job submit --working-dir . -- python jobs/search.py` against a local head, then the registry:
+    versions with tags, the champion alias, artifacts that load back into a model, memoized phase 1,
+    and a diverging trial marked failed while the search goes on."""
+    home = ray_head["home"]
+    uri = f"sqlite:///{home}/mlflow.db"
+    cmd = ["ray", "job", "submit", "--address", ray_head["address"], "--working-dir", str(REPO), "--",
+           "python", "jobs/search.py", "--config", "configs/smoke.yaml", "--tracking-uri", uri,
+           "--set", "search.num_trials=4", "--set", "search.space.phase2_lr=[1.0e+30, 1.0e-2]",
+           "--set", "search.asha=false"]
+    res = subprocess.run(cmd, env=ray_head["env"], capture_output=True, text=True, timeout=1500, cwd=REPO)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "champion" in res.stdout
+
+    name = tracking.registered_name("tiny-llama", "truthfulqa")
+    c = tracking.client(uri)
+    trials = _runs(uri, "trial")
+    finished = [r for r in trials if r.info.status == "FINISHED"]
+    failed = [r for r in trials if r.info.status == "FAILED"]
+    assert len(trials) == 4 and finished
+    assert failed and all("diverged" in r.data.tags[tracking.FAILURE_REASON_TAG] for r in failed)
+    assert all(float(r.data.params["phase2_lr"]) > 1 for r in failed)
+    versions = c.search_model_versions(f"name='{name}'")
+    assert len(versions) == len(finished)
+    assert all({"k", "sel_metric", "trial_id"} <= set(v.tags) for v in versions)
+    champion = tracking.get_champion(uri, name)
+    best = max(versions, key=lambda v: float(v.tags["sel_metric"]))
+    assert str(champion.version) == str(best.version)
+    # memoization: one phase-1 run (the grid has one l1 x lr point) served every trial
+    assert len(_runs(uri, "phase1")) == 1
+    assert all(r.data.metrics.get("memo_hit") == 1.0 for r in finished)
+    # the champion's adapter loads back onto the model and changes it
+    adapter = Adapter.from_pretrained(tracking.download_adapter(f"models:/{name}@champion", uri))
+    assert len(adapter.config.heads) == int(champion.tags["k"])
+    from lofit_ray.models import load_model
+
+    loaded = load_model("tiny-llama")
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    base = loaded.model(ids).logits
+    adapter.attach(loaded.model, loaded.fingerprint)
+    assert not torch.allclose(loaded.model(ids).logits, base)
+    heatmap = c.list_artifacts(best.run_id, "heads")
+    assert {Path(f.path).name for f in heatmap} == {"head_set.json", "heatmap.png"}
+    parent = [r for r in _runs(uri, "search")][0]
+    assert parent.info.status == "FINISHED" and "tiny-llama.val_mc2" in parent.data.metrics
+
+
+def test_resume_after_a_killed_driver_keeps_finished_trials(tmp_path):
+    """Kill the driver once a trial has finished; --resume completes the search without redoing it."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    args = [sys.executable, str(REPO / "jobs" / "search.py"), "--config", str(SMOKE), "--tracking-uri", uri,
+            "--set", "search.num_trials=3", "--set", "search.asha=false"]
+    proc = subprocess.Popen(args, env=_env(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            cwd=tmp_path, start_new_session=True)
+    try:
+        deadline = time.time() + 900
+        while time.time() < deadline and proc.poll() is None:
+            time.sleep(5)
+            if Path(f"{tmp_path}/mlflow.db").exists() and any(
+                    r.info.status == "FINISHED" for r in _runs(uri, "trial")):
+                break
+        assert proc.poll() is None, "the search ended before it could be killed"
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        subprocess.run(["ray", "stop", "--force"], capture_output=True, timeout=120)
+    before = {r.data.tags["lofit.trial_id"]: r.info.run_id for r in _runs(uri, "trial") if r.info.status == "FINISHED"}
+    assert before
+    res = _search(tmp_path, "--tracking-uri", uri, "--set", "search.num_trials=3", "--set", "search.asha=false",
+                  "--resume")
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    after = [r for r in _runs(uri, "trial") if r.info.status == "FINISHED"]
+    ids = [r.data.tags["lofit.trial_id"] for r in after]
+    assert len(ids) == len(set(ids)) == 3  # every trial finished exactly once
+    for trial_id, run_id in before.items():  # the first driver's finished trials were kept, not redone
+        assert {r.info.run_id for r in after if r.data.tags["lofit.trial_id"] == trial_id} == {run_id}
+    assert tracking.get_champion(uri, tracking.registered_name("tiny-llama", "truthfulqa")) is not None
+    assert len([r for r in _runs(uri, "search")]) == 1  # the same parent run was continued
