@@ -6,6 +6,8 @@
     lofit-ray eval    --model smollm2-135m --task truthfulqa [--adapter adapter/ | models:/NAME@champion]
     lofit-ray export  --model smollm2-135m --adapter adapter/ --out merged/
     lofit-ray heads   list | show | compare | promote   (reads MLflow)
+    lofit-ray ui                                     (MLflow UI on the default store, 127.0.0.1)
+    lofit-ray iti | lora | lora-eval                 (baselines)
 """
 from __future__ import annotations
 
@@ -152,6 +154,18 @@ def cmd_export(args):
           f"(load with AutoModelForCausalLM.from_pretrained) [{time.time() - start:.0f}s]")
 
 
+def cmd_ui(args):
+    """Open the MLflow UI on the default store, bound to loopback unless told otherwise."""
+    import subprocess
+
+    from .tracking import resolve_tracking_uri
+
+    uri = resolve_tracking_uri(args.tracking_uri)
+    print(f"MLflow UI for {uri} at http://{args.host}:{args.port} (Ctrl-C to stop)", flush=True)
+    subprocess.run([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", args.host,
+                    "--port", str(args.port), "--workers", "1"], check=False)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lofit-ray", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -192,6 +206,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", required=True)
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("ui", help="open the MLflow UI on the lofit-ray store (127.0.0.1 by default)")
+    p.add_argument("--tracking-uri", default=None, help="default: $MLFLOW_TRACKING_URI or ~/.lofit-ray/mlflow.db")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=5000)
+    p.set_defaults(func=cmd_ui)
 
     from .cli_baselines import add_baseline_parsers
 

@@ -14,14 +14,16 @@ import torch.nn.functional as F
 from .batching import Batch
 
 
-def answer_logprobs(model, batch: Batch, past_key_values=None) -> torch.Tensor:
+def answer_logprobs(model, batch: Batch, past_key_values=None, inputs_embeds=None) -> torch.Tensor:
     """Sum of log p(answer token) per sequence: [B].
 
     With `past_key_values` (a shared prefix already run), the batch holds only the tokens after
     it; right padding needs no mask then, since padding only ever follows real tokens.
+    With `inputs_embeds` (hidden states cached by lofit_ray.frozen_prefix), the decoder starts there.
     """
     mask = None if past_key_values is not None else batch.attention_mask
-    hidden = model.get_decoder()(input_ids=batch.input_ids, attention_mask=mask,
+    inputs = {"inputs_embeds": inputs_embeds} if inputs_embeds is not None else {"input_ids": batch.input_ids}
+    hidden = model.get_decoder()(**inputs, attention_mask=mask,
                                  cache=past_key_values, use_cache=past_key_values is not None,
                                  ).last_hidden_state
     # Position t predicts token t+1: gather hidden states just before each answer token.

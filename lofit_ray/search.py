@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from . import tracking
+from . import batching, tracking
 from .adapter import Adapter
 from .config import RunConfig, Space, to_dict
 from .evaluate import evaluate
@@ -37,7 +37,6 @@ from .offsets import HeadOffsets
 from .splits import build_splits
 from .tasks import get_task
 from .train import NaNLossError, TrainConfig, reference_logprobs, train_offsets
-from . import batching
 
 SEARCHED = ("k", "l1", "phase1_lr", "phase2_lr")
 _CACHE: dict = {}  # per-process: loaded models and splits, kept across trials when cost-aware
@@ -275,10 +274,6 @@ def _state_file(storage: Path, cfg: RunConfig) -> Path:
 def run_search(cfg: RunConfig, resume: bool = False) -> dict:
     """Run the whole search (all models); returns a summary with champions and report-split metrics."""
     import ray
-    from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
-    from ray.tune.search import ConcurrencyLimiter
-    from ray.tune.search.optuna import OptunaSearch
 
     started = time.time()
     uri = tracking.resolve_tracking_uri(cfg.mlflow.tracking_uri)

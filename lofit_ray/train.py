@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from . import batching, losses
+from . import batching, frozen_prefix, losses
 from .adapter import Adapter
 from .heads import HeadSet, rank_by_norm
 from .models import LoadedModel, cache_dir
@@ -34,6 +34,7 @@ class TrainConfig:
     dpo_beta: float = 0.5
     max_length: int = 128
     seed: int = 42
+    skip_frozen_layers: bool = True  # phase 2: cache the input of the lowest trained layer once per example
 
     def __post_init__(self):
         for name in ("epochs", "batch_size", "max_length"):
@@ -130,6 +131,12 @@ def train_offsets(
     is_dpo = isinstance(encoded[0], tuple)
     if is_dpo and reference is None:
         reference = reference_logprobs(loaded, encoded, cfg, offsets)
+    start_layer = offsets.lowest_layer() if offsets.scale is None and cfg.skip_frozen_layers else 0
+    cached = None
+    if start_layer > 0:  # layers below the lowest trained head are fixed: run them once, not every epoch
+        flat = [s for item in encoded for s in (item if is_dpo else (item,))]
+        hidden = frozen_prefix.capture(model, flat, start_layer, _pad(loaded), cfg.batch_size)
+        cached = [tuple(hidden[2 * i: 2 * i + 2]) for i in range(len(encoded))] if is_dpo else hidden
     stepper = stepper or TorchStepper([p for p in offsets.parameters() if p.requires_grad], cfg.lr)
     per_rank = cfg.batch_size // world
     steps = math.ceil(len(encoded) / cfg.batch_size)
@@ -146,7 +153,13 @@ def train_offsets(
             global_idx = order[step * cfg.batch_size: (step + 1) * cfg.batch_size]
             idx = global_idx[rank * per_rank: (rank + 1) * per_rank]
             batch = batching.batch_items([encoded[i] for i in idx], _pad(loaded)).to(device)
-            logp = losses.answer_logprobs(model, batch)
+            if cached is not None:
+                rows = [cached[i] for i in idx]
+                rows = [c for c, _ in rows] + [r for _, r in rows] if is_dpo else rows
+                with frozen_prefix.tail_only(model, start_layer):
+                    logp = losses.answer_logprobs(model, batch, inputs_embeds=frozen_prefix.embeds_batch(batch, rows))
+            else:
+                logp = losses.answer_logprobs(model, batch)
             if is_dpo:
                 ref = reference[idx].to(device)
                 loss = losses.dpo_loss(logp, torch.cat([ref[:, 0], ref[:, 1]]), cfg.dpo_beta)

@@ -242,3 +242,20 @@ def test_cli_select_tune_eval_export_end_to_end(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "lofit_ray.cli", "select", *common, "--k", "99"],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "choose K in 1..16" in bad.stderr
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3_text"])
+def test_skipping_frozen_layers_trains_the_same_offsets(family):
+    """Phase 2 with the layers below the lowest selected head cached equals running the full model."""
+    loaded = load_model(f"tiny-{family}")
+    examples = get_task("truthfulqa").train_examples(limit=8)
+    trained = []
+    for skip in (True, False):
+        offsets = HeadOffsets(loaded.layout, bias_heads=[(2, 1), (3, 0)], seed=0)
+        history = train_offsets(loaded, offsets, examples,
+                                TrainConfig(epochs=2, lr=1e-2, batch_size=4, skip_frozen_layers=skip))
+        offsets.detach()
+        trained.append((offsets.bias.detach(), history[-1]["loss"]))
+    torch.testing.assert_close(trained[0][0], trained[1][0], atol=1e-6, rtol=0)
+    assert trained[0][1] == pytest.approx(trained[1][1], abs=1e-5)
+    assert len(list(o_projs(loaded.model))) == 4  # the decoder got its full layer list back

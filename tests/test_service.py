@@ -5,7 +5,6 @@ Every process started here is stopped here.
 """
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
