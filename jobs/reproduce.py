@@ -37,8 +37,6 @@ import statistics
 import sys
 import time
 import traceback
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -47,7 +45,7 @@ try:  # prefer the installed package; `ray job submit --working-dir .` runs this
 except ImportError:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lofit_ray.config import ConfigError  # noqa: E402  (light: yaml + dataclasses only)
+from lofit_ray.config import ConfigError, build
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO / "configs" / "reproduce.yaml"
@@ -60,6 +58,7 @@ METHODS = ("zero_shot", "iti", "random_heads", "transfer_heads", "lofit", "lora"
 TASKS = ("truthfulqa", "mquake", "clutrr")
 PER_K = ("iti", "random_heads", "transfer_heads", "lofit")  # one cell per K and seed
 METRICS = {"mc": ("mc1", "mc2"), "generation": ("em", "em_lenient")}
+TIE = 1e-9  # selection scores closer than this are a tie: the first value in grid order wins
 METRIC_LABEL = {"mc1": "MC1", "mc2": "MC2", "em": "EM", "em_lenient": "EM (lenient)"}
 
 
@@ -145,77 +144,17 @@ class ReproduceConfig:
         return names[(names.index(task) + 1) % len(names)]
 
 
-def _type_name(hint) -> str:
-    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
-
-
-def _coerce(value, hint, where: str):
-    """Check `value` against a type hint (recursing into lists, dicts and dataclasses)."""
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        options = [a for a in args if a is not type(None)]
-        first = None
-        for option in options:
-            try:
-                return _coerce(value, option, where)
-            except ConfigError as exc:
-                first = first or exc
-        raise first
-    if dataclasses.is_dataclass(hint):
-        return _build(hint, value, where)
-    if origin is list:
-        if not isinstance(value, list):
-            raise ConfigError(f"{where}: expected a list of {_type_name(args[0])}, got {value!r}")
-        return [_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
-        return {str(k): _coerce(v, args[1], f"{where}.{k}") for k, v in value.items()}
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{where}: expected true or false, got {value!r}")
-        return value
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
-        return value
-    if hint is float:
-        if isinstance(value, str):  # YAML 1.1 reads 5e-3 (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where}: expected a number, got {value!r}")
-        return float(value)
-    if hint is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{where}: expected a string, got {value!r}")
-        return value
+def _normalize(cls, name, hint, value):
+    """`tasks: [truthfulqa, mquake]` means defaults for each; `tasks: {name: null}` too."""
+    if name == "tasks" and cls is ReproduceConfig and isinstance(value, list):
+        value = {t: {} for t in value}
+    if name == "tasks" and isinstance(value, dict):
+        value = {k: ({} if v is None else v) for k, v in value.items()}
     return value
 
 
 def _build(cls, data, where: str):
-    if data is None:
-        return cls()
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where or 'config'}: expected a mapping, got {data!r}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        raise ConfigError(f"{where + '.' if where else ''}{unknown[0]}: unknown key; known keys here: "
-                          f"{', '.join(fields)}")
-    kwargs = {}
-    for name, value in data.items():
-        path = f"{where}.{name}" if where else name
-        if name == "tasks" and cls is ReproduceConfig and isinstance(value, list):
-            value = {t: {} for t in value}  # `tasks: [truthfulqa, mquake]`: defaults for each
-        if name == "tasks" and isinstance(value, dict):
-            value = {k: ({} if v is None else v) for k, v in value.items()}
-        kwargs[name] = _coerce(value, fields[name].type, path)
-    return cls(**kwargs)
+    return build(cls, data, where, normalize=_normalize)
 
 
 def _positive(value, where: str) -> None:
@@ -350,7 +289,7 @@ def load_reproduce_config(path: str | Path, overrides: dict | None = None) -> Re
 
 def k_values(fractions: list[float], total_heads: int) -> list[int]:
     """K for each fraction of the heads: rounded half up, at least 1, duplicates merged, ascending."""
-    return sorted({min(total_heads, max(1, int(math.floor(f * total_heads + 0.5)))) for f in fractions})
+    return sorted({min(total_heads, max(1, math.floor(f * total_heads + 0.5))) for f in fractions})
 
 
 def cell_id(model: str, task: str, method: str, k: int | None, seed: int | None) -> str:
@@ -362,13 +301,14 @@ def plan_cells(cfg: ReproduceConfig, model: str, ks: list[int]) -> list[dict]:
     cells = []
     methods = [m for m in METHODS if m in cfg.methods]
     if "zero_shot" in methods:
-        cells += [dict(model=model, task=t, method="zero_shot", k=None, seed=None) for t in cfg.tasks]
+        cells += [{"model": model, "task": t, "method": "zero_shot", "k": None, "seed": None} for t in cfg.tasks]
     for seed in cfg.seeds:
         for task in cfg.tasks:
             for k in ks:
-                cells += [dict(model=model, task=task, method=m, k=k, seed=seed) for m in methods if m in PER_K]
+                cells += [{"model": model, "task": task, "method": m, "k": k, "seed": seed}
+                          for m in methods if m in PER_K]
             if "lora" in methods:
-                cells.append(dict(model=model, task=task, method="lora", k=None, seed=seed))
+                cells.append({"model": model, "task": task, "method": "lora", "k": None, "seed": seed})
     for c in cells:
         c["id"] = cell_id(c["model"], c["task"], c["method"], c["k"], c["seed"])
     return cells
@@ -499,7 +439,8 @@ def render_markdown(doc: dict) -> str:
     cfg = doc.get("config", {})
     hw = doc.get("hardware", {})
     lines = [f"# LoFiT reproduction: {doc.get('name', 'reproduce')}", ""]
-    status = "finished" if doc.get("finished") else "in progress (partial results)"
+    status = ("finished" if doc.get("finished") else
+              f"incomplete: {len(doc['failed'])} failed cells" if doc.get("failed") else "in progress (partial results)")
     lines.append(f"- Date: started {doc.get('started')}, last update {doc.get('updated')}; {status}"
                  + (f", {doc['wall_seconds']:.0f} s in all" if doc.get("wall_seconds") else ""))
     device = hw.get("device", "cpu")
@@ -607,10 +548,10 @@ class Runner:
             if resume:
                 doc = old
             elif old.get("cells") and not overwrite:
-                raise ConfigError(f"{existing} already holds {len(old['cells'])} cells; pass --resume to continue "
-                                  f"it, --overwrite to start over, or a different --out-dir")
-        self.uri = tracking.resolve_tracking_uri(tracking_uri or cfg.mlflow.tracking_uri)
-        self.experiment_id = tracking.ensure_experiment(cfg.mlflow.experiment, self.uri, cfg.mlflow.artifact_root)
+                raise FileExistsError(f"{existing} already holds {len(old['cells'])} cells; pass --resume to "
+                                      f"continue it, --overwrite to start over, or a different --out-dir")
+        # resolved by run(): no MLflow store is touched before the inputs check out
+        self.uri, self.experiment_id = tracking_uri or cfg.mlflow.tracking_uri, None
         if doc is None:
             doc = {"name": cfg.name, "started": _now(), "cells": [], "failed": [], "models": {}, "splits": {},
                    "phase1": {}}
@@ -712,7 +653,7 @@ class Runner:
                 sel = self.score(s.select, adapter)
                 entry.update(score=selection_score(sel), **_metric_part(sel))
             grid.append(entry)
-            if best is None or entry.get("score", 0) > best[0].get("score", 0):
+            if best is None or entry.get("score", 0) > best[0].get("score", 0) + TIE:
                 best = (entry, adapter)
         if best is None:
             raise RuntimeError(f"phase 2 diverged for every lr in lofit.phase2_lr={lo.phase2_lr}; lower them")
@@ -790,7 +731,7 @@ class Runner:
         _, s = self.splits(cell["task"])
         la = self.cfg.lora
         loaded = self.loaded
-        kw = dict(rank=la.rank, alpha=la.alpha, targets=la.targets, dropout=la.dropout)
+        kw = {"rank": la.rank, "alpha": la.alpha, "targets": la.targets, "dropout": la.dropout}
         grid, best, report, info_best = [], None, None, None
         for lr in la.lr:
             tc = self.train_cfg(la.epochs, lr, cell["seed"])
@@ -804,7 +745,7 @@ class Runner:
                 else:
                     sel = lora.evaluate_lora(loaded, peft_model, s.select, batch_size=self.cfg.training.eval_batch_size)
                     entry.update(score=selection_score(sel), **_metric_part(sel))
-                    if best is None or entry["score"] > best["score"]:
+                    if best is None or entry["score"] > best["score"] + TIE:
                         best, info_best = entry, info
                         state = {n: p.detach().clone() for n, p in peft_model.named_parameters() if "lora_" in n}
                 grid.append(entry)
@@ -923,13 +864,21 @@ class Runner:
               f"{time.time() - start:.1f}s)", flush=True)
 
     def parent_run(self) -> str:
+        from mlflow.exceptions import MlflowException
+
         tr, doc = self.tracking, self.results.doc
+        self.uri = tr.resolve_tracking_uri(self.uri)
+        self.experiment_id = tr.ensure_experiment(self.cfg.mlflow.experiment, self.uri, self.cfg.mlflow.artifact_root)
         parent = doc.get("parent_run_id") if doc.get("tracking_uri") == self.uri else None
         if parent:
             try:
                 tr.client(self.uri).update_run(parent, status="RUNNING")
+                # cells a killed driver left RUNNING: closed here, re-run below
+                closed = tr.close_dangling_runs(self.uri, parent, reason="driver stopped; cell re-run by --resume")
+                if closed:
+                    print(f"[reproduce] closed {len(closed)} cell run(s) a stopped driver left open", flush=True)
                 return parent
-            except Exception as exc:  # deleted or unknown: start a new parent
+            except MlflowException as exc:  # deleted or unknown: start a new parent
                 print(f"[reproduce] parent run {parent} not reusable ({exc}); starting a new one", flush=True)
         cfg = dataclasses.asdict(self.cfg)
         parent = tr.start_run(self.uri, self.experiment_id, self.cfg.name, params=cfg,
@@ -940,6 +889,17 @@ class Runner:
     def tick(self) -> None:
         """Total wall time of the job so far, across --resume runs."""
         self.results.doc["wall_seconds"] = round(self.wall_base + time.time() - self.started, 1)
+
+    def check_inputs(self) -> None:
+        """Read every task's splits and resolve every model spec now, so a missing file or a wrong spec
+        fails in seconds rather than hours into the run (raises TaskDataError / ModelSpecError)."""
+        from lofit_ray.models import local_dir
+
+        for task_name in self.cfg.tasks:
+            self.splits(task_name)
+        for model in self.cfg.models:
+            if not model.startswith("tiny-"):
+                local_dir(model)  # bundled GGUF models are converted here, once (cached)
 
     def run(self) -> int:
         started = self.started = time.time()
@@ -1025,11 +985,18 @@ def main(argv=None) -> int:
         write_atomic(out_dir / MD_NAME, render_markdown(doc))
         print(out_dir / MD_NAME)
         return 0
+    from lofit_ray.models import ModelSpecError
+    from lofit_ray.tasks import TaskDataError
+
     try:
         cfg = load_reproduce_config(args.config, parse_overrides(args.set))
         runner = Runner(cfg, args.config, out_dir, args.tracking_uri, args.resume, args.overwrite, args.fail_fast)
+        runner.check_inputs()
     except ConfigError as exc:
         print(f"reproduce: config error: {exc}", file=sys.stderr)
+        return 2
+    except (FileExistsError, TaskDataError, ModelSpecError) as exc:
+        print(f"reproduce: {exc}", file=sys.stderr)
         return 2
     return runner.run()
 

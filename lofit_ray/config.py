@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,7 +26,7 @@ class Space:
     Discrete values for the phase-1 knobs (l1, phase1_lr) let trials share one head ranking.
     """
 
-    values: list | None = None
+    values: list[float] | None = None
     low: float | None = None
     high: float | None = None
     log: bool = False
@@ -95,6 +97,7 @@ class ScalingSection:
     cpus_per_worker: float = 0.49
     use_gpu: bool = False
     trial_cpus: float = 1.0  # the trial process runs phase 2 and evaluation itself
+    trial_threads: int | None = None  # torch threads in a trial; default: CPU cores / max_concurrent
     max_failures: int = 1  # Ray Train retries a killed worker this many times
 
 
@@ -163,31 +166,91 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError("task.select_fraction is NaN")
 
 
-def _build(cls, data, where: str):
+def _type_name(hint) -> str:
+    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+
+
+def coerce(value, hint, where: str, normalize=None):
+    """Check `value` against a type hint (recursing into lists, dicts and dataclasses)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        options = [a for a in args if a is not type(None)]
+        first = None
+        for option in options:
+            try:
+                return coerce(value, option, where, normalize)
+            except ConfigError as exc:
+                first = first or exc
+        raise first
+    if dataclasses.is_dataclass(hint):
+        return build(hint, value, where, normalize)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list of {_type_name(args[0])}, got {value!r}")
+        return [coerce(v, args[0], f"{where}[{i}]", normalize) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return {str(k): coerce(v, args[1], f"{where}.{k}", normalize) for k, v in value.items()}
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, str):  # YAML 1.1 reads 5e-3 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def build(cls, data, where: str = "", normalize=None):
+    """Build dataclass `cls` from YAML data, checking every value against its type hint.
+
+    Unknown keys and wrongly typed values raise ConfigError naming the dotted field.
+    `normalize(cls, name, hint, value)` may rewrite a value first (shorthands).
+    """
     if data is None:
         return cls()
     if not isinstance(data, dict):
-        raise ConfigError(f"{where or 'config'}: expected a mapping, got {type(data).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
+        raise ConfigError(f"{where or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - fields)
     if unknown:
         raise ConfigError(f"{where + '.' if where else ''}{unknown[0]}: unknown key; known keys here: "
-                          f"{', '.join(fields)}")
+                          f"{', '.join(f.name for f in dataclasses.fields(cls))}")
     kwargs = {}
     for name, value in data.items():
-        sub = fields[name].type
-        target = {"Space": Space, "TaskConfig": TaskConfig, "TrainingConfig": TrainingConfig,
-                  "SearchConfig": SearchConfig, "SearchSpaceConfig": SearchSpaceConfig,
-                  "ScalingSection": ScalingSection, "DeepSpeedSection": DeepSpeedSection,
-                  "MLflowSection": MLflowSection}.get(sub if isinstance(sub, str) else getattr(sub, "__name__", ""))
         path = f"{where}.{name}" if where else name
-        if target is Space and not isinstance(value, dict):
-            value = {"values": value if isinstance(value, list) else [value]}
-        kwargs[name] = _build(target, value, path) if target else value
+        if normalize:
+            value = normalize(cls, name, hints[name], value)
+        kwargs[name] = coerce(value, hints[name], path, normalize)
     try:
         return cls(**kwargs)
     except TypeError as exc:
         raise ConfigError(f"{where or 'config'}: {exc}") from exc
+
+
+def _space_shorthand(cls, name, hint, value):
+    """`k: [8, 16]` or `k: 8` means `k: {values: [...]}`."""
+    if hint is Space and not isinstance(value, dict):
+        return {"values": value if isinstance(value, list) else [value]}
+    return value
 
 
 def load_config(path: str | Path | None = None, overrides: dict | None = None) -> RunConfig:
@@ -207,7 +270,7 @@ def load_config(path: str | Path | None = None, overrides: dict | None = None) -
         for part in parents:
             node = node.setdefault(part, {})
         node[leaf] = value
-    return _build(RunConfig, data, "")
+    return build(RunConfig, data, "", normalize=_space_shorthand)
 
 
 def to_dict(cfg: RunConfig) -> dict:

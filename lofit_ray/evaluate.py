@@ -59,7 +59,6 @@ def mc_metrics(items, scores: list[list[float]]) -> dict:
     mc1 = mc2 = 0.0
     for item, s in zip(items, scores):
         wrong = [x for x, lab in zip(s, item.labels) if not lab]
-        right = [x for x, lab in zip(s, item.labels) if lab]
         mc1 += float(s[item.best_index()] > max(wrong)) if wrong else 1.0
         top = max(s)
         mass = [math.exp(x - top) for x in s]

@@ -29,7 +29,7 @@ import torch
 
 from . import batching, tracking
 from .adapter import Adapter
-from .config import RunConfig, Space, to_dict
+from .config import ConfigError, RunConfig, Space, to_dict
 from .evaluate import evaluate
 from .heads import HeadSet
 from .models import load_model
@@ -95,12 +95,12 @@ def phase1_key(fingerprint: str, train_hash: str, task: str, tc: TrainConfig) ->
     return hashlib.sha256(payload.encode()).hexdigest()[:20]
 
 
-def _tune_domain(space: Space):
+def _tune_domain(space: Space, integer: bool = False):
     from ray import tune
 
     if space.values is not None:
-        return tune.choice(list(space.values))
-    if space.integer:
+        return tune.choice([int(v) for v in space.values] if integer else list(space.values))
+    if space.integer or integer:
         return tune.lograndint(int(space.low), int(space.high) + 1) if space.log else \
             tune.randint(int(space.low), int(space.high) + 1)
     return tune.loguniform(space.low, space.high) if space.log else tune.uniform(space.low, space.high)
@@ -260,9 +260,9 @@ def _finish_trial(uri, ctx, run_id, trial_id, loaded, offsets, head_set, cfg, tc
 
 def _restore(data: dict) -> dict:
     """RunConfig(**dict) from to_dict(): rebuild the nested dataclasses."""
-    from .config import _build
+    from .config import _space_shorthand, build
 
-    return vars(_build(RunConfig, data, ""))
+    return vars(build(RunConfig, data, "", normalize=_space_shorthand))
 
 
 # -- the driver ------------------------------------------------------------------------------
@@ -293,7 +293,7 @@ def run_search(cfg: RunConfig, resume: bool = False) -> dict:
                                            **({} if cfg.scaling.use_gpu else {"DS_ACCELERATOR": "cpu"})}})
     ctx = {"tracking_uri": uri, "experiment_id": experiment_id, "parent_run_id": parent,
            "storage_path": str(storage), "run_config": to_dict(cfg),
-           "threads": max(1, int((os.cpu_count() or 1) / cfg.search.max_concurrent))}
+           "threads": cfg.scaling.trial_threads or max(1, int((os.cpu_count() or 1) / cfg.search.max_concurrent))}
     summary = {"name": cfg.name, "tracking_uri": uri, "experiment_id": experiment_id, "parent_run_id": parent,
                "models": {}}
     try:
@@ -321,6 +321,10 @@ def _search_one_model(cfg: RunConfig, model: str, ctx: dict, storage: Path, resu
     from ray.tune.search.optuna import OptunaSearch
 
     uri = ctx["tracking_uri"]
+    total = get_model(model, cfg.dtype).layout.total_heads
+    if cfg.search.space.k.bounds()[1] > total:
+        raise ConfigError(f"search.space.k: K up to {cfg.search.space.k.bounds()[1]:g} is larger than {model}'s "
+                          f"{total} heads; keep K within 1..{total} (about 3-10% of heads)")
     task = get_task(cfg.task.name, **task_spec(cfg)["kwargs"])
     metric = cfg.metric(task.eval_kind)
     name = tracking.registered_name(model, cfg.task.name)
@@ -341,7 +345,7 @@ def _search_one_model(cfg: RunConfig, model: str, ctx: dict, storage: Path, resu
                                       grace_period=cfg.search.grace_period, reduction_factor=cfg.search.reduction_factor)
         tuner = tune.Tuner(
             trainable,
-            param_space={**{n: _tune_domain(getattr(space, n)) for n in SEARCHED}, "ctx": trial_ctx},
+            param_space={**{n: _tune_domain(getattr(space, n), integer=n == "k") for n in SEARCHED}, "ctx": trial_ctx},
             tune_config=tune.TuneConfig(metric="sel_metric", mode="max", search_alg=searcher, scheduler=scheduler,
                                         num_samples=cfg.search.num_trials, max_concurrent_trials=cfg.search.max_concurrent,
                                         reuse_actors=cfg.search.cost_aware),

@@ -102,6 +102,14 @@ def _pad(loaded: LoadedModel) -> int:
     return loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
 
 
+def epoch_order(n: int, cfg: TrainConfig, epoch: int) -> list[int]:
+    """The seeded example order of one epoch, wrapped around to fill whole global batches."""
+    steps = math.ceil(n / cfg.batch_size)
+    order = list(range(n))
+    random.Random(cfg.seed * 1000 + epoch).shuffle(order)
+    return (order * (1 + cfg.batch_size * steps // n))[: cfg.batch_size * steps]
+
+
 def train_offsets(
     loaded: LoadedModel,
     offsets: HeadOffsets,
@@ -142,9 +150,7 @@ def train_offsets(
     steps = math.ceil(len(encoded) / cfg.batch_size)
     history = []
     for epoch in range(cfg.epochs):
-        order = list(range(len(encoded)))
-        random.Random(cfg.seed * 1000 + epoch).shuffle(order)
-        order = (order * (1 + cfg.batch_size * steps // len(order)))[: cfg.batch_size * steps]
+        order = epoch_order(len(encoded), cfg, epoch)
         start, total, bar = time.time(), 0.0, None
         if progress and rank == 0:
             from tqdm import tqdm

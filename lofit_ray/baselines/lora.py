@@ -30,7 +30,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import random
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -38,7 +37,7 @@ from pathlib import Path
 import torch
 
 from .. import batching, losses
-from ..train import NaNLossError, TrainConfig, _pad, reference_logprobs
+from ..train import NaNLossError, TrainConfig, _pad, epoch_order, reference_logprobs
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 DEFAULT_RANK = 8
@@ -140,9 +139,7 @@ def train_lora(loaded, examples: list, cfg: TrainConfig, rank: int = DEFAULT_RAN
         model.train()
     try:
         for epoch in range(cfg.epochs):
-            order = list(range(len(encoded)))
-            random.Random(cfg.seed * 1000 + epoch).shuffle(order)
-            order = (order * (1 + cfg.batch_size * steps // len(order)))[: cfg.batch_size * steps]
+            order = epoch_order(len(encoded), cfg, epoch)
             start, total, bar = time.time(), 0.0, None
             if progress:
                 from tqdm import tqdm

@@ -1,0 +1,300 @@
+"""jobs/reproduce.py: the tiny end-to-end run (every method x task x K x seed), its record, table,
+MLflow runs and --resume; config validation; configs/llama2_7b.yaml against the search schema."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "jobs" / "reproduce.py"
+TINY = REPO / "configs" / "reproduce_tiny.yaml"
+METHODS = ("zero_shot", "iti", "random_heads", "transfer_heads", "lofit", "lora")
+TASKS = ("truthfulqa", "mquake")
+KS = (1, 2)  # tiny-llama has 16 heads: 3% -> 1 (at least 1), 10% -> 2
+SEEDS = (0,)
+HEAD_DIM = 16
+
+
+def _module():
+    if "reproduce_job" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("reproduce_job", SCRIPT)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["reproduce_job"] = module
+        spec.loader.exec_module(module)
+    return sys.modules["reproduce_job"]
+
+
+def expected_ids() -> set[str]:
+    ids = set()
+    for task in TASKS:
+        ids.add(f"tiny-llama|{task}|zero_shot|k=-|seed=-")
+        for seed in SEEDS:
+            ids.add(f"tiny-llama|{task}|lora|k=-|seed={seed}")
+            for k in KS:
+                for method in ("iti", "random_heads", "transfer_heads", "lofit"):
+                    ids.add(f"tiny-llama|{task}|{method}|k={k}|seed={seed}")
+    return ids
+
+
+def run_job(out: Path, *extra: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, str(SCRIPT), "--config", str(TINY), "--out-dir", str(out),
+           "--tracking-uri", f"sqlite:///{out}/mlflow.db", *extra]
+    return subprocess.run(cmd, cwd=REPO, check=False, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"})
+
+
+def mlflow_runs(out: Path):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{out}/mlflow.db")
+    exp = client.get_experiment_by_name("lofit-reproduce-tiny")
+    return client, client.search_runs([exp.experiment_id], max_results=1000)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("reproduce")
+    start = time.time()
+    proc = run_job(out)
+    seconds = time.time() - start
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out, seconds, proc
+
+
+@pytest.mark.slow
+def test_every_cell_recorded_with_metrics(tiny_run):
+    out, seconds, _ = tiny_run
+    doc = json.loads((out / "reproduce.json").read_text())
+    ids = [c["id"] for c in doc["cells"]]
+    assert len(ids) == len(set(ids))
+    assert set(ids) == expected_ids()
+    assert not doc["failed"] and doc["finished"]
+    for c in doc["cells"]:
+        names = ("mc1", "mc2") if c["task"] == "truthfulqa" else ("em", "em_lenient")
+        assert set(c["metrics"]) == set(names), c["id"]
+        assert all(0.0 <= c["metrics"][n] <= 1.0 for n in names), c
+        assert c["n"] == 4 and c["split"] == "val"
+        assert c["wall_seconds"] >= 0 and c["mlflow_run_id"]
+        if c["method"] == "zero_shot":
+            assert c["trainable_params"] == 0
+        elif c["method"] == "lora":
+            assert c["trainable_params"] > 0 and c["hparams"]["lr"] in (5e-4, 2e-3) and len(c["selection"]) == 2
+        else:
+            assert c["trainable_params"] == c["k"] * HEAD_DIM
+            assert len(c["heads"]) == c["k"]
+        if c["method"] in ("lofit", "random_heads", "transfer_heads"):
+            assert c["hparams"]["phase2_lr"] in (1e-2, 3e-2)
+            assert [g["phase2_lr"] for g in c["selection"]] == [1e-2, 3e-2]
+            assert all("score" in g for g in c["selection"])
+        if c["method"] == "iti":
+            assert c["hparams"]["alpha"] in (1.0, 5.0) and c["hparams"]["n_statements"] > 0
+    by_id = {c["id"]: c for c in doc["cells"]}
+    # transfer_heads trains on the heads phase 1 chose for the other task, at the same K and seed
+    for task, source in (("truthfulqa", "mquake"), ("mquake", "truthfulqa")):
+        assert doc["transfer"][task] == source
+        assert by_id[f"tiny-llama|{task}|transfer_heads|k=2|seed=0"]["heads"] == \
+            by_id[f"tiny-llama|{source}|lofit|k=2|seed=0"]["heads"]
+        assert by_id[f"tiny-llama|{task}|transfer_heads|k=2|seed=0"]["hparams"]["heads_from"] == source
+    # phase 1 ran once per (model, task, seed); the K=1 heads are the top of the same ranking
+    assert sorted(doc["phase1"]) == ["tiny-llama|mquake|seed=0", "tiny-llama|truthfulqa|seed=0"]
+    for task in TASKS:
+        k1 = by_id[f"tiny-llama|{task}|lofit|k=1|seed=0"]["heads"]
+        k2 = by_id[f"tiny-llama|{task}|lofit|k=2|seed=0"]["heads"]
+        assert k2[:1] == k1
+    # the carve and the hardware are stated
+    for task in TASKS:
+        split = doc["splits"][task]
+        assert split["carve"]["fraction"] == 0.2 and split["carve"]["seed"] == 0
+        assert split["n_train"] == 8 and split["n_select"] == 4 and split["n_report"] == 4
+    assert doc["hardware"]["torch_threads"] == 1 and doc["hardware"]["device"] == "cpu"
+    assert doc["models"]["tiny-llama"]["k_values"] == list(KS)
+    print(f"tiny reproduce run: {seconds:.0f}s")
+
+
+@pytest.mark.slow
+def test_markdown_table(tiny_run):
+    out, _, _ = tiny_run
+    text = (out / "reproduce.md").read_text()
+    assert "Hardware: CPU" in text and "torch threads 1" in text and "Date:" in text
+    assert "20% carve of 'train' (carve_seed 0)" in text
+    for task in TASKS:
+        section = text.split(f"## {task}")[1].split("## ")[0]
+        assert ("| MC1 | MC2 |" if task == "truthfulqa" else "| EM | EM (lenient) |") in section
+        rows = [line for line in section.splitlines() if line.startswith("| tiny-llama |")]
+        methods = [row.split("|")[2].strip() for row in rows]
+        for method in METHODS:
+            assert method in methods, (task, method)
+        # one row per method x K (zero_shot and lora have no K)
+        assert len(rows) == 2 + 4 * len(KS)
+
+
+@pytest.mark.slow
+def test_mlflow_parent_and_nested_runs(tiny_run):
+    out, _, _ = tiny_run
+    client, runs = mlflow_runs(out)
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parents) == 1 and parents[0].data.tags["lofit.kind"] == "reproduce"
+    parent = parents[0].info.run_id
+    cells = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent]
+    assert len(cells) == len(runs) - 1 == len(expected_ids())
+    assert {r.data.tags["lofit.cell"] for r in cells} == expected_ids()
+    assert {r.info.status for r in runs} == {"FINISHED"}
+    for r in cells:
+        p, m = r.data.params, r.data.metrics
+        assert {"model", "task", "method", "k", "seed"} <= set(p)
+        assert "trainable_parameters" in m and "wall_seconds" in m
+        assert ("mc1" in m and "mc2" in m) if p["task"] == "truthfulqa" else ("em" in m and "em_lenient" in m)
+        if p["method"] == "lofit":
+            assert "chosen.phase2_lr" in p
+            artifacts = {a.path for a in client.list_artifacts(r.info.run_id)}
+            assert {"adapter", "heads"} <= artifacts
+            assert "heads/head_set.json" in {a.path for a in client.list_artifacts(r.info.run_id, "heads")}
+
+
+@pytest.mark.slow
+def test_resume_skips_done_cells(tiny_run):
+    out, first_seconds, _ = tiny_run
+    start = time.time()
+    proc = run_job(out, "--resume")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "0 cells run, 20 already done" in proc.stdout
+    assert "loaded tiny-llama" not in proc.stdout  # nothing to run: the model is not even loaded
+    doc = json.loads((out / "reproduce.json").read_text())
+    ids = [c["id"] for c in doc["cells"]]
+    assert len(ids) == len(set(ids)) == len(expected_ids())
+    _, runs = mlflow_runs(out)
+    assert len(runs) == 1 + len(expected_ids())  # still one parent, no new nested runs
+    # without --resume an existing record is never overwritten by accident
+    proc = run_job(out)
+    assert proc.returncode == 2 and "--resume" in proc.stderr
+    print(f"resume with nothing to do: {time.time() - start:.0f}s (first run {first_seconds:.0f}s)")
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_without_duplicates(tmp_path):
+    """SIGKILL the job after a few cells, then --resume: every cell exactly once, no run left RUNNING."""
+    cmd = [sys.executable, str(SCRIPT), "--config", str(TINY), "--out-dir", str(tmp_path),
+           "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db"]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    record = tmp_path / "reproduce.json"
+    done_before = 0
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and proc.poll() is None:
+            try:
+                done_before = len(json.loads(record.read_text())["cells"])
+            except (OSError, ValueError, KeyError):
+                done_before = 0
+            if done_before >= 6:
+                break
+            time.sleep(0.2)
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert done_before >= 6
+    resumed = run_job(tmp_path, "--resume")
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    doc = json.loads(record.read_text())
+    ids = [c["id"] for c in doc["cells"]]
+    assert len(ids) == len(set(ids)) and set(ids) == expected_ids()
+    kept = len(doc["cells"]) - int(resumed.stdout.split(" cells run")[0].rsplit(" ", 1)[-1])
+    assert kept >= done_before
+    _, runs = mlflow_runs(tmp_path)
+    assert sum("mlflow.parentRunId" not in r.data.tags for r in runs) == 1
+    assert "RUNNING" not in {r.info.status for r in runs}
+    finished = [r for r in runs if "mlflow.parentRunId" in r.data.tags and r.info.status == "FINISHED"]
+    assert len(finished) == len(expected_ids())
+
+
+@pytest.mark.slow
+def test_bad_config_field_named(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(TINY.read_text().replace("phase2_lr:", "phase2_lrr:"))
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--config", str(bad), "--out-dir", str(tmp_path / "out")],
+                          cwd=REPO, check=False, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert "lofit.phase2_lrr: unknown key" in proc.stderr
+    assert not (tmp_path / "out" / "reproduce.json").exists()
+    # a missing data file fails before any training or MLflow write, naming the split
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--config", str(TINY), "--out-dir", str(tmp_path / "out"),
+                           "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db",
+                           "--set", f"tasks.mquake.report={tmp_path}/missing.jsonl"],
+                          cwd=REPO, check=False, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "missing.jsonl" in proc.stderr
+    assert not (tmp_path / "out").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+@pytest.mark.parametrize("override, field", [
+    ({"lofit.phase2_lrr": [1e-2]}, "lofit.phase2_lrr: unknown key"),
+    ({"lofit.phase2_lr": [-1]}, "lofit.phase2_lr[0]"),
+    ({"tasks.mquake.select_fraction": 1.5}, "tasks.mquake.select_fraction"),
+    ({"tasks.mquake.limit_train": "many"}, "tasks.mquake.limit_train"),
+    ({"methods": ["lofit", "prompting"]}, "methods: 'prompting'"),
+    ({"k_fractions": [0.0]}, "k_fractions[0]"),
+    ({"seeds": [0, 0]}, "seeds: 0 is listed twice"),
+    ({"transfer": {"truthfulqa": "truthfulqa"}}, "transfer.truthfulqa"),
+    ({"tasks": {"truthfulqa": {}}}, "transfer_heads needs at least two tasks"),
+    ({"tasks.squad": {}}, "tasks.squad: unknown task"),
+    ({"lora.rank": 0}, "lora.rank"),
+    ({"iti.alphas": []}, "iti.alphas"),
+    ({"device": "tpu"}, "device"),
+])
+def test_config_errors_name_the_field(override, field):
+    from lofit_ray.config import ConfigError
+
+    with pytest.raises(ConfigError) as info:
+        _module().load_reproduce_config(TINY, override)
+    assert field in str(info.value)
+
+
+def test_configs_load():
+    mod = _module()
+    cfg = mod.load_reproduce_config(REPO / "configs" / "reproduce.yaml")
+    assert cfg.models == ["smollm2-135m", "gemma3-270m"]
+    assert list(cfg.tasks) == ["truthfulqa", "mquake", "clutrr"]
+    assert cfg.k_fractions == [0.03, 0.10] and cfg.seeds == [0, 1]
+    assert set(cfg.methods) == set(METHODS)
+    assert [cfg.transfer_source(t) for t in cfg.tasks] == ["mquake", "clutrr", "truthfulqa"]
+    assert cfg.tasks["clutrr"].limit_train
+    tiny = mod.load_reproduce_config(TINY)
+    assert tiny.models == ["tiny-llama"] and list(tiny.tasks) == list(TASKS) and tiny.seeds == list(SEEDS)
+    assert [tiny.transfer_source(t) for t in tiny.tasks] == ["mquake", "truthfulqa"]
+    assert len(mod.plan_cells(tiny, "tiny-llama", list(KS))) == len(expected_ids())
+    # K: rounded half up, at least 1, never more than the model has
+    assert mod.k_values([0.03, 0.10], 16) == [1, 2]
+    assert mod.k_values([0.03, 0.10], 270) == [8, 27]  # SmolLM2-135M: 30 x 9 heads
+    assert mod.k_values([0.03, 0.10], 72) == [2, 7]  # Gemma-3-270M: 18 x 4 heads
+    assert mod.k_values([0.01, 0.02], 16) == [1]  # equal K values merge
+
+
+def test_ray_job_default_out_dir(monkeypatch, tmp_path):
+    """Under `ray job submit` the working dir is a temporary copy: results default to $LOFIT_HOME/reproduce."""
+    mod = _module()
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
+    assert mod.default_out_dir() == REPO / "jobs" / "results"
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")
+    monkeypatch.setenv("LOFIT_HOME", str(tmp_path))
+    assert mod.default_out_dir() == tmp_path.resolve() / "reproduce"
+
+
+def test_llama2_7b_search_config():
+    from lofit_ray.config import load_config
+
+    cfg = load_config(REPO / "configs" / "llama2_7b.yaml")
+    assert cfg.models == ["/path/to/llama-2-7b-hf"]
+    assert cfg.dtype == "bfloat16"
+    assert cfg.scaling.use_gpu and cfg.scaling.num_workers >= 1
+    assert cfg.deepspeed.enabled and cfg.deepspeed.zero_stage in (2, 3)
+    assert cfg.training.batch_size % cfg.scaling.num_workers == 0
+    low, high = cfg.search.space.k.bounds()
+    assert 0.03 * 1024 - 1 <= low and high <= 0.10 * 1024  # ~3-10% of 32 x 32 heads
+    assert 1e-2 in cfg.search.space.phase2_lr.values and cfg.search.space.phase1_lr.values == [5e-3]
