@@ -41,6 +41,7 @@ def main(argv=None) -> int:
     parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML config (see configs/)")
     parser.add_argument("--resume", action="store_true", help="continue a search whose driver was killed")
     parser.add_argument("--tracking-uri", default=None, help="MLflow URI (overrides the config and $MLFLOW_TRACKING_URI)")
+    parser.add_argument("--data-dir", default=None, help="task data folder (overrides task.data_dir and $LOFIT_DATA_DIR)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config field, e.g. --set search.num_trials=2")
     parser.add_argument("--summary-out", default=None, help="write the summary JSON here too")
@@ -53,6 +54,8 @@ def main(argv=None) -> int:
     overrides = parse_overrides(args.set)
     if args.tracking_uri:
         overrides["mlflow.tracking_uri"] = args.tracking_uri
+    if args.data_dir:
+        overrides["task.data_dir"] = str(Path(args.data_dir).resolve())
     try:
         cfg = load_config(args.config, overrides)
     except ConfigError as exc:

@@ -55,9 +55,32 @@ class GenerationItem:
 
 
 def data_dir(configured: str | os.PathLike | None = None) -> Path:
-    """Where task data lives: the explicit value, else $LOFIT_DATA_DIR, else ../shared/data beside the repo."""
-    value = configured or os.environ.get(DATA_DIR_ENV) or (_REPO_ROOT.parent / "shared" / "data")
-    return Path(value).expanduser()
+    """Where task data lives: the explicit value, else $LOFIT_DATA_DIR, else ../shared/data beside the repo.
+
+    "The repo" is this checkout or, when this file runs from a copy (`ray job submit --working-dir .`
+    imports a temporary copy), the checkout lofit-ray was installed from in editable mode.
+    """
+    value = configured or os.environ.get(DATA_DIR_ENV)
+    if value:
+        return Path(value).expanduser()
+    default = _REPO_ROOT.parent / "shared" / "data"
+    if not default.is_dir():
+        installed = _editable_checkout()
+        if installed is not None and (installed.parent / "shared" / "data").is_dir():
+            return installed.parent / "shared" / "data"
+    return default
+
+
+def _editable_checkout() -> Path | None:
+    import json
+    from importlib import metadata
+
+    try:
+        text = metadata.distribution("lofit-ray").read_text("direct_url.json") or "{}"
+    except metadata.PackageNotFoundError:
+        return None
+    url = json.loads(text).get("url", "")
+    return Path(url[len("file://"):]) if url.startswith("file://") else None
 
 
 def require_file(path: str | os.PathLike, what: str) -> Path:
