@@ -181,6 +181,12 @@ def trial_fn(config: dict) -> None:
     trial_id = tune.get_context().get_trial_id()
     for offsets in _CACHE.pop("attached", []):  # a reused actor may hold hooks of a stopped trial
         offsets.detach()
+    previous = _finished_run(uri, ctx["experiment_id"], ctx["parent_run_id"], trial_id)
+    if previous is not None:  # resumed search: this trial finished before the driver died; don't redo it
+        tune.report({**previous.data.metrics, "epoch": cfg.training.phase2_epochs, "resumed": 1,
+                     "mlflow_run_id": previous.info.run_id,
+                     "version": previous.data.tags.get("lofit.registered_version", "")})
+        return
     run_id = tracking.start_run(uri, ctx["experiment_id"], f"trial-{slug(model)}-{trial_id}",
                                 params={**params, "model": model, "task": cfg.task.name,
                                         "phase2_epochs": cfg.training.phase2_epochs, "cost_aware": cost_aware},
@@ -240,6 +246,15 @@ def trial_fn(config: dict) -> None:
     finally:
         for offsets in _CACHE.pop("attached", []):
             offsets.detach()
+
+
+def _finished_run(uri: str, experiment_id: str, parent_run_id: str, trial_id: str):
+    """The FINISHED MLflow run of this trial in this search, if an earlier driver already completed it."""
+    runs = tracking.client(uri).search_runs(
+        [experiment_id], filter_string=f"tags.`lofit.trial_id` = '{trial_id}' and "
+                                       f"tags.`mlflow.parentRunId` = '{parent_run_id}' and attributes.status = 'FINISHED'",
+        max_results=1)
+    return runs[0] if runs else None
 
 
 def _finish_trial(uri, ctx, run_id, trial_id, loaded, offsets, head_set, cfg, tc, params, metrics, timing) -> str:
