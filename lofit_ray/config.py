@@ -6,7 +6,6 @@ are errors too, so a typo never silently falls back to a default.
 from __future__ import annotations
 
 import dataclasses
-import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -162,8 +161,6 @@ def validate(cfg: RunConfig) -> None:
                           f"scaling.num_workers ({sc.num_workers})")
     if cfg.deepspeed.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"deepspeed.zero_stage: {cfg.deepspeed.zero_stage} must be 0, 1, 2 or 3")
-    if any(math.isnan(v) for v in (cfg.task.select_fraction,)):
-        raise ConfigError("task.select_fraction is NaN")
 
 
 def _type_name(hint) -> str:
