@@ -72,7 +72,11 @@ def _get(obj, dotted: str):
     return obj
 
 
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    return _get(model, family_of(model.config).layers)
+
+
 def o_projs(model: nn.Module) -> list[nn.Linear]:
     """The attention output projection of every decoder layer, in layer order."""
     family = family_of(model.config)
-    return [_get(layer, family.o_proj) for layer in _get(model, family.layers)]
+    return [_get(layer, family.o_proj) for layer in decoder_layers(model)]

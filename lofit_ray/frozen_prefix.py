@@ -13,12 +13,8 @@ import contextlib
 import torch
 from torch import nn
 
-from .architectures import _get, family_of
+from .architectures import _get, decoder_layers, family_of
 from .batching import Batch, collate
-
-
-def layers_of(model) -> nn.ModuleList:
-    return _get(model, family_of(model.config).layers)
 
 
 @contextlib.contextmanager
@@ -49,7 +45,7 @@ def capture(model, seqs: list, start: int, pad_id: int, batch_size: int = 8) -> 
         grabbed["h"] = (args[0] if args else kwargs["hidden_states"]).detach()
         raise _Stop
 
-    handle = layers_of(model)[start].register_forward_pre_hook(grab, with_kwargs=True)
+    handle = decoder_layers(model)[start].register_forward_pre_hook(grab, with_kwargs=True)
     try:
         with torch.no_grad():
             for i in range(0, len(seqs), batch_size):

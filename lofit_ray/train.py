@@ -6,6 +6,7 @@ each global batch so N workers compute exactly what one process would.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import time
@@ -76,7 +77,7 @@ def reference_logprobs(loaded: LoadedModel, encoded: list, cfg: TrainConfig, off
     if progress:
         from tqdm import tqdm
         chunks = tqdm(chunks, desc="reference log-probs", unit="batch")
-    with torch.no_grad(), (offsets.disabled() if offsets is not None else _nullcontext()):
+    with torch.no_grad(), (offsets.disabled() if offsets is not None else contextlib.nullcontext()):
         for i in chunks:
             part = encoded[i: i + cfg.batch_size]
             logp = losses.answer_logprobs(loaded.model, batching.batch_items(part, _pad(loaded)).to(device))
@@ -88,14 +89,6 @@ def reference_logprobs(loaded: LoadedModel, encoded: list, cfg: TrainConfig, off
         torch.save(ref, tmp)
         tmp.replace(path)
     return ref
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _pad(loaded: LoadedModel) -> int:
