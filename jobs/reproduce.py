@@ -56,7 +56,8 @@ HEADS_DIR = "heads"  # <out-dir>/heads/: phase-1 rankings, reused by --resume
 
 METHODS = ("zero_shot", "iti", "random_heads", "transfer_heads", "lofit", "lora")
 TASKS = ("truthfulqa", "mquake", "clutrr")
-PER_K = ("iti", "random_heads", "transfer_heads", "lofit")  # one cell per K and seed
+PER_K = ("lofit", "iti", "random_heads", "transfer_heads")  # one cell per K and seed, in run order
+LR_CHOICES = ("per_cell", "per_task")
 METRICS = {"mc": ("mc1", "mc2"), "generation": ("em", "em_lenient")}
 TIE = 1e-9  # selection scores closer than this are a tie: the first value in grid order wins
 METRIC_LABEL = {"mc1": "MC1", "mc2": "MC2", "em": "EM", "em_lenient": "EM (lenient)"}
@@ -92,6 +93,10 @@ class LofitSection:
     l1: float = 1e-3  # fixed: one phase-1 ranking per (model, task, seed)
     phase2_epochs: int = 5
     phase2_lr: list[float] = field(default_factory=lambda: [5e-3, 1e-2, 2e-2])  # chosen on the selection split
+    # per_cell: every phase-2 cell tries the whole grid. per_task: the first phase-2 cell of a model x task
+    # (LoFiT, first seed, smallest K) chooses, and every later phase-2 cell of that model x task (LoFiT,
+    # random_heads, transfer_heads) trains once with that lr: cheaper, and the head choice is the only difference.
+    phase2_lr_choice: str = "per_cell"
 
 
 @dataclass
@@ -225,6 +230,8 @@ def validate(cfg: ReproduceConfig) -> ReproduceConfig:
     if lo.l1 < 0:
         raise ConfigError(f"lofit.l1: {lo.l1} must be >= 0")
     _nonempty_unique(lo.phase2_lr, "lofit.phase2_lr", "[5.0e-3, 1.0e-2]")
+    if lo.phase2_lr_choice not in LR_CHOICES:
+        raise ConfigError(f"lofit.phase2_lr_choice: {lo.phase2_lr_choice!r} is not one of {', '.join(LR_CHOICES)}")
     for i, lr in enumerate(lo.phase2_lr):
         _positive(lr, f"lofit.phase2_lr[{i}]")
     _nonempty_unique(cfg.iti.alphas, "iti.alphas", "[1.0, 5.0, 15.0]")
@@ -300,13 +307,13 @@ def plan_cells(cfg: ReproduceConfig, model: str, ks: list[int]) -> list[dict]:
     """Every cell of one model, in run order."""
     cells = []
     methods = [m for m in METHODS if m in cfg.methods]
+    per_k = [m for m in PER_K if m in methods]
     if "zero_shot" in methods:
         cells += [{"model": model, "task": t, "method": "zero_shot", "k": None, "seed": None} for t in cfg.tasks]
     for seed in cfg.seeds:
         for task in cfg.tasks:
             for k in ks:
-                cells += [{"model": model, "task": task, "method": m, "k": k, "seed": seed}
-                          for m in methods if m in PER_K]
+                cells += [{"model": model, "task": task, "method": m, "k": k, "seed": seed} for m in per_k]
             if "lora" in methods:
                 cells.append({"model": model, "task": task, "method": "lora", "k": None, "seed": seed})
     for c in cells:
@@ -475,6 +482,14 @@ def render_markdown(doc: dict) -> str:
                  f"(one ranking per model x task x seed, shared across K and by transfer_heads; its time is the "
                  f"'phase 1 s' column, not in 'wall s'); phase 2 {lo.get('phase2_epochs')} epochs, lr from "
                  f"{lo.get('phase2_lr')} (also for random_heads and transfer_heads).")
+    if lo.get("phase2_lr_choice") == "per_task" and doc.get("phase2_lr_chosen"):
+        lines.append("- Phase-2 lr chosen once per model x task on the selection split, then used by every LoFiT, "
+                     "random_heads and transfer_heads cell of it: "
+                     + "; ".join(f"{key.replace('|', ' / ')}: lr {c['phase2_lr']:g} (by {c['by'].split('|')[2]} "
+                                 f"{c['by'].split('|')[3]} {c['by'].split('|')[4]}; selection scores "
+                                 + ", ".join(f"{g['phase2_lr']:g}: {g['score']:.3f}" if 'score' in g else
+                                             f"{g['phase2_lr']:g}: diverged" for g in c["grid"]) + ")"
+                                 for key, c in doc["phase2_lr_chosen"].items()))
     if doc.get("transfer"):
         lines.append("- transfer_heads uses the phase-1 heads of another task: "
                      + ", ".join(f"{t} <- {s}" for t, s in doc["transfer"].items()))
@@ -633,15 +648,23 @@ class Runner:
         self._rankings[key] = entry
         return entry
 
-    def _tune_grid(self, task_name: str, head_set, k: int, seed: int):
-        """Phase 2 on head_set's top K for each lr of the grid; the best on the selection split is scored."""
+    def _tune_grid(self, cell: dict, head_set):
+        """Phase 2 on head_set's top K for each lr of the grid; the best on the selection split is scored.
+        With lofit.phase2_lr_choice=per_task, a model x task's first phase-2 cell chooses and the rest reuse it."""
         from lofit_ray.baselines.iti import selection_score
         from lofit_ray.train import NaNLossError, tune_bias
 
+        task_name, k, seed = cell["task"], cell["k"], cell["seed"]
         _, s = self.splits(task_name)
         lo = self.cfg.lofit
+        choices = self.results.doc.setdefault("phase2_lr_chosen", {})
+        key = f"{self.loaded.spec}|{task_name}"
+        prior = choices.get(key) if lo.phase2_lr_choice == "per_task" else None
+        if prior is not None and prior.get("grid_values") != list(lo.phase2_lr):
+            prior = None  # chosen from a different grid: choose again
+        lrs = [prior["phase2_lr"]] if prior else lo.phase2_lr
         grid, best = [], None
-        for lr in lo.phase2_lr:
+        for lr in lrs:
             tc = self.train_cfg(lo.phase2_epochs, lr, seed)
             try:
                 adapter = tune_bias(self.loaded, head_set, s.train, tc, k=k, task=task_name)
@@ -649,7 +672,7 @@ class Runner:
                 grid.append({"phase2_lr": lr, "error": str(exc)})
                 continue
             entry = {"phase2_lr": lr, "final_loss": adapter.config.hparams.get("final_loss")}
-            if len(lo.phase2_lr) > 1:
+            if len(lrs) > 1:
                 sel = self.score(s.select, adapter)
                 entry.update(score=selection_score(sel), **_metric_part(sel))
             grid.append(entry)
@@ -658,9 +681,14 @@ class Runner:
         if best is None:
             raise RuntimeError(f"phase 2 diverged for every lr in lofit.phase2_lr={lo.phase2_lr}; lower them")
         entry, adapter = best
+        if lo.phase2_lr_choice == "per_task" and prior is None:
+            choices[key] = {"phase2_lr": entry["phase2_lr"], "by": cell["id"], "grid_values": list(lo.phase2_lr),
+                            "grid": grid}
         report = self.score(s.report, adapter)
         hparams = {"phase2_lr": entry["phase2_lr"], "phase2_epochs": lo.phase2_epochs}
-        return report, adapter, hparams, grid
+        if prior:
+            hparams["phase2_lr_chosen_by"] = prior["by"]
+        return report, adapter, hparams, grid if len(lrs) > 1 else []
 
     # -- methods ---------------------------------------------------------------------------------
     def run_zero_shot(self, cell: dict) -> dict:
@@ -670,7 +698,7 @@ class Runner:
     def run_lofit(self, cell: dict) -> dict:
         entry = self.ranking(cell["task"], cell["seed"])
         head_set = entry["head_set"].with_k(cell["k"])
-        report, adapter, hparams, grid = self._tune_grid(cell["task"], head_set, cell["k"], cell["seed"])
+        report, adapter, hparams, grid = self._tune_grid(cell, head_set)
         lo = self.cfg.lofit
         hparams.update(l1=lo.l1, phase1_lr=lo.phase1_lr, phase1_epochs=lo.phase1_epochs)
         lay = self.loaded.layout
@@ -687,7 +715,7 @@ class Runner:
         base = entry["head_set"]
         head_set = HeadSet(**{**dataclasses.asdict(base), "k": cell["k"], "method": "transfer",
                               "hparams": {**base.hparams, "transferred_from": source}})
-        report, adapter, hparams, grid = self._tune_grid(cell["task"], head_set, cell["k"], cell["seed"])
+        report, adapter, hparams, grid = self._tune_grid(cell, head_set)
         hparams["heads_from"] = source
         return {"metrics": report, "trainable_params": adapter.num_parameters, "hparams": hparams,
                 "selection": grid, "heads": head_set.top(cell["k"]), "phase1_seconds": entry["seconds"],
@@ -700,7 +728,7 @@ class Runner:
         head_set = HeadSet(model=loaded.spec, fingerprint=loaded.fingerprint, layout=dataclasses.asdict(loaded.layout),
                            ranking=random_ranking(loaded.layout, cell["seed"]), k=cell["k"], method="random",
                            task=cell["task"], seed=cell["seed"])
-        report, adapter, hparams, grid = self._tune_grid(cell["task"], head_set, cell["k"], cell["seed"])
+        report, adapter, hparams, grid = self._tune_grid(cell, head_set)
         return {"metrics": report, "trainable_params": adapter.num_parameters, "hparams": hparams,
                 "selection": grid, "heads": head_set.top(cell["k"]), "artifacts": {"adapter": adapter}}
 

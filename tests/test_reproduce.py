@@ -216,6 +216,37 @@ def test_killed_run_resumes_without_duplicates(tmp_path):
 
 
 @pytest.mark.slow
+def test_phase2_lr_chosen_once_per_task(tmp_path):
+    """per_task: the first phase-2 cell (LoFiT, smallest K) runs the lr grid on the selection split; the other
+    phase-2 cells of that model x task train once with its choice, also after --resume."""
+    args = ("--set", "lofit.phase2_lr_choice=per_task", "--set", "methods=[lofit,random_heads,transfer_heads]")
+    proc = run_job(tmp_path, *args, "--set", "k_fractions=[0.07]")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    doc = json.loads((tmp_path / "reproduce.json").read_text())
+    for task in TASKS:
+        choice = doc["phase2_lr_chosen"][f"tiny-llama|{task}"]
+        assert choice["by"] == f"tiny-llama|{task}|lofit|k=1|seed=0"
+        assert [g["phase2_lr"] for g in choice["grid"]] == [1e-2, 3e-2] and all("score" in g for g in choice["grid"])
+        best = max(choice["grid"], key=lambda g: g["score"])["score"]
+        assert choice["phase2_lr"] == next(g["phase2_lr"] for g in choice["grid"] if g["score"] >= best - 1e-9)
+        cells = [c for c in doc["cells"] if c["task"] == task]
+        assert len(cells) == 3 and {c["hparams"]["phase2_lr"] for c in cells} == {choice["phase2_lr"]}
+        first = next(c for c in cells if c["id"] == choice["by"])
+        assert len(first["selection"]) == 2 and "phase2_lr_chosen_by" not in first["hparams"]
+        for c in cells:
+            if c is not first:
+                assert c["selection"] == [] and c["hparams"]["phase2_lr_chosen_by"] == choice["by"]
+    assert "Phase-2 lr chosen once per model x task" in (tmp_path / "reproduce.md").read_text()
+    # a new K on --resume reuses the recorded choice: no selection step
+    proc = run_job(tmp_path, *args, "--set", "k_fractions=[0.07,0.13]", "--resume")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    doc2 = json.loads((tmp_path / "reproduce.json").read_text())
+    assert doc2["phase2_lr_chosen"] == doc["phase2_lr_chosen"]
+    new = [c for c in doc2["cells"] if c["k"] == 2]
+    assert len(new) == 6 and all(c["selection"] == [] and "phase2_lr_chosen_by" in c["hparams"] for c in new)
+
+
+@pytest.mark.slow
 def test_bad_config_field_named(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text(TINY.read_text().replace("phase2_lr:", "phase2_lrr:"))
@@ -247,6 +278,7 @@ def test_bad_config_field_named(tmp_path):
     ({"lora.rank": 0}, "lora.rank"),
     ({"iti.alphas": []}, "iti.alphas"),
     ({"device": "tpu"}, "device"),
+    ({"lofit.phase2_lr_choice": "per_seed"}, "lofit.phase2_lr_choice"),
 ])
 def test_config_errors_name_the_field(override, field):
     from lofit_ray.config import ConfigError
