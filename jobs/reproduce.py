@@ -455,6 +455,9 @@ def render_markdown(doc: dict) -> str:
     lines.append(f"- Hardware: {where}; {hw.get('cpu_count')} CPU cores, torch threads {hw.get('torch_threads')}, "
                  f"device {device}, dtype {cfg.get('dtype')}; torch {hw.get('torch')}, "
                  f"transformers {hw.get('transformers', '?')}, Python {hw.get('python')}")
+    runs = [" ".join(f"--set {o}" for o in inv["set"]) or "(no overrides)" for inv in doc.get("invocations", [])]
+    if len(runs) > 1:
+        lines.append(f"- Built over {len(runs)} invocations (--resume): " + "; ".join(f"`{r}`" for r in runs))
     lines.append(f"- Config: `{doc.get('config_path')}`; MLflow {doc.get('tracking_uri')} (experiment "
                  f"'{doc.get('experiment')}', parent run {doc.get('parent_run_id')})")
     for model, info in doc.get("models", {}).items():
@@ -473,14 +476,15 @@ def render_markdown(doc: dict) -> str:
         lines.append(f"  - {task}: train n={s['n_train']} (rest of '{s['train']}'"
                      f"{', limit ' + str(s['limit_train']) if s.get('limit_train') else ''}); {sel}; "
                      f"report = '{s['report']}', n={s['n_report']}")
-    seeds = cfg.get("seeds", [])
+    seeds = sorted({c["seed"] for c in doc.get("cells", []) if c.get("seed") is not None}) or cfg.get("seeds", [])
     lo = cfg.get("lofit", {})
     lines.append(f"- Seeds {', '.join(map(str, seeds))}: ± is the sample std over seeds (no ± with one seed). "
                  f"Each cell is scored once on the report split; hyperparameters are chosen on the selection split "
                  f"by mean(MC1, MC2) (TruthfulQA) or EM + 0.001 x EM-lenient (generation tasks).")
     lines.append(f"- LoFiT: phase 1 {lo.get('phase1_epochs')} epochs, lr {lo.get('phase1_lr')}, L1 {lo.get('l1')} "
-                 f"(one ranking per model x task x seed, shared across K and by transfer_heads; its time is the "
-                 f"'phase 1 s' column, not in 'wall s'); phase 2 {lo.get('phase2_epochs')} epochs, lr from "
+                 f"(one ranking per model x task x seed, shared across K and by transfer_heads; its own time is the "
+                 f"'phase 1 s' column; 'wall s' is all a cell ran, so the cell that first needs a ranking (or the "
+                 f"lr choice) carries its time too); phase 2 {lo.get('phase2_epochs')} epochs, lr from "
                  f"{lo.get('phase2_lr')} (also for random_heads and transfer_heads).")
     if lo.get("phase2_lr_choice") == "per_task" and doc.get("phase2_lr_chosen"):
         lines.append("- Phase-2 lr chosen once per model x task on the selection split, then used by every LoFiT, "
@@ -546,7 +550,7 @@ def slug(text: str) -> str:
 
 class Runner:
     def __init__(self, cfg: ReproduceConfig, config_path: str, out_dir: Path, tracking_uri: str | None,
-                 resume: bool, overwrite: bool, fail_fast: bool):
+                 resume: bool, overwrite: bool, fail_fast: bool, overrides: list[str] | None = None):
         import torch
 
         from lofit_ray import tracking
@@ -572,7 +576,11 @@ class Runner:
                    "phase1": {}}
         doc.update(config_path=str(config_path), config=dataclasses.asdict(cfg), task_order=list(cfg.tasks),
                    hardware=hardware(self.device), experiment=cfg.mlflow.experiment, finished=None,
-                   transfer={t: cfg.transfer_source(t) for t in cfg.tasks} if "transfer_heads" in cfg.methods else {})
+                   transfer=({t: cfg.transfer_source(t) for t in cfg.tasks} if "transfer_heads" in cfg.methods
+                             else doc.get("transfer", {})))  # a run without transfer cells keeps the record's
+        # `config` is the latest invocation's; this list says how the record was built up across --resume runs
+        doc.setdefault("invocations", []).append({"at": _now(), "config": str(config_path),
+                                                  "set": list(overrides or []), "resume": resume})
         self.results = Results(out_dir, doc)
         self._splits: dict = {}
         self._rankings: dict = {}
@@ -1018,7 +1026,8 @@ def main(argv=None) -> int:
 
     try:
         cfg = load_reproduce_config(args.config, parse_overrides(args.set))
-        runner = Runner(cfg, args.config, out_dir, args.tracking_uri, args.resume, args.overwrite, args.fail_fast)
+        runner = Runner(cfg, args.config, out_dir, args.tracking_uri, args.resume, args.overwrite, args.fail_fast,
+                        overrides=args.set)
         runner.check_inputs()
     except ConfigError as exc:
         print(f"reproduce: config error: {exc}", file=sys.stderr)

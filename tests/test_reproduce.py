@@ -244,6 +244,10 @@ def test_phase2_lr_chosen_once_per_task(tmp_path):
     assert doc2["phase2_lr_chosen"] == doc["phase2_lr_chosen"]
     new = [c for c in doc2["cells"] if c["k"] == 2]
     assert len(new) == 6 and all(c["selection"] == [] and "phase2_lr_chosen_by" in c["hparams"] for c in new)
+    # the record says how it was built up: two invocations, the second a --resume with its overrides
+    assert [inv["resume"] for inv in doc2["invocations"]] == [False, True]
+    assert "k_fractions=[0.07,0.13]" in doc2["invocations"][1]["set"]
+    assert "Built over 2 invocations" in (tmp_path / "reproduce.md").read_text()
 
 
 @pytest.mark.slow
