@@ -489,8 +489,8 @@ def render_markdown(doc: dict) -> str:
     if lo.get("phase2_lr_choice") == "per_task" and doc.get("phase2_lr_chosen"):
         lines.append("- Phase-2 lr chosen once per model x task on the selection split, then used by every LoFiT, "
                      "random_heads and transfer_heads cell of it: "
-                     + "; ".join(f"{key.replace('|', ' / ')}: lr {c['phase2_lr']:g} (by {c['by'].split('|')[2]} "
-                                 f"{c['by'].split('|')[3]} {c['by'].split('|')[4]}; selection scores "
+                     + "; ".join(f"{key.replace('|', ' / ')}: lr {c['phase2_lr']:g} (by "
+                                 f"{' '.join(c['by'].split('|')[2:5])}; selection scores "
                                  + ", ".join(f"{g['phase2_lr']:g}: {g['score']:.3f}" if 'score' in g else
                                              f"{g['phase2_lr']:g}: diverged" for g in c["grid"]) + ")"
                                  for key, c in doc["phase2_lr_chosen"].items()))
@@ -665,9 +665,10 @@ class Runner:
         task_name, k, seed = cell["task"], cell["k"], cell["seed"]
         _, s = self.splits(task_name)
         lo = self.cfg.lofit
-        choices = self.results.doc.setdefault("phase2_lr_chosen", {})
+        per_task = lo.phase2_lr_choice == "per_task"
+        choices = self.results.doc.setdefault("phase2_lr_chosen", {}) if per_task else {}
         key = f"{self.loaded.spec}|{task_name}"
-        prior = choices.get(key) if lo.phase2_lr_choice == "per_task" else None
+        prior = choices.get(key)
         if prior is not None and prior.get("grid_values") != list(lo.phase2_lr):
             prior = None  # chosen from a different grid: choose again
         lrs = [prior["phase2_lr"]] if prior else lo.phase2_lr
@@ -689,7 +690,7 @@ class Runner:
         if best is None:
             raise RuntimeError(f"phase 2 diverged for every lr in lofit.phase2_lr={lo.phase2_lr}; lower them")
         entry, adapter = best
-        if lo.phase2_lr_choice == "per_task" and prior is None:
+        if per_task and prior is None:
             choices[key] = {"phase2_lr": entry["phase2_lr"], "by": cell["id"], "grid_values": list(lo.phase2_lr),
                             "grid": grid}
         report = self.score(s.report, adapter)
