@@ -16,13 +16,16 @@ Each phase-1 ranking is computed once per (model, task, seed) and reused across 
     python jobs/reproduce.py --config configs/reproduce.yaml                  # writes jobs/results/
     python jobs/reproduce.py --config configs/reproduce_tiny.yaml --out-dir /tmp/rep   # CI, minutes
     python jobs/reproduce.py --config configs/reproduce.yaml --resume         # after a crash: done cells stay
+    python jobs/reproduce.py --sync-mlflow        # log the committed record into this machine's MLflow store
     python jobs/reproduce.py --config configs/reproduce.yaml --set models=[smollm2-135m] --set methods=[zero_shot,lofit]
     ray job submit --working-dir . -- python jobs/reproduce.py --config configs/reproduce.yaml --out-dir /abs/dir
 
 Cells run one after another in this process (torch only; Ray is just the job launcher). Results go to
 <out-dir>/reproduce.json (rewritten after every cell) and <out-dir>/reproduce.md; MLflow gets one
-parent run for the job and a nested run per cell. Under `ray job submit` the working directory is a
-temporary copy, so without --out-dir the results go to $LOFIT_HOME/reproduce instead of jobs/results.
+parent run for the job and a nested run per cell (a store that lacks some recorded cells, e.g. on
+another machine, gets them from the record on --resume or --sync-mlflow, tagged lofit.source=record).
+Under `ray job submit` the working directory is a temporary copy, so without --out-dir the results go
+to $LOFIT_HOME/reproduce instead of jobs/results.
 """
 import argparse
 import dataclasses
@@ -539,7 +542,58 @@ def render_markdown(doc: dict) -> str:
                          + f" | {'/'.join(map(str, ns))} | {seeds_txt} | {params} | {wall:.1f} | "
                          + (f"{sum(p1) / len(p1):.1f}" if p1 else "-") + f" | {_chosen(recs)} |")
         lines.append("")
+    lines.extend(render_comparisons(cells, list(doc.get("models", {})), doc.get("task_order") or []))
     return "\n".join(lines) + "\n"
+
+
+BASELINES = ("zero_shot", "iti", "random_heads", "transfer_heads", "lora")
+
+
+def render_comparisons(cells: list[dict], models: list[str], tasks: list[str]) -> list[str]:
+    """LoFiT minus each baseline, per model x task x K (means over seeds), and how often LoFiT is ahead.
+
+    Computed from the cells so the claims in prose can be checked against the record. The tally uses the
+    first metric (MC1 on TruthfulQA, strict EM on the generation tasks); zero-shot and LoRA have no K, so
+    their one value is compared with LoFiT at every K.
+    """
+    def mean_of(model, task, method, k) -> dict | None:
+        recs = [c for c in cells if (c["model"], c["task"], c["method"]) == (model, task, method)
+                and (method in ("zero_shot", "lora") or c["k"] == k)]
+        if not recs:
+            return None
+        return {"seeds": len(recs), **{m: statistics.fmean(r["metrics"][m] for r in recs) for m in recs[0]["metrics"]}}
+
+    rows, tally = [], {b: [0, 0, 0] for b in BASELINES}  # ahead, tied, behind
+    for model in models:
+        for task in tasks:
+            for k in sorted({c["k"] for c in cells if (c["model"], c["task"], c["method"]) == (model, task, "lofit")}):
+                lofit = mean_of(model, task, "lofit", k)
+                names = METRICS["mc" if "mc1" in lofit else "generation"][:2 if "mc1" in lofit else 1]
+                cols = []
+                for b in BASELINES:
+                    other = mean_of(model, task, b, k)
+                    if other is None:
+                        cols.append("-")
+                        continue
+                    deltas = [lofit[n] - other[n] for n in names]
+                    cols.append(" / ".join(f"{d:+.3f}" for d in deltas))
+                    tally[b][0 if deltas[0] > TIE else 1 if deltas[0] >= -TIE else 2] += 1
+                value = " / ".join(f"{lofit[n]:.3f}" for n in names)
+                rows.append(f"| {model} | {task} | {k} | {value} ({lofit['seeds']} seed{'s' * (lofit['seeds'] > 1)}) | "
+                            + " | ".join(cols) + " |")
+    if not rows:
+        return []
+    lines = ["## LoFiT minus each baseline", "",
+             "Means over the seeds each method has; MC1 / MC2 on TruthfulQA, strict EM on MQuAKE and CLUTRR. "
+             "At n = 82-100 one standard error of a single MC1 or EM is about 0.05, so gaps under that are noise.", "",
+             "| model | task | K | LoFiT | vs " + " | vs ".join(BASELINES) + " |", "|" + "---|" * (4 + len(BASELINES))]
+    lines += rows
+    lines.append("")
+    total = len(rows)
+    lines.append(f"On the first metric, over {total} model x task x K comparisons, LoFiT is ahead / tied / behind: "
+                 + "; ".join(f"{b} {a} / {t} / {bh}" for b, (a, t, bh) in tally.items()) + ".")
+    lines.append("")
+    return lines
 
 
 # -- the run --------------------------------------------------------------------------------------
@@ -548,9 +602,41 @@ def slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(text).name if os.sep in text else text).strip("-")
 
 
+def cell_run_name(cell: dict) -> str:
+    return f"{cell['method']}-{slug(cell['model'])}-{cell['task']}" + (
+        f"-k{cell['k']}" if cell["k"] is not None else "") + (f"-s{cell['seed']}" if cell["seed"] is not None else "")
+
+
+def cell_params(cell: dict, report_split: str, n_train, n_select, dtype: str, device: str) -> dict:
+    return {"model": cell["model"], "task": cell["task"], "method": cell["method"],
+            "k": "-" if cell["k"] is None else cell["k"], "seed": "-" if cell["seed"] is None else cell["seed"],
+            "report_split": report_split, "n_train": n_train, "n_select": n_select, "dtype": dtype, "device": device}
+
+
+def cell_tags(cell: dict) -> dict:
+    from lofit_ray import tracking as tr
+
+    return {tr.MODEL_TAG: cell["model"], tr.TASK_TAG: cell["task"], tr.METHOD_TAG: cell["method"],
+            "lofit.kind": "reproduce-cell", "lofit.cell": cell["id"]}
+
+
+def cell_metrics(record: dict) -> dict:
+    """What a cell's MLflow run logs as metrics, from its record (the live run and the backfill agree)."""
+    logged = {**record["metrics"], "n": record["n"], "eval_seconds": record["eval_seconds"],
+              "trainable_parameters": record["trainable_params"], "wall_seconds": record["wall_seconds"]}
+    if record.get("phase1_seconds") is not None:
+        logged["phase1_seconds"] = record["phase1_seconds"]
+    chosen = [g for g in record.get("selection", []) if "score" in g and all(
+        g.get(k) == v for k, v in record["hparams"].items() if k in ("phase2_lr", "alpha", "lr"))]
+    if chosen:
+        logged["sel_score"] = chosen[0]["score"]
+    return logged
+
+
 class Runner:
     def __init__(self, cfg: ReproduceConfig, config_path: str, out_dir: Path, tracking_uri: str | None,
-                 resume: bool, overwrite: bool, fail_fast: bool, overrides: list[str] | None = None):
+                 resume: bool, overwrite: bool, fail_fast: bool, overrides: list[str] | None = None,
+                 sync_only: bool = False):
         import torch
 
         from lofit_ray import tracking
@@ -562,15 +648,22 @@ class Runner:
         self.device = "cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu"
         existing = out_dir / JSON_NAME
         doc = None
+        if sync_only and not existing.is_file():
+            raise FileNotFoundError(f"--sync-mlflow needs a record: {existing} does not exist; pass the --out-dir "
+                                    f"that holds {JSON_NAME}")
         if existing.is_file():
             old = json.loads(existing.read_text())
-            if resume:
+            if resume or sync_only:
                 doc = old
             elif old.get("cells") and not overwrite:
                 raise FileExistsError(f"{existing} already holds {len(old['cells'])} cells; pass --resume to "
                                       f"continue it, --overwrite to start over, or a different --out-dir")
         # resolved by run(): no MLflow store is touched before the inputs check out
         self.uri, self.experiment_id = tracking_uri or cfg.mlflow.tracking_uri, None
+        if sync_only:  # the record is logged as it stands: no new invocation, nothing to run
+            self.results = Results(out_dir, old)
+            self._splits, self._rankings, self.loaded = {}, {}, None
+            return
         if doc is None:
             doc = {"name": cfg.name, "started": _now(), "cells": [], "failed": [], "models": {}, "splits": {},
                    "phase1": {}}
@@ -814,32 +907,28 @@ class Runner:
     def run_cell(self, cell: dict, setting: str, parent: str, index: str) -> bool:
         tr = self.tracking
         _, s = self.splits(cell["task"])
-        params = {"model": cell["model"], "task": cell["task"], "method": cell["method"],
-                  "k": "-" if cell["k"] is None else cell["k"], "seed": "-" if cell["seed"] is None else cell["seed"],
-                  "report_split": self.cfg.tasks[cell["task"]].report, "n_train": len(s.train),
-                  "n_select": len(s.select), "dtype": self.cfg.dtype, "device": self.device}
-        tags = {tr.MODEL_TAG: cell["model"], tr.TASK_TAG: cell["task"], tr.METHOD_TAG: cell["method"],
-                "lofit.kind": "reproduce-cell", "lofit.cell": cell["id"]}
-        name = f"{cell['method']}-{slug(cell['model'])}-{cell['task']}" + (
-            f"-k{cell['k']}" if cell["k"] is not None else "") + (f"-s{cell['seed']}" if cell["seed"] is not None else "")
-        run_id = tr.start_run(self.uri, self.experiment_id, name, params=params, tags=tags, parent_run_id=parent)
+        params = cell_params(cell, self.cfg.tasks[cell["task"]].report, len(s.train), len(s.select),
+                             self.cfg.dtype, self.device)
+        run_id = tr.start_run(self.uri, self.experiment_id, cell_run_name(cell), params=params, tags=cell_tags(cell),
+                              parent_run_id=parent)
         start = time.time()
         try:
             out = getattr(self, f"run_{cell['method']}")(cell)
             wall = round(time.time() - start, 2)
             metrics = out["metrics"]
             artifacts = out.pop("artifacts", {})
-            if out["hparams"]:
-                tr.log_params(self.uri, run_id, {f"chosen.{k}": v for k, v in out["hparams"].items()})
-            logged = {**_metric_part(metrics), "n": metrics["n"], "eval_seconds": metrics["seconds"],
-                      "trainable_parameters": out["trainable_params"], "wall_seconds": wall}
-            if out.get("phase1_seconds") is not None:
-                logged["phase1_seconds"] = out["phase1_seconds"]
-            chosen = [g for g in out.get("selection", []) if "score" in g and all(
-                g.get(k) == v for k, v in out["hparams"].items() if k in ("phase2_lr", "alpha", "lr"))]
-            if chosen:
-                logged["sel_score"] = chosen[0]["score"]
-            tr.log_metrics(self.uri, run_id, logged)
+            record = {k: cell[k] for k in ("id", "model", "task", "method", "k", "seed")}
+            record.update(setting=setting, split=self.cfg.tasks[cell["task"]].report,
+                          metrics=_metric_part(metrics), n=metrics["n"], eval_seconds=metrics["seconds"],
+                          trainable_params=out["trainable_params"], wall_seconds=wall, hparams=out["hparams"],
+                          selection=out.get("selection", []), mlflow_run_id=run_id, finished_at=_now())
+            for key in ("heads", "phase1_seconds", "phase1_reused", "phase1_params", "probe_accuracy",
+                        "total_params"):
+                if key in out:
+                    record[key] = out[key]
+            if record["hparams"]:
+                tr.log_params(self.uri, run_id, {f"chosen.{k}": v for k, v in record["hparams"].items()})
+            tr.log_metrics(self.uri, run_id, cell_metrics(record))
             if "head_set" in artifacts:
                 tr.log_head_set(self.uri, run_id, artifacts["head_set"], k=cell["k"])
             if "adapter" in artifacts:
@@ -858,14 +947,6 @@ class Runner:
         except BaseException:
             tr.end_run(self.uri, run_id, "KILLED", reason="interrupted")
             raise
-        record = {k: cell[k] for k in ("id", "model", "task", "method", "k", "seed")}
-        record.update(setting=setting, split=self.cfg.tasks[cell["task"]].report,
-                      metrics=_metric_part(metrics), n=metrics["n"], eval_seconds=metrics["seconds"],
-                      trainable_params=out["trainable_params"], wall_seconds=wall, hparams=out["hparams"],
-                      selection=out.get("selection", []), mlflow_run_id=run_id, finished_at=_now())
-        for key in ("heads", "phase1_seconds", "phase1_reused", "phase1_params", "probe_accuracy", "total_params"):
-            if key in out:
-                record[key] = out[key]
         self.tick()
         self.results.add(record)
         scores = " ".join(f"{k}={v:.3f}" for k, v in record["metrics"].items())
@@ -873,6 +954,55 @@ class Runner:
         print(f"[reproduce] {index} {cell['id']}: {scores} (n={record['n']}) {chosen_txt} "
               f"params={record['trainable_params']} [{wall:.1f}s]", flush=True)
         return True
+
+    def sync_mlflow(self, parent: str) -> int:
+        """Log each recorded cell that this MLflow store lacks as a child run of ``parent``, from the record.
+
+        The record (reproduce.json, committed) outlives any one MLflow store: after --resume on a new machine,
+        or with a different --tracking-uri, the cells an earlier store holds would otherwise be missing from
+        the parent run. Each backfilled run carries the cell's params, chosen hyperparameters and metrics, the
+        LoFiT head set when the ranking file is there, and tag lofit.source=record; adapters are not in the
+        record, so those runs have none. Returns how many cells it logged.
+        """
+        tr, doc = self.tracking, self.results.doc
+        present = {r.info.run_id for r in tr.child_runs(self.uri, parent)}
+        missing = [c for c in doc["cells"] if c.get("mlflow_run_id") not in present]
+        dtype, device = doc.get("config", {}).get("dtype", ""), doc.get("hardware", {}).get("device", "")
+        for record in missing:
+            split = doc.get("splits", {}).get(record["task"], {})
+            params = cell_params(record, record.get("split", ""), split.get("n_train", ""), split.get("n_select", ""),
+                                 dtype, device)
+            tags = {**cell_tags(record), "lofit.source": "record", "lofit.record_file": str(self.results.json_path),
+                    "lofit.recorded_run_id": record.get("mlflow_run_id") or "",
+                    "lofit.finished_at": record.get("finished_at", "")}
+            run_id = tr.start_run(self.uri, self.experiment_id, cell_run_name(record), params=params, tags=tags,
+                                  parent_run_id=parent)
+            if record.get("hparams"):
+                tr.log_params(self.uri, run_id, {f"chosen.{k}": v for k, v in record["hparams"].items()})
+            tr.log_metrics(self.uri, run_id, cell_metrics(record))
+            head_set = self.recorded_head_set(record)
+            if head_set is not None:
+                tr.log_head_set(self.uri, run_id, head_set, k=record["k"])
+            tr.end_run(self.uri, run_id)
+            record["mlflow_run_id"] = run_id
+        if missing:
+            self.results.save()
+            print(f"[reproduce] logged {len(missing)} recorded cell(s) this MLflow store lacked under parent run "
+                  f"{parent} (tag lofit.source=record)", flush=True)
+        return len(missing)
+
+    def recorded_head_set(self, record: dict):
+        """The phase-1 ranking a recorded LoFiT cell used, from <out-dir>/heads/ (None if absent or another)."""
+        from lofit_ray.heads import HeadSet
+
+        if record["method"] != "lofit":
+            return None
+        path = self.out_dir / HEADS_DIR / f"{slug(record['model'])}__{record['task']}__seed{record['seed']}.json"
+        if not path.is_file():
+            return None
+        head_set = HeadSet(**json.loads(path.read_text())["head_set"])
+        top = [list(h) for h in head_set.top(record["k"])]
+        return head_set if top == [list(h) for h in record.get("heads", top)] else None
 
     # -- the job ---------------------------------------------------------------------------------
     def model_info(self, model: str) -> list[int]:
@@ -900,7 +1030,8 @@ class Runner:
         print(f"[reproduce] loaded {model} ({lay.num_layers} layers x {lay.num_heads} heads, "
               f"{time.time() - start:.1f}s)", flush=True)
 
-    def parent_run(self) -> str:
+    def parent_run(self, reopen: bool = True) -> str:
+        """The record's parent run in this store (reopened as RUNNING when ``reopen``), else a new one."""
         from mlflow.exceptions import MlflowException
 
         tr, doc = self.tracking, self.results.doc
@@ -909,6 +1040,9 @@ class Runner:
         parent = doc.get("parent_run_id") if doc.get("tracking_uri") == self.uri else None
         if parent:
             try:
+                if not reopen:
+                    tr.client(self.uri).get_run(parent)
+                    return parent
                 tr.client(self.uri).update_run(parent, status="RUNNING")
                 # cells a killed driver left RUNNING: closed here, re-run below
                 closed = tr.close_dangling_runs(self.uri, parent, reason="driver stopped; cell re-run by --resume")
@@ -938,12 +1072,31 @@ class Runner:
             if not model.startswith("tiny-"):
                 local_dir(model)  # bundled GGUF models are converted here, once (cached)
 
+    def sync(self) -> int:
+        """--sync-mlflow: put the record into this MLflow store (one parent run, a run per cell); runs nothing."""
+        doc = self.results.doc
+        before = doc.get("parent_run_id") if doc.get("tracking_uri") == self.tracking.resolve_tracking_uri(self.uri) \
+            else None
+        parent = self.parent_run(reopen=False)
+        self.sync_mlflow(parent)
+        self.results.save()
+        if parent != before:  # a parent made here: close it the way the record stands
+            self.tracking.log_metrics(self.uri, parent, {"cells": len(doc["cells"]),
+                                                         "wall_seconds": doc.get("wall_seconds")})
+            partial = None if doc.get("finished") else (f"record is partial ({len(doc['cells'])} cells); "
+                                                         f"--resume runs the rest")
+            self.tracking.end_run(self.uri, parent, "FINISHED" if not partial else "KILLED", reason=partial)
+        print(f"[reproduce] MLflow: {self.uri} (experiment '{self.cfg.mlflow.experiment}', parent run {parent}) "
+              f"holds the record's {len(doc['cells'])} cells", flush=True)
+        return 0
+
     def run(self) -> int:
         started = self.started = time.time()
         self.wall_base = self.results.doc.get("wall_seconds") or 0.0 if self.resume else 0.0
         parent = self.parent_run()
         doc = self.results.doc
         self.results.save()
+        self.sync_mlflow(parent)
         print(f"[reproduce] MLflow: {self.uri} (experiment '{self.cfg.mlflow.experiment}', parent run {parent}); "
               f"results: {self.results.json_path}", flush=True)
         failed = skipped = ran = 0
@@ -1014,6 +1167,9 @@ def main(argv=None) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config field, e.g. --set seeds=[0] --set tasks.clutrr.limit_train=64")
     parser.add_argument("--render", action="store_true", help="only rewrite reproduce.md from reproduce.json")
+    parser.add_argument("--sync-mlflow", action="store_true",
+                        help="only log reproduce.json into the MLflow store (a parent run and a run per cell, for "
+                             "the cells the store lacks, e.g. on a new machine); runs no cell")
     args = parser.parse_args(argv)
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     out_dir = Path(args.out_dir).expanduser().resolve() if args.out_dir else default_out_dir()
@@ -1028,12 +1184,14 @@ def main(argv=None) -> int:
     try:
         cfg = load_reproduce_config(args.config, parse_overrides(args.set))
         runner = Runner(cfg, args.config, out_dir, args.tracking_uri, args.resume, args.overwrite, args.fail_fast,
-                        overrides=args.set)
+                        overrides=args.set, sync_only=args.sync_mlflow)
+        if args.sync_mlflow:
+            return runner.sync()
         runner.check_inputs()
     except ConfigError as exc:
         print(f"reproduce: config error: {exc}", file=sys.stderr)
         return 2
-    except (FileExistsError, TaskDataError, ModelSpecError) as exc:
+    except (FileExistsError, FileNotFoundError, TaskDataError, ModelSpecError) as exc:
         print(f"reproduce: {exc}", file=sys.stderr)
         return 2
     return runner.run()

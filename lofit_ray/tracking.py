@@ -286,12 +286,10 @@ def end_run(tracking_uri: str, run_id: str, status: str = "FINISHED", reason: st
 def close_dangling_runs(tracking_uri: str, parent_run_id: str, reason: str) -> list[str]:
     """Mark descendants of ``parent_run_id`` that are still RUNNING as KILLED (e.g. trials stopped by
     ASHA, or those of a killed driver), with ``reason``. Returns the ids it closed."""
-    c = client(tracking_uri)
-    experiment_id = _get_run(c, parent_run_id).info.experiment_id
     closed, frontier, seen = [], [parent_run_id], {parent_run_id}
     while frontier:
         parent = frontier.pop()
-        for run in _search_all(c, [experiment_id], f"tags.`{PARENT_RUN_TAG}` = '{parent}'"):
+        for run in child_runs(tracking_uri, parent):
             rid = run.info.run_id
             if rid in seen:
                 continue
@@ -301,6 +299,13 @@ def close_dangling_runs(tracking_uri: str, parent_run_id: str, reason: str) -> l
                 end_run(tracking_uri, rid, "KILLED", reason)
                 closed.append(rid)
     return closed
+
+
+def child_runs(tracking_uri: str, parent_run_id: str) -> list:
+    """The active runs whose parent is ``parent_run_id`` (direct children only)."""
+    c = client(tracking_uri)
+    experiment_id = _get_run(c, parent_run_id).info.experiment_id
+    return _search_all(c, [experiment_id], f"tags.`{PARENT_RUN_TAG}` = '{parent_run_id}'")
 
 
 def _search_all(c: MlflowClient, experiment_ids: list[str], filter_string: str = "",

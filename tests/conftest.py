@@ -9,6 +9,16 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
+def pytest_sessionstart(session):
+    """Most tests read the paper's splits: say once where they were looked for, rather than 100 errors."""
+    from lofit_ray.tasks import DATA_DIR_ENV, data_dir
+
+    where = data_dir()
+    if not (where / "truthfulqa").is_dir():
+        pytest.exit(f"task data not found at {where}: clone lofit-ray beside shared/ (so ../shared/data exists) "
+                    f"or set {DATA_DIR_ENV}=/path/to/data", returncode=4)
+
+
 @pytest.fixture(scope="session")
 def tiny():
     """A 4-layer x 4-head random Llama with SmolLM2's tokenizer (seeded: identical every run)."""

@@ -134,6 +134,24 @@ def test_markdown_table(tiny_run):
             assert method in methods, (task, method)
         # one row per method x K (zero_shot and lora have no K)
         assert len(rows) == 2 + 4 * len(KS)
+    # LoFiT minus each baseline: one row per task x K, each delta recomputed here from the record
+    by_id = {c["id"]: c for c in json.loads((out / "reproduce.json").read_text())["cells"]}
+    section = text.split("## LoFiT minus each baseline")[1]
+    rows = [[x.strip() for x in line.split("|")[1:-1]] for line in section.splitlines()
+            if line.startswith("| tiny-llama |")]
+    assert len(rows) == len(TASKS) * len(KS)
+    ahead = 0
+    for model, task, k, _, *deltas in rows:
+        metric = "mc1" if task == "truthfulqa" else "em"
+        lofit = by_id[f"{model}|{task}|lofit|k={k}|seed=0"]["metrics"][metric]
+        for method, delta in zip(("zero_shot", "iti", "random_heads", "transfer_heads", "lora"), deltas):
+            other = by_id[f"{model}|{task}|{method}|" + ("k=-|seed=-" if method == "zero_shot" else
+                                                         "k=-|seed=0" if method == "lora" else f"k={k}|seed=0")]
+            assert float(delta.split(" / ")[0]) == pytest.approx(lofit - other["metrics"][metric], abs=6e-4)
+            ahead += lofit - other["metrics"][metric] > 1e-9
+    tally = section.split("ahead / tied / behind: ")[1].split("\n")[0]
+    counts = [tuple(map(int, part.split()[-5::2])) for part in tally.rstrip(".").split("; ")]
+    assert all(sum(c) == len(rows) for c in counts) and sum(c[0] for c in counts) == ahead
 
 
 @pytest.mark.slow
@@ -176,6 +194,75 @@ def test_resume_skips_done_cells(tiny_run):
     proc = run_job(out)
     assert proc.returncode == 2 and "--resume" in proc.stderr
     print(f"resume with nothing to do: {time.time() - start:.0f}s (first run {first_seconds:.0f}s)")
+
+
+def copy_record(src: Path, dst: Path) -> Path:
+    """The committed part of a results dir (record + rankings), without its MLflow store."""
+    import shutil
+
+    dst.mkdir(parents=True)
+    shutil.copy(src / "reproduce.json", dst / "reproduce.json")
+    shutil.copytree(src / "heads", dst / "heads")
+    return dst
+
+
+def children(out: Path):
+    client, runs = mlflow_runs(out)
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parents) == 1
+    kids = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+    assert len(kids) == len(runs) - 1
+    return client, parents[0], kids
+
+
+@pytest.mark.slow
+def test_record_backfills_a_new_mlflow_store(tiny_run, tmp_path):
+    """A record carried to another store (another machine): --resume and --sync-mlflow log its cells there."""
+    out, _, _ = tiny_run
+    original = {c["id"]: c for c in json.loads((out / "reproduce.json").read_text())["cells"]}
+    moved = copy_record(out, tmp_path / "moved")
+    proc = run_job(moved, "--resume")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "0 cells run, 20 already done" in proc.stdout and f"logged {len(original)} recorded cell" in proc.stdout
+    client, parent, kids = children(moved)
+    assert parent.info.status == "FINISHED" and parent.info.run_id != json.loads(
+        (out / "reproduce.json").read_text())["parent_run_id"]
+    assert {r.data.tags["lofit.cell"] for r in kids} == expected_ids()
+    doc = json.loads((moved / "reproduce.json").read_text())
+    assert {c["mlflow_run_id"] for c in doc["cells"]} == {r.info.run_id for r in kids}  # the record points here
+    for r in kids:
+        cell = original[r.data.tags["lofit.cell"]]
+        assert r.data.tags["lofit.source"] == "record" and r.data.tags["lofit.recorded_run_id"] == cell["mlflow_run_id"]
+        assert r.info.status == "FINISHED"
+        for name, value in cell["metrics"].items():
+            assert r.data.metrics[name] == pytest.approx(value)
+        assert r.data.metrics["trainable_parameters"] == cell["trainable_params"]
+        if cell["method"] == "lofit":
+            assert r.data.params["chosen.phase2_lr"] == str(cell["hparams"]["phase2_lr"])
+            path = client.download_artifacts(r.info.run_id, "heads/head_set.json", str(tmp_path))
+            heads = json.loads(Path(path).read_text())
+            assert [h[:2] for h in heads["ranking"][:heads["k"]]] == cell["heads"]
+    # again: the store already holds every cell, nothing is logged twice
+    proc = run_job(moved, "--sync-mlflow")
+    assert proc.returncode == 0 and "logged" not in proc.stdout, proc.stdout + proc.stderr
+    assert len(children(moved)[2]) == len(original)
+
+    # --sync-mlflow alone on a partial record: a new parent closed as KILLED with the reason, no cell run
+    partial = copy_record(out, tmp_path / "partial")
+    doc = json.loads((partial / "reproduce.json").read_text())
+    doc["cells"], doc["finished"] = doc["cells"][:5], None
+    (partial / "reproduce.json").write_text(json.dumps(doc))
+    proc = run_job(partial, "--sync-mlflow")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "loaded tiny-llama" not in proc.stdout and "logged 5 recorded cell" in proc.stdout
+    _, parent, kids = children(partial)
+    assert len(kids) == 5 and parent.info.status == "KILLED"
+    assert "partial" in parent.data.tags["lofit.failure_reason"]
+    after = json.loads((partial / "reproduce.json").read_text())
+    assert len(after["invocations"]) == len(doc["invocations"]) and after["finished"] is None
+    # and without a record it says which file it needs
+    proc = run_job(tmp_path / "nothing", "--sync-mlflow")
+    assert proc.returncode == 2 and "reproduce.json does not exist" in proc.stderr
 
 
 @pytest.mark.slow

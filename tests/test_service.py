@@ -68,32 +68,91 @@ def test_every_shipped_config_loads():
 
 # -- Ray Train + DeepSpeed ------------------------------------------------------------------
 
-def test_two_deepspeed_workers_match_a_single_process_run(tmp_path):
-    """Phase 1 on 2 Ray Train workers (DeepSpeed ZeRO-2, gloo) learns exactly what one process learns."""
-    import ray
-
-    from lofit_ray.distributed import job_examples, run_phase1
+def single_process_scales(job: dict) -> torch.Tensor:
+    """Phase 1 of ``job`` in this process, no Ray or DeepSpeed: what the workers must reproduce exactly."""
+    from lofit_ray.distributed import job_examples
     from lofit_ray.models import load_model
     from lofit_ray.offsets import HeadOffsets
     from lofit_ray.train import TrainConfig, train_offsets
 
-    tc = dict(epochs=1, lr=1e-2, batch_size=4, l1=1e-3, max_length=64, seed=3)
-    job = {"model": "tiny-llama", "task": {"name": "mquake", "splits": {"limit_train": 8}}, "train_cfg": tc, "k": 3}
-    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu"}})
-    try:
-        out = run_phase1([job], num_workers=2, cpus_per_worker=0.49, use_gpu=False, zero_stage=2,
-                         use_deepspeed=True, storage_path=str(tmp_path), name="grad-check")
-    finally:
-        ray.shutdown()
-    distributed = torch.tensor(out[0]["scale"])
-    loaded = load_model("tiny-llama")
-    single = HeadOffsets(loaded.layout, scale=True, seed=3)
+    loaded = load_model(job["model"])
+    single = HeadOffsets(loaded.layout, scale=True, seed=job["train_cfg"]["seed"])
     initial = single.scale.detach().clone()
-    train_offsets(loaded, single, job_examples(job), TrainConfig(**tc))
+    train_offsets(loaded, single, job_examples(job), TrainConfig(**job["train_cfg"]))
     single.detach()
     assert (single.scale.detach() - initial).abs().max() > 1e-2  # it trained
-    torch.testing.assert_close(distributed, single.scale.detach(), atol=1e-6, rtol=0)
+    return single.scale.detach()
+
+
+def phase1_on_two_workers(job: dict, tmp_path: Path, name: str, during=None) -> list[dict]:
+    """run_phase1 on a fresh local Ray (2 DeepSpeed workers, gloo); ``during(stop)`` runs in a thread meanwhile."""
+    import threading
+
+    import ray
+
+    from lofit_ray.distributed import run_phase1
+
+    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu"}})
+    stop = threading.Event()
+    thread = threading.Thread(target=during, args=(stop,), daemon=True) if during else None
+    try:
+        if thread:
+            thread.start()
+        return run_phase1([job], num_workers=2, cpus_per_worker=0.49, use_gpu=False, zero_stage=2,
+                          use_deepspeed=True, storage_path=str(tmp_path), name=name, max_failures=1)
+    finally:
+        stop.set()
+        if thread:
+            thread.join(timeout=30)
+        ray.shutdown()
+
+
+def test_two_deepspeed_workers_match_a_single_process_run(tmp_path):
+    """Phase 1 on 2 Ray Train workers (DeepSpeed ZeRO-2, gloo) learns exactly what one process learns."""
+    tc = dict(epochs=1, lr=1e-2, batch_size=4, l1=1e-3, max_length=64, seed=3)
+    job = {"model": "tiny-llama", "task": {"name": "mquake", "splits": {"limit_train": 8}}, "train_cfg": tc, "k": 3}
+    out = phase1_on_two_workers(job, tmp_path, "grad-check")
+    torch.testing.assert_close(torch.tensor(out[0]["scale"]), single_process_scales(job), atol=1e-6, rtol=0)
     assert out[0]["head_set"]["hparams"]["workers"] == 2
+
+
+def train_worker_titles() -> dict[int, str]:
+    """Live Ray Train worker processes: pid -> title (ray::RayTrainWorker, or .method while one runs)."""
+    import psutil
+
+    titles = {}
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        cmdline = proc.info["cmdline"] or []
+        if cmdline and cmdline[0].startswith("ray::RayTrainWorker"):
+            titles[proc.info["pid"]] = cmdline[0].strip()
+    return titles
+
+
+def test_killed_worker_is_restarted_and_learns_the_same(tmp_path):
+    """SIGKILL one of the 2 workers inside the training function: FailureConfig(max_failures=1) restarts the
+    worker group, and phase 1 still returns exactly what one process learns (nothing half-trained leaks in)."""
+    tc = dict(epochs=40, lr=1e-2, batch_size=4, l1=1e-3, max_length=64, seed=3)
+    job = {"model": "tiny-llama", "task": {"name": "mquake", "splits": {"limit_train": 8}}, "train_cfg": tc, "k": 3}
+    killed, seen = [], set()
+
+    def kill_one_worker(stop):
+        launched = None  # when run_train_fn was seen: phase1_train_func (model load, DeepSpeed, loop) is running
+        while not stop.is_set():
+            titles = train_worker_titles()
+            seen.update(titles)
+            if launched is None and any(t.endswith(".run_train_fn") for t in titles.values()):
+                launched = time.time()
+            if not killed and launched and time.time() - launched > 1.0 and len(titles) == 2:
+                victim = min(titles)
+                os.kill(victim, signal.SIGKILL)
+                killed.append(victim)
+            time.sleep(0.05)
+
+    out = phase1_on_two_workers(job, tmp_path, "killed-worker", during=kill_one_worker)
+    assert killed, "no Ray Train worker was seen to kill"
+    assert len(seen - set(killed)) >= 3, f"no replacement worker started (pids seen {sorted(seen)})"
+    torch.testing.assert_close(torch.tensor(out[0]["scale"]), single_process_scales(job), atol=1e-6, rtol=0)
+    assert [h["epoch"] for h in out[0]["history"]] == list(range(1, tc["epochs"] + 1))  # one clean retried run
 
 
 # -- the whole search -----------------------------------------------------------------------
