@@ -660,20 +660,17 @@ class Runner:
                                       f"continue it, --overwrite to start over, or a different --out-dir")
         # resolved by run(): no MLflow store is touched before the inputs check out
         self.uri, self.experiment_id = tracking_uri or cfg.mlflow.tracking_uri, None
-        if sync_only:  # the record is logged as it stands: no new invocation, nothing to run
-            self.results = Results(out_dir, old)
-            self._splits, self._rankings, self.loaded = {}, {}, None
-            return
         if doc is None:
             doc = {"name": cfg.name, "started": _now(), "cells": [], "failed": [], "models": {}, "splits": {},
                    "phase1": {}}
-        doc.update(config_path=str(config_path), config=dataclasses.asdict(cfg), task_order=list(cfg.tasks),
-                   hardware=hardware(self.device), experiment=cfg.mlflow.experiment, finished=None,
-                   transfer=({t: cfg.transfer_source(t) for t in cfg.tasks} if "transfer_heads" in cfg.methods
-                             else doc.get("transfer", {})))  # a run without transfer cells keeps the record's
-        # `config` is the latest invocation's; this list says how the record was built up across --resume runs
-        doc.setdefault("invocations", []).append({"at": _now(), "config": str(config_path),
-                                                  "set": list(overrides or []), "resume": resume})
+        if not sync_only:  # --sync-mlflow logs the record as it stands: no new invocation, nothing to run
+            doc.update(config_path=str(config_path), config=dataclasses.asdict(cfg), task_order=list(cfg.tasks),
+                       hardware=hardware(self.device), experiment=cfg.mlflow.experiment, finished=None,
+                       transfer=({t: cfg.transfer_source(t) for t in cfg.tasks} if "transfer_heads" in cfg.methods
+                                 else doc.get("transfer", {})))  # a run without transfer cells keeps the record's
+            # `config` is the latest invocation's; this list says how the record was built up across --resume runs
+            doc.setdefault("invocations", []).append({"at": _now(), "config": str(config_path),
+                                                      "set": list(overrides or []), "resume": resume})
         self.results = Results(out_dir, doc)
         self._splits: dict = {}
         self._rankings: dict = {}
@@ -715,6 +712,9 @@ class Runner:
             if offsets is not None:
                 offsets.detach()
 
+    def ranking_path(self, model: str, task_name: str, seed: int) -> Path:
+        return self.out_dir / HEADS_DIR / f"{slug(model)}__{task_name}__seed{seed}.json"
+
     def ranking(self, task_name: str, seed: int):
         """Phase 1 for (model, task, seed): computed once, saved under <out-dir>/heads/ (reused by --resume)."""
         from lofit_ray.heads import HeadSet
@@ -728,7 +728,7 @@ class Runner:
         lo = self.cfg.lofit
         tc = self.train_cfg(lo.phase1_epochs, lo.phase1_lr, seed, l1=lo.l1)
         memo = _hash({"fp": loaded.fingerprint, "data": s.train_hash(), "task": task_name, **dataclasses.asdict(tc)})
-        path = self.out_dir / HEADS_DIR / f"{slug(loaded.spec)}__{task_name}__seed{seed}.json"
+        path = self.ranking_path(loaded.spec, task_name, seed)
         entry = None
         if self.resume and path.is_file():
             saved = json.loads(path.read_text())
@@ -926,9 +926,7 @@ class Runner:
                         "total_params"):
                 if key in out:
                     record[key] = out[key]
-            if record["hparams"]:
-                tr.log_params(self.uri, run_id, {f"chosen.{k}": v for k, v in record["hparams"].items()})
-            tr.log_metrics(self.uri, run_id, cell_metrics(record))
+            self.log_record(run_id, record)
             if "head_set" in artifacts:
                 tr.log_head_set(self.uri, run_id, artifacts["head_set"], k=cell["k"])
             if "adapter" in artifacts:
@@ -955,6 +953,12 @@ class Runner:
               f"params={record['trainable_params']} [{wall:.1f}s]", flush=True)
         return True
 
+    def log_record(self, run_id: str, record: dict) -> None:
+        """A cell run's chosen hyperparameters (params chosen.*) and metrics, from its record."""
+        if record.get("hparams"):
+            self.tracking.log_params(self.uri, run_id, {f"chosen.{k}": v for k, v in record["hparams"].items()})
+        self.tracking.log_metrics(self.uri, run_id, cell_metrics(record))
+
     def sync_mlflow(self, parent: str) -> int:
         """Log each recorded cell that this MLflow store lacks as a child run of ``parent``, from the record.
 
@@ -962,7 +966,7 @@ class Runner:
         or with a different --tracking-uri, the cells an earlier store holds would otherwise be missing from
         the parent run. Each backfilled run carries the cell's params, chosen hyperparameters and metrics, the
         LoFiT head set when the ranking file is there, and tag lofit.source=record; adapters are not in the
-        record, so those runs have none. Returns how many cells it logged.
+        record, so those runs have none. Returns how many cells it logged; the caller saves the record.
         """
         tr, doc = self.tracking, self.results.doc
         present = {r.info.run_id for r in tr.child_runs(self.uri, parent)}
@@ -977,16 +981,13 @@ class Runner:
                     "lofit.finished_at": record.get("finished_at", "")}
             run_id = tr.start_run(self.uri, self.experiment_id, cell_run_name(record), params=params, tags=tags,
                                   parent_run_id=parent)
-            if record.get("hparams"):
-                tr.log_params(self.uri, run_id, {f"chosen.{k}": v for k, v in record["hparams"].items()})
-            tr.log_metrics(self.uri, run_id, cell_metrics(record))
+            self.log_record(run_id, record)
             head_set = self.recorded_head_set(record)
             if head_set is not None:
                 tr.log_head_set(self.uri, run_id, head_set, k=record["k"])
             tr.end_run(self.uri, run_id)
             record["mlflow_run_id"] = run_id
         if missing:
-            self.results.save()
             print(f"[reproduce] logged {len(missing)} recorded cell(s) this MLflow store lacked under parent run "
                   f"{parent} (tag lofit.source=record)", flush=True)
         return len(missing)
@@ -997,7 +998,7 @@ class Runner:
 
         if record["method"] != "lofit":
             return None
-        path = self.out_dir / HEADS_DIR / f"{slug(record['model'])}__{record['task']}__seed{record['seed']}.json"
+        path = self.ranking_path(record["model"], record["task"], record["seed"])
         if not path.is_file():
             return None
         head_set = HeadSet(**json.loads(path.read_text())["head_set"])
@@ -1075,8 +1076,7 @@ class Runner:
     def sync(self) -> int:
         """--sync-mlflow: put the record into this MLflow store (one parent run, a run per cell); runs nothing."""
         doc = self.results.doc
-        before = doc.get("parent_run_id") if doc.get("tracking_uri") == self.tracking.resolve_tracking_uri(self.uri) \
-            else None
+        before = doc.get("parent_run_id")  # parent_run() records a new id when it has to start one
         parent = self.parent_run(reopen=False)
         self.sync_mlflow(parent)
         self.results.save()
@@ -1095,8 +1095,8 @@ class Runner:
         self.wall_base = self.results.doc.get("wall_seconds") or 0.0 if self.resume else 0.0
         parent = self.parent_run()
         doc = self.results.doc
-        self.results.save()
         self.sync_mlflow(parent)
+        self.results.save()
         print(f"[reproduce] MLflow: {self.uri} (experiment '{self.cfg.mlflow.experiment}', parent run {parent}); "
               f"results: {self.results.json_path}", flush=True)
         failed = skipped = ran = 0
