@@ -1065,13 +1065,12 @@ class Runner:
     def check_inputs(self) -> None:
         """Read every task's splits and resolve every model spec now, so a missing file or a wrong spec
         fails in seconds rather than hours into the run (raises TaskDataError / ModelSpecError)."""
-        from lofit_ray.models import local_dir
+        from lofit_ray.models import check_spec
 
         for task_name in self.cfg.tasks:
             self.splits(task_name)
         for model in self.cfg.models:
-            if not model.startswith("tiny-"):
-                local_dir(model)  # bundled GGUF models are converted here, once (cached)
+            check_spec(model)
 
     def sync(self) -> int:
         """--sync-mlflow: put the record into this MLflow store (one parent run, a run per cell); runs nothing."""

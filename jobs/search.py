@@ -49,7 +49,9 @@ def main(argv=None) -> int:
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
     from lofit_ray.config import ConfigError, load_config
+    from lofit_ray.models import ModelSpecError
     from lofit_ray.search import run_search
+    from lofit_ray.tasks import TaskDataError
 
     overrides = parse_overrides(args.set)
     if args.tracking_uri:
@@ -61,7 +63,11 @@ def main(argv=None) -> int:
     except ConfigError as exc:
         print(f"search: config error: {exc}", file=sys.stderr)
         return 2
-    summary = run_search(cfg, resume=args.resume)
+    try:
+        summary = run_search(cfg, resume=args.resume)
+    except (TaskDataError, ModelSpecError) as exc:  # raised by check_inputs, before MLflow or Ray is touched
+        print(f"search: {exc}", file=sys.stderr)
+        return 2
     text = json.dumps(summary, indent=1, default=str)
     out = Path(args.summary_out) if args.summary_out else Path(summary["tracking_uri"].removeprefix("sqlite:///")).parent / f"{cfg.name}-summary.json" if summary["tracking_uri"].startswith("sqlite:///") else None
     if out:

@@ -77,12 +77,16 @@ _TINY_CONFIGS = {
 }
 
 
+def _tiny_class(family: str) -> str:
+    if family not in _TINY_CONFIGS:
+        raise ModelSpecError(f"no tiny config for '{family}'; choose one of {sorted(_TINY_CONFIGS)}")
+    return _TINY_CONFIGS[family]
+
+
 def tiny_config(family: str, vocab_size: int):
     import transformers
 
-    if family not in _TINY_CONFIGS:
-        raise ModelSpecError(f"no tiny config for '{family}'; choose one of {sorted(_TINY_CONFIGS)}")
-    cfg = getattr(transformers, _TINY_CONFIGS[family])(vocab_size=vocab_size, **_TINY)
+    cfg = getattr(transformers, _tiny_class(family))(vocab_size=vocab_size, **_TINY)
     if family.startswith("gemma"):
         cfg.query_pre_attn_scalar = 16
     return cfg
@@ -143,6 +147,15 @@ def local_dir(spec: str) -> Path:
         f"({', '.join('tiny-' + f for f in _TINY_CONFIGS)}), a local checkpoint directory, a .gguf file, "
         f"nor a cached Hugging Face id"
     )
+
+
+def check_spec(spec: str) -> None:
+    """Fail now on a spec load_model would reject later (missing file, unknown tiny family), so a job stops
+    in seconds rather than after its set-up; a bundled GGUF model is converted here, once (cached)."""
+    if spec.startswith("tiny-"):
+        _tiny_class(spec[len("tiny-"):])
+    else:
+        local_dir(spec)
 
 
 def load_tokenizer(spec: str):

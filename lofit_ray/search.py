@@ -32,7 +32,7 @@ from .adapter import Adapter
 from .config import ConfigError, RunConfig, Space, to_dict
 from .evaluate import evaluate
 from .heads import HeadSet
-from .models import load_model
+from .models import check_spec, load_model
 from .offsets import HeadOffsets
 from .splits import build_splits
 from .tasks import get_task
@@ -286,10 +286,19 @@ def _state_file(storage: Path, cfg: RunConfig) -> Path:
     return storage / f"{cfg.name}.lofit-state.json"
 
 
+def check_inputs(cfg: RunConfig) -> None:
+    """Read the task's splits and resolve every model spec before MLflow or Ray is touched, so a missing
+    file or a wrong spec fails in seconds with its own message (TaskDataError / ModelSpecError)."""
+    get_splits(task_spec(cfg))
+    for model in cfg.models:
+        check_spec(model)
+
+
 def run_search(cfg: RunConfig, resume: bool = False) -> dict:
     """Run the whole search (all models); returns a summary with champions and report-split metrics."""
     import ray
 
+    check_inputs(cfg)
     started = time.time()
     uri = tracking.resolve_tracking_uri(cfg.mlflow.tracking_uri)
     storage = Path(cfg.storage_path or tracking.lofit_home() / "ray_results").expanduser().resolve()

@@ -60,6 +60,17 @@ def test_config_errors_name_the_field(override, message):
         load_config(SMOKE, override)
 
 
+@pytest.mark.parametrize("env,extra,message", [
+    ({"LOFIT_DATA_DIR": "/nonexistent/data"}, [], "split: file not found: /nonexistent/data/"),
+    ({}, ["--set", "models=[tiny-foo]"], "no tiny config for 'foo'"),
+])
+def test_bad_inputs_stop_the_search_before_mlflow_and_ray(tmp_path, env, extra, message):
+    proc = subprocess.run([sys.executable, str(REPO / "jobs" / "search.py"), "--config", str(SMOKE), *extra],
+                          env={**_env(tmp_path), **env}, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert not (tmp_path / "mlflow.db").exists() and "Started a local Ray" not in proc.stderr + proc.stdout
+
+
 def test_every_shipped_config_loads():
     for path in sorted((REPO / "configs").glob("*.yaml")):
         if not path.name.startswith("reproduce"):  # reproduce*.yaml have their own schema (jobs/reproduce.py)
