@@ -26,13 +26,14 @@ try:
 except ImportError:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lofit_ray import HeadOffsets, HeadSet, TrainConfig, load_model
+from lofit_ray import HeadOffsets, HeadSet, load_model
+from lofit_ray.config import Phase1Config, Phase2Config, TrainingConfig
 from lofit_ray.architectures import o_projs
 from lofit_ray.batching import Batch
 from lofit_ray.evaluate import mc_scores
 from lofit_ray.losses import answer_logprobs
 from lofit_ray.tasks import get_task
-from lofit_ray.train import train_offsets
+from lofit_ray.train import TorchStepper, train_loop
 
 
 def timed(fn, repeats: int) -> float:
@@ -115,13 +116,15 @@ def main(argv=None) -> int:
         from lofit_ray.train import select_heads
 
         head_set = select_heads(loaded, get_task("truthfulqa").train_examples(limit=args.phase2_pairs),
-                                TrainConfig(epochs=1, lr=1e-2, l1=1e-3), k=args.k)
+                                TrainingConfig(), Phase1Config(epochs=1, lr=1e-2, l1=1e-3))
     heads = head_set.top(args.k)
     examples = get_task("truthfulqa").train_examples(limit=args.phase2_pairs)
     epoch = {}
     for skip in (False, True):
-        off = HeadOffsets(layout, bias_heads=heads, seed=0)
-        history = train_offsets(loaded, off, examples, TrainConfig(epochs=2, lr=1e-2, skip_frozen_layers=skip))
+        off = HeadOffsets(layout, offset_heads=heads, seed=0).attach(model)
+        phase2 = Phase2Config(epochs=2, lr=1e-2, skip_frozen_layers=skip)
+        history = train_loop(loaded, examples, TrainingConfig(), phase2.epochs, TorchStepper([off.offset], phase2.lr),
+                             start_layer=off.lowest_layer() if skip else 0, base_model=off.disabled)
         off.detach()
         epoch[skip] = {"first_epoch_s": history[0]["epoch_seconds"], "second_epoch_s": history[1]["epoch_seconds"]}
     results["phase2"] = {"heads": [list(h) for h in heads], "lowest_layer": min(l for l, _ in heads),

@@ -1,7 +1,7 @@
 """The shippable LoFiT adapter: a head list + offsets v, saved as a small directory.
 
     adapter_config.json    base model identity, heads, task, hyperparameters
-    offsets.safetensors    "bias": [K, head_dim] float32
+    offsets.safetensors    "offset": [K, head_dim] float32 (the offsets v; "bias" in files of 0.1)
 
 `attach` hooks it onto a loaded model; `merge_and_unload` folds v into o_proj
 biases in place; `export` writes a plain transformers checkpoint whose logits
@@ -28,7 +28,7 @@ class AdapterConfig:
     base_model: str
     fingerprint: str
     layout: dict
-    heads: list[list[int]]  # [[layer, head], ...] in the order of the rows of "bias"
+    heads: list[list[int]]  # [[layer, head], ...] in the order of the rows of "offset"
     task: str = ""
     method: str = "lofit"  # lofit | random | iti | transfer
     head_set: dict = field(default_factory=dict)  # provenance of the heads: method, task, seed, k
@@ -37,16 +37,16 @@ class AdapterConfig:
 
 
 class Adapter:
-    def __init__(self, config: AdapterConfig, bias: torch.Tensor):
-        if bias.shape != (len(config.heads), config.layout["head_dim"]):
-            raise ValueError(f"bias has shape {tuple(bias.shape)}, expected ({len(config.heads)}, "
+    def __init__(self, config: AdapterConfig, offset: torch.Tensor):
+        if offset.shape != (len(config.heads), config.layout["head_dim"]):
+            raise ValueError(f"offset has shape {tuple(offset.shape)}, expected ({len(config.heads)}, "
                              f"{config.layout['head_dim']}) for {len(config.heads)} heads")
         self.config = config
-        self.bias = bias.detach().float().cpu()
+        self.offset = offset.detach().float().cpu()
 
     @property
     def num_parameters(self) -> int:
-        return self.bias.numel()
+        return self.offset.numel()
 
     @classmethod
     def from_offsets(cls, offsets: HeadOffsets, loaded, *, task: str = "", head_set=None, hparams=None,
@@ -56,18 +56,18 @@ class Adapter:
             provenance = {"method": head_set.method, "task": head_set.task, "seed": head_set.seed, "k": head_set.k}
         config = AdapterConfig(
             base_model=loaded.spec, fingerprint=loaded.fingerprint, layout=asdict(offsets.layout),
-            heads=[list(h) for h in offsets.bias_heads], task=task,
+            heads=[list(h) for h in offsets.offset_heads], task=task,
             method=method or (head_set.method if head_set is not None else "lofit"),
             head_set=provenance, hparams=hparams or {},
         )
-        return cls(config, offsets.bias)
+        return cls(config, offsets.offset)
 
     # -- files ------------------------------------------------------------------------
     def save_pretrained(self, directory: str | Path) -> Path:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         (directory / CONFIG_NAME).write_text(json.dumps(asdict(self.config), indent=1))
-        save_file({"bias": self.bias.contiguous()}, str(directory / WEIGHTS_NAME))
+        save_file({"offset": self.offset.contiguous()}, str(directory / WEIGHTS_NAME))
         return directory
 
     @classmethod
@@ -75,17 +75,18 @@ class Adapter:
         directory = Path(directory)
         for name in (CONFIG_NAME, WEIGHTS_NAME):
             if not (directory / name).is_file():
-                raise FileNotFoundError(f"{directory / name} not found; pass a directory written by `lofit-ray tune`")
+                raise FileNotFoundError(f"{directory / name} not found; pass a directory written by `lofit-ray train`")
         config = AdapterConfig(**json.loads((directory / CONFIG_NAME).read_text()))
-        return cls(config, load_file(str(directory / WEIGHTS_NAME))["bias"])
+        tensors = load_file(str(directory / WEIGHTS_NAME))
+        return cls(config, tensors["offset"] if "offset" in tensors else tensors["bias"])
 
     # -- applying -----------------------------------------------------------------------
     def to_offsets(self) -> HeadOffsets:
         from .architectures import HeadLayout
 
-        offsets = HeadOffsets(HeadLayout(**self.config.layout), bias_heads=[tuple(h) for h in self.config.heads])
+        offsets = HeadOffsets(HeadLayout(**self.config.layout), offset_heads=[tuple(h) for h in self.config.heads])
         with torch.no_grad():
-            offsets.bias.copy_(self.bias)
+            offsets.offset.copy_(self.offset)
         offsets.requires_grad_(False)
         return offsets
 
@@ -105,7 +106,7 @@ class Adapter:
     def merge_and_unload(self, model):
         """Fold v into o_proj biases in place: o_proj(z + v) = W z + (b + W v). No hooks remain."""
         self.check_compatible(model)
-        full = self.to_offsets().full_bias()
+        full = self.to_offsets().full_offset()
         for layer, proj in enumerate(o_projs(model)):
             if not full[layer].any():
                 continue

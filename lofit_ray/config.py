@@ -1,11 +1,15 @@
-"""The YAML run/search configuration as dataclasses, validated on load.
+"""Every configuration of lofit-ray: typed dataclasses, one YAML + `--set` loader, checked on load.
 
-Every error names the field (dotted path) and what to write instead. Unknown keys
-are errors too, so a typo never silently falls back to a default.
+One module, one set of defaults. The YAML sections of a job are the same dataclasses the
+components take (`phase1:` is a `Phase1Config`, handed to `train.select_heads` as is), so a
+value keeps its name and type from the file to the code that uses it. Each field's help text
+is its `metadata["help"]`; the CLI builds its flags from it. Every error names the dotted field
+and the fix; unknown keys are errors too, so a typo never silently falls back to a default.
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -17,6 +21,161 @@ import yaml
 class ConfigError(ValueError):
     """A config field is missing, unknown or out of range."""
 
+
+def _help(text: str, default=dataclasses.MISSING, factory=dataclasses.MISSING):
+    if factory is not dataclasses.MISSING:
+        return field(default_factory=factory, metadata={"help": text})
+    return field(default=default, metadata={"help": text})
+
+
+def _at_least(value, low, where: str, fix: str = "") -> None:
+    if value is not None and not value >= low:
+        raise ConfigError(f"{where}: {value!r} must be at least {low}{'; ' + fix if fix else ''}")
+
+
+def _positive(value, where: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (value > 0 and math.isfinite(value)):
+        raise ConfigError(f"{where}: {value!r} must be a positive number")
+
+
+def _check_dtype(dtype: str, where: str = "dtype") -> None:
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise ConfigError(f"{where}: '{dtype}' is not one of float32 (CPU), bfloat16, float16 (GPU)")
+
+
+# -- training loops ---------------------------------------------------------------------------
+
+@dataclass
+class TrainingConfig:
+    """What every training loop shares (LoFiT phase 1, phase 2, LoRA): batching, the DPO beta, the seed."""
+
+    SECTION: typing.ClassVar[str] = "training"
+
+    batch_size: int = _help("global batch size (split evenly over Ray Train workers)", 8)
+    max_length: int = _help("tokens per example; longer ones are cut from the left of the prompt", 128)
+    dpo_beta: float = _help("DPO temperature beta (TruthfulQA and other preference tasks)", 0.5)
+    seed: int = _help("seed of the parameter init and the epoch order", 42)
+
+    def __post_init__(self):
+        _at_least(self.batch_size, 1, "training.batch_size")
+        _at_least(self.max_length, 1, "training.max_length")
+        _positive(self.dpo_beta, "training.dpo_beta")
+
+
+@dataclass
+class Phase1Config:
+    """Phase 1 (head selection): learn a scale A on every head with an L1 penalty, rank heads by ||A||."""
+
+    SECTION: typing.ClassVar[str] = "phase1"
+
+    epochs: int = _help("epochs of phase 1", 5)
+    lr: float = _help("AdamW learning rate of the scales A", 5e-3)
+    l1: float = _help("weight of the L1 penalty sum |A|; larger = sparser, sharper ranking", 5e-4)
+
+    def __post_init__(self):
+        _at_least(self.epochs, 1, "phase1.epochs")
+        _positive(self.lr, "phase1.lr")
+        _at_least(self.l1, 0, "phase1.l1", "0 turns the penalty off")
+
+
+@dataclass
+class Phase2Config:
+    """Phase 2: learn an offset v on the top-K heads only, everything else frozen."""
+
+    SECTION: typing.ClassVar[str] = "phase2"
+
+    epochs: int = _help("epochs of phase 2", 5)
+    lr: float = _help("AdamW learning rate of the offsets v", 1e-2)
+    skip_frozen_layers: bool = _help("run the layers below the lowest trained head once per example, not every "
+                                     "epoch (same result, faster)", True)
+
+    def __post_init__(self):
+        _at_least(self.epochs, 1, "phase2.epochs")
+        _positive(self.lr, "phase2.lr")
+
+
+@dataclass
+class LoraConfig:
+    """The LoRA baseline (peft) on the attention projections, trained by the same loop as LoFiT."""
+
+    SECTION: typing.ClassVar[str] = "lora"
+
+    epochs: int = _help("epochs of LoRA training", 5)
+    lr: float = _help("AdamW learning rate", 5e-4)
+    rank: int = _help("LoRA rank r", 8)
+    alpha: float = _help("LoRA alpha (scale alpha / r)", 16.0)
+    targets: list[str] = _help("linear modules to adapt", factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    dropout: float = _help("LoRA dropout", 0.0)
+    max_grad_norm: float = _help("gradient-norm clipping; 0 turns it off", 1.0)
+
+    def __post_init__(self):
+        _at_least(self.epochs, 1, "lora.epochs")
+        _positive(self.lr, "lora.lr")
+        _at_least(self.rank, 1, "lora.rank")
+        _positive(self.alpha, "lora.alpha")
+        if not self.targets:
+            raise ConfigError("lora.targets: name at least one module, e.g. [q_proj, v_proj]")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"lora.dropout: {self.dropout} must be in [0, 1)")
+        _at_least(self.max_grad_norm, 0, "lora.max_grad_norm", "0 turns clipping off")
+
+
+@dataclass
+class ItiConfig:
+    """The ITI baseline: probe every head, shift the top K along the truthful direction."""
+
+    SECTION: typing.ClassVar[str] = "iti"
+
+    alphas: list[float] = _help("intervention strengths; the best on the selection split wins",
+                                factory=lambda: [1.0, 2.5, 5.0, 10.0, 15.0, 20.0])
+    val_fraction: float = _help("share of probing statements held out to rank the probes", 0.2)
+
+    def __post_init__(self):
+        if not self.alphas:
+            raise ConfigError("iti.alphas: list at least one value, e.g. [1.0, 5.0, 15.0]")
+        if not 0 < self.val_fraction < 1:
+            raise ConfigError(f"iti.val_fraction: {self.val_fraction} must be between 0 and 1")
+
+
+# -- data and records -------------------------------------------------------------------------
+
+@dataclass
+class TaskConfig:
+    """Which task and which splits: train minus a selection carve, and a report split scored once."""
+
+    SECTION: typing.ClassVar[str] = "task"
+
+    name: str = _help("truthfulqa | mquake | clutrr | jsonl", "truthfulqa")
+    data_dir: str | None = _help("task data folder; default $LOFIT_DATA_DIR or ../shared/data", None)
+    train: str = _help("split name or file trained on (minus the selection carve)", "train")
+    report: str = _help("held-out split name or file, scored once at the end (e.g. val, test, a path)", "val")
+    select: str | None = _help("a separate selection split/file instead of carving train", None)
+    select_fraction: float = _help("share of `train` carved off to choose hyperparameters on", 0.2)
+    carve_seed: int = _help("seed of the carve", 0)
+    limit_train: int | None = _help("use at most this many training examples (after the carve)", None)
+    limit_select: int | None = _help("use at most this many selection examples", None)
+    limit_report: int | None = _help("use at most this many report examples", None)
+
+    def __post_init__(self):
+        if not 0 < self.select_fraction < 1:
+            raise ConfigError(f"task.select_fraction: {self.select_fraction} must be between 0 and 1")
+        for name in ("limit_train", "limit_select", "limit_report"):
+            _at_least(getattr(self, name), 1, f"task.{name}", "or null for no limit")
+
+
+@dataclass
+class MLflowConfig:
+    """Where runs, head sets and adapters are recorded."""
+
+    tracking_uri: str | None = _help("MLflow URI; default $MLFLOW_TRACKING_URI or sqlite:///$LOFIT_HOME/mlflow.db", None)
+    experiment: str = _help("MLflow experiment name", "lofit")
+    artifact_root: str | None = _help("artifact location of a new experiment; default beside the SQLite store", None)
+
+
+SELECTION_METRICS = ("mc1", "mc2", "em", "em_lenient", "score")
+
+
+# -- the search job ---------------------------------------------------------------------------
 
 @dataclass
 class Space:
@@ -32,6 +191,8 @@ class Space:
     integer: bool = False
 
     def check(self, where: str) -> None:
+        if any(v is not None and not math.isfinite(v) for v in [*(self.values or []), self.low, self.high]):
+            raise ConfigError(f"{where}: every value must be a finite number (got {self.all_values()})")
         if self.values is not None:
             if not self.values or self.low is not None or self.high is not None:
                 raise ConfigError(f"{where}: give either a non-empty `values` list or `low`/`high`, not both")
@@ -44,124 +205,116 @@ class Space:
         vals = self.values if self.values is not None else [self.low, self.high]
         return min(vals), max(vals)
 
-
-@dataclass
-class TaskConfig:
-    name: str = "truthfulqa"  # truthfulqa | mquake | clutrr | jsonl
-    data_dir: str | None = None  # default: $LOFIT_DATA_DIR or ../shared/data
-    train: str = "train"  # split name or file; trials train on it minus the selection carve
-    report: str = "val"  # held-out split (name or file) the champion is scored on once
-    select: str | None = None  # a separate selection split/file instead of carving train
-    select_fraction: float = 0.2  # share of `train` carved off to select hyperparameters on
-    carve_seed: int = 0
-    limit_train: int | None = None
-    limit_select: int | None = None
-    limit_report: int | None = None
-
-
-@dataclass
-class TrainingConfig:
-    phase1_epochs: int = 3
-    phase2_epochs: int = 3
-    batch_size: int = 8
-    max_length: int = 128
-    dpo_beta: float = 0.5
-    seed: int = 42
+    def all_values(self) -> list[float]:
+        return list(self.values) if self.values is not None else [self.low, self.high]
 
 
 @dataclass
 class SearchSpaceConfig:
-    k: Space = field(default_factory=lambda: Space(values=[8, 16]))
-    l1: Space = field(default_factory=lambda: Space(values=[5e-4, 2e-3]))
-    phase1_lr: Space = field(default_factory=lambda: Space(values=[5e-3]))
-    phase2_lr: Space = field(default_factory=lambda: Space(low=3e-3, high=3e-2, log=True))
+    """Per trial, k cuts the phase-1 ranking; l1 and phase1_lr set phase1.l1/lr; phase2_lr sets phase2.lr."""
+
+    SECTION: typing.ClassVar[str] = "search.space"
+
+    k: Space = _help("heads phase 2 trains (about 3-10% of the model's heads)", factory=lambda: Space(values=[8, 16]))
+    l1: Space = _help("phase1.l1 per trial", factory=lambda: Space(values=[5e-4, 2e-3]))
+    phase1_lr: Space = _help("phase1.lr per trial", factory=lambda: Space(values=[5e-3]))
+    phase2_lr: Space = _help("phase2.lr per trial", factory=lambda: Space(low=3e-3, high=3e-2, log=True))
+
+    def __post_init__(self):
+        for name in ("k", "l1", "phase1_lr", "phase2_lr"):
+            getattr(self, name).check(f"search.space.{name}")
+        k = self.k
+        if any(v != int(v) for v in k.all_values()) or (k.values is None and not k.integer and k.low != int(k.low)):
+            raise ConfigError(f"search.space.k: K counts heads, so its values must be integers (got {k.all_values()})")
+        if k.bounds()[0] < 1:
+            raise ConfigError(f"search.space.k: K must be at least 1 (got {k.bounds()[0]:g})")
+        if self.l1.bounds()[0] < 0:
+            raise ConfigError(f"search.space.l1: {self.l1.bounds()[0]:g} is negative; L1 weights are >= 0")
+        for name in ("phase1_lr", "phase2_lr"):
+            if getattr(self, name).bounds()[0] <= 0:
+                raise ConfigError(f"search.space.{name}: {getattr(self, name).bounds()[0]:g} is not positive; "
+                                  f"learning rates are > 0")
 
 
 @dataclass
 class SearchConfig:
-    num_trials: int = 4
-    max_concurrent: int = 1
-    seed: int = 0
-    metric: str | None = None  # default: mc2 for MC tasks, em_lenient for generation tasks
-    asha: bool = True
-    grace_period: int = 1
-    reduction_factor: int = 2
-    space: SearchSpaceConfig = field(default_factory=SearchSpaceConfig)
-    cost_aware: bool = True  # memoize phase 1, share reference log-probs, reuse loaded models
+    SECTION: typing.ClassVar[str] = "search"
 
-
-@dataclass
-class ScalingSection:
-    num_workers: int = 2
-    cpus_per_worker: float = 0.49
-    use_gpu: bool = False
-    trial_cpus: float = 1.0  # the trial process runs phase 2 and evaluation itself
-    trial_threads: int | None = None  # torch threads in a trial; default: CPU cores / max_concurrent
-    max_failures: int = 1  # Ray Train retries a killed worker this many times
-
-
-@dataclass
-class DeepSpeedSection:
-    enabled: bool = True
-    zero_stage: int = 2
-
-
-@dataclass
-class MLflowSection:
-    tracking_uri: str | None = None  # default: $MLFLOW_TRACKING_URI or sqlite:///<cwd>/mlflow.db
-    experiment: str = "lofit"
-    artifact_root: str | None = None
-
-
-@dataclass
-class RunConfig:
-    name: str = "lofit-search"
-    models: list[str] = field(default_factory=lambda: ["smollm2-135m"])
-    dtype: str = "float32"
-    task: TaskConfig = field(default_factory=TaskConfig)
-    training: TrainingConfig = field(default_factory=TrainingConfig)
-    search: SearchConfig = field(default_factory=SearchConfig)
-    scaling: ScalingSection = field(default_factory=ScalingSection)
-    deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
-    mlflow: MLflowSection = field(default_factory=MLflowSection)
-    storage_path: str | None = None  # Ray results (Tune state for --resume); default ./ray_results
+    num_trials: int = _help("trials Optuna proposes", 4)
+    max_concurrent: int = _help("trials running at once", 1)
+    seed: int = _help("Optuna's seed", 0)
+    metric: str = _help("selection metric: score (mean of MC1 and MC2; EM + 1e-3 lenient EM), mc1, mc2, em, "
+                        "em_lenient", "score")
+    asha: bool = _help("stop weak trials early (ASHA on the per-epoch selection metric)", True)
+    grace_period: int = _help("ASHA: epochs every trial gets", 1)
+    reduction_factor: int = _help("ASHA: keep 1 in this many at each rung", 2)
+    space: SearchSpaceConfig = _help("what is searched", factory=SearchSpaceConfig)
+    cost_aware: bool = _help("memoize phase 1, share reference log-probs, reuse loaded models", True)
 
     def __post_init__(self):
-        validate(self)
+        _at_least(self.num_trials, 1, "search.num_trials")
+        _at_least(self.max_concurrent, 1, "search.max_concurrent")
+        if self.metric not in SELECTION_METRICS:
+            raise ConfigError(f"search.metric: '{self.metric}' is not one of {', '.join(SELECTION_METRICS)}")
 
-    def metric(self, eval_kind: str) -> str:
-        return self.search.metric or ("mc2" if eval_kind == "mc" else "em_lenient")
+
+@dataclass
+class ScalingConfig:
+    SECTION: typing.ClassVar[str] = "scaling"
+
+    num_workers: int = _help("Ray Train workers of phase 1", 2)
+    cpus_per_worker: float = _help("CPUs each Ray Train worker takes", 0.49)
+    use_gpu: bool = _help("one GPU per Ray Train worker and per trial", False)
+    trial_cpus: float = _help("CPUs of the trial process (phase 2 and evaluation run there)", 1.0)
+    trial_threads: int | None = _help("torch threads in a trial; default CPU cores / max_concurrent", None)
+    max_failures: int = _help("Ray Train retries a killed worker this many times", 1)
+
+    def __post_init__(self):
+        _at_least(self.num_workers, 1, "scaling.num_workers")
+        if not self.cpus_per_worker > 0:
+            raise ConfigError(f"scaling.cpus_per_worker: {self.cpus_per_worker} must be > 0")
 
 
-def validate(cfg: RunConfig) -> None:
-    if not cfg.models or not all(isinstance(m, str) and m for m in cfg.models):
-        raise ConfigError("models: list at least one model spec, e.g. [smollm2-135m]")
-    if cfg.dtype not in ("float32", "bfloat16", "float16"):
-        raise ConfigError(f"dtype: '{cfg.dtype}' is not one of float32 (CPU), bfloat16, float16 (GPU)")
-    if not 0 < cfg.task.select_fraction < 1:
-        raise ConfigError(f"task.select_fraction: {cfg.task.select_fraction} must be between 0 and 1")
-    for name in ("phase1_epochs", "phase2_epochs", "batch_size", "max_length"):
-        if getattr(cfg.training, name) < 1:
-            raise ConfigError(f"training.{name}: must be at least 1")
-    s = cfg.search
-    if s.num_trials < 1 or s.max_concurrent < 1:
-        raise ConfigError("search.num_trials and search.max_concurrent must be at least 1")
-    for name in ("k", "l1", "phase1_lr", "phase2_lr"):
-        getattr(s.space, name).check(f"search.space.{name}")
-    k_low, _ = s.space.k.bounds()
-    if k_low < 1:
-        raise ConfigError(f"search.space.k: K must be at least 1 (got {k_low})")
-    if s.metric not in (None, "mc1", "mc2", "em", "em_lenient"):
-        raise ConfigError(f"search.metric: '{s.metric}' is not one of mc1, mc2, em, em_lenient")
-    sc = cfg.scaling
-    if sc.num_workers < 1 or sc.cpus_per_worker <= 0:
-        raise ConfigError("scaling.num_workers must be >= 1 and scaling.cpus_per_worker > 0")
-    if cfg.training.batch_size % sc.num_workers:
-        raise ConfigError(f"training.batch_size ({cfg.training.batch_size}) must be divisible by "
-                          f"scaling.num_workers ({sc.num_workers})")
-    if cfg.deepspeed.zero_stage not in (0, 1, 2, 3):
-        raise ConfigError(f"deepspeed.zero_stage: {cfg.deepspeed.zero_stage} must be 0, 1, 2 or 3")
+@dataclass
+class DeepSpeedConfig:
+    SECTION: typing.ClassVar[str] = "deepspeed"
 
+    enabled: bool = _help("wrap phase 1 in a DeepSpeed engine in each Ray Train worker", True)
+    zero_stage: int = _help("ZeRO stage 0-3", 2)
+
+    def __post_init__(self):
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ConfigError(f"deepspeed.zero_stage: {self.zero_stage} must be 0, 1, 2 or 3")
+
+
+@dataclass
+class SearchJobConfig:
+    """`jobs/search.py` / `lofit-ray search`: Ray Tune + Optuna over K, L1 and learning rates, per model."""
+
+    name: str = _help("job name: Ray run names and the summary file", "lofit-search")
+    models: list[str] = _help("model specs, searched one after another", factory=lambda: ["smollm2-135m"])
+    dtype: str = _help("float32 on CPU; bfloat16 on GPU", "float32")
+    task: TaskConfig = _help("task and splits", factory=TaskConfig)
+    training: TrainingConfig = _help("batching shared by both phases", factory=TrainingConfig)
+    phase1: Phase1Config = _help("phase 1; search.space.l1 / phase1_lr override l1 / lr per trial",
+                                 factory=Phase1Config)
+    phase2: Phase2Config = _help("phase 2; search.space.phase2_lr overrides lr per trial", factory=Phase2Config)
+    search: SearchConfig = _help("the search", factory=SearchConfig)
+    scaling: ScalingConfig = _help("Ray resources", factory=ScalingConfig)
+    deepspeed: DeepSpeedConfig = _help("DeepSpeed in the phase-1 workers", factory=DeepSpeedConfig)
+    mlflow: MLflowConfig = _help("MLflow", factory=MLflowConfig)
+    storage_path: str | None = _help("Ray results (Tune state for --resume); default ./ray_results", None)
+
+    def __post_init__(self):
+        if not self.models or not all(isinstance(m, str) and m for m in self.models):
+            raise ConfigError("models: list at least one model spec, e.g. [smollm2-135m]")
+        _check_dtype(self.dtype)
+        if self.training.batch_size % self.scaling.num_workers:
+            raise ConfigError(f"training.batch_size ({self.training.batch_size}) must be divisible by "
+                              f"scaling.num_workers ({self.scaling.num_workers})")
+
+
+# -- loading ----------------------------------------------------------------------------------
 
 def _type_name(hint) -> str:
     return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
@@ -222,7 +375,7 @@ def build(cls, data, where: str = "", normalize=None):
     `normalize(cls, name, hint, value)` may rewrite a value first (shorthands).
     """
     if data is None:
-        return cls()
+        data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{where or 'config'}: expected a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
@@ -241,17 +394,41 @@ def build(cls, data, where: str = "", normalize=None):
         return cls(**kwargs)
     except TypeError as exc:
         raise ConfigError(f"{where or 'config'}: {exc}") from exc
+    except ConfigError as exc:
+        # a section's own check names "<its usual section>.field"; say where it sits in this file
+        text, section = str(exc), getattr(cls, "SECTION", None)
+        if where and section and text.startswith(section + ".") and where != section:
+            text = where + text[len(section):]
+        raise ConfigError(text) from None
 
 
-def _space_shorthand(cls, name, hint, value):
-    """`k: [8, 16]` or `k: 8` means `k: {values: [...]}`."""
+def _shorthands(cls, name, hint, value):
+    """`k: [8, 16]` or `k: 8` means `k: {values: [...]}`; `tasks: [a, b]` means defaults for each."""
     if hint is Space and not isinstance(value, dict):
         return {"values": value if isinstance(value, list) else [value]}
+    if name == "tasks" and isinstance(value, list):
+        value = {t: {} for t in value}
+    if name == "tasks" and isinstance(value, dict):
+        value = {k: ({} if v is None else v) for k, v in value.items()}
     return value
 
 
-def load_config(path: str | Path | None = None, overrides: dict | None = None) -> RunConfig:
-    """Read a YAML config (or the embedded default when path is None) and validate it."""
+def parse_set(pairs: list[str]) -> dict:
+    """`--set a.b=VALUE` pairs (VALUE read as YAML) -> {"a.b": value}."""
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set expects key=value (e.g. search.num_trials=2), got {pair!r}")
+        try:
+            out[key] = yaml.safe_load(value)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--set {key}: not a YAML value: {exc}") from exc
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: dict | None = None, schema=SearchJobConfig):
+    """Read a YAML config of `schema` (the schema's defaults when path is None), apply overrides, check it."""
     data = {}
     if path is not None:
         path = Path(path)
@@ -259,16 +436,157 @@ def load_config(path: str | Path | None = None, overrides: dict | None = None) -
             raise ConfigError(f"config file not found: {path}; pass one of the files in configs/")
         try:
             data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
+        except (yaml.YAMLError, UnicodeDecodeError) as exc:
             raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping of config fields at the top level")
     for dotted, value in (overrides or {}).items():
         node = data
         *parents, leaf = dotted.split(".")
         for part in parents:
-            node = node.setdefault(part, {})
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            elif not isinstance(child, dict):
+                raise ConfigError(f"--set {dotted}: {part} is not a section")
+            node = child
         node[leaf] = value
-    return build(RunConfig, data, "", normalize=_space_shorthand)
+    return build(schema, data, "", normalize=_shorthands)
 
 
-def to_dict(cfg: RunConfig) -> dict:
+def to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
+
+
+def from_dict(schema, data: dict):
+    """The inverse of to_dict (e.g. a config shipped to a Ray worker as plain data)."""
+    return build(schema, data, "", normalize=_shorthands)
+
+
+# -- the reproduce job ------------------------------------------------------------------------
+
+REPRODUCE_TASKS = ("truthfulqa", "mquake", "clutrr")
+# every method of the comparison, in the order cells run and the tables list them
+REPRODUCE_METHODS = ("zero_shot", "iti", "random_heads", "transfer_heads", "lofit", "lora")
+LR_CHOICES = ("per_cell", "per_task")
+
+
+def _listed_once(values: list, where: str, example: str) -> None:
+    if not values:
+        raise ConfigError(f"{where}: list at least one value, e.g. {example}")
+    dup = sorted({v for v in values if values.count(v) > 1}, key=str)
+    if dup:
+        raise ConfigError(f"{where}: {dup[0]!r} is listed twice; list each value once")
+
+
+@dataclass
+class ReproduceGridConfig:
+    """What each cell chooses on the selection split (ITI's alphas are iti.alphas)."""
+
+    SECTION: typing.ClassVar[str] = "grid"
+
+    phase2_lr: list[float] = _help("phase-2 learning rates tried (in place of phase2.lr) by lofit, random_heads "
+                                   "and transfer_heads; the best on the selection split wins",
+                                   factory=lambda: [5e-3, 1e-2, 2e-2])
+    phase2_lr_choice: str = _help("per_cell: every phase-2 cell tries the whole grid; per_task: the first phase-2 "
+                                  "cell of a model x task (lofit, first seed, smallest K) chooses and every later "
+                                  "one of that model x task trains once with its lr (cheaper; only the heads "
+                                  "differ)", "per_cell")
+    lora_lr: list[float] = _help("LoRA learning rates tried (in place of lora.lr); one value: no selection step",
+                                 factory=lambda: [5e-4])
+
+    def __post_init__(self):
+        _listed_once(self.phase2_lr, "grid.phase2_lr", "[5.0e-3, 1.0e-2]")
+        if self.phase2_lr_choice not in LR_CHOICES:
+            raise ConfigError(f"grid.phase2_lr_choice: {self.phase2_lr_choice!r} is not one of {', '.join(LR_CHOICES)}")
+        for i, lr in enumerate(self.phase2_lr):
+            _positive(lr, f"grid.phase2_lr[{i}]")
+        _listed_once(self.lora_lr, "grid.lora_lr", "[5.0e-4]")
+        for i, lr in enumerate(self.lora_lr):
+            _positive(lr, f"grid.lora_lr[{i}]")
+
+
+@dataclass
+class ReproduceMLflowConfig(MLflowConfig):
+    experiment: str = _help("MLflow experiment name", "lofit-reproduce")
+
+
+@dataclass
+class ReproduceConfig:
+    """`jobs/reproduce.py`: every model x task x method x K x seed cell, scored once on the report split."""
+
+    name: str = _help("job name: the parent MLflow run and the record's title", "reproduce")
+    models: list[str] = _help("model specs, run one after another", factory=lambda: ["smollm2-135m", "gemma3-270m"])
+    dtype: str = _help("float32 on CPU; bfloat16 on GPU", "float32")
+    device: str = _help("auto (cuda when available) | cpu | cuda", "auto")
+    threads: int | None = _help("torch threads; default all cores", None)
+    data_dir: str | None = _help("task data folder of tasks without their own; default $LOFIT_DATA_DIR or "
+                                 "../shared/data", None)
+    tasks: dict[str, TaskConfig] = _help(f"task name ({', '.join(REPRODUCE_TASKS)}) -> its splits",
+                                         factory=lambda: {t: TaskConfig(name=t) for t in REPRODUCE_TASKS})
+    transfer: dict[str, str] | None = _help("task -> the task whose phase-1 heads transfer_heads borrows; default "
+                                            "the next task, cyclic", None)
+    methods: list[str] = _help(f"methods to run, of {', '.join(REPRODUCE_METHODS)}",
+                               factory=lambda: list(REPRODUCE_METHODS))
+    k_fractions: list[float] = _help("K as shares of the model's heads (rounded half up, at least 1)",
+                                     factory=lambda: [0.03, 0.10])
+    seeds: list[int] = _help("seeds; each cell but zero_shot runs once per seed", factory=lambda: [0, 1])
+    training: TrainingConfig = _help("batching and DPO beta of every training loop; its seed is replaced by each "
+                                     "cell's seed", factory=TrainingConfig)
+    eval_batch_size: int = _help("batch size of every evaluation", 8)
+    phase1: Phase1Config = _help("phase 1: one ranking per model x task x seed, shared across K and by "
+                                 "transfer_heads", factory=Phase1Config)
+    phase2: Phase2Config = _help("phase 2 of lofit, random_heads and transfer_heads; grid.phase2_lr sets lr",
+                                 factory=Phase2Config)
+    grid: ReproduceGridConfig = _help("learning rates chosen on the selection split", factory=ReproduceGridConfig)
+    iti: ItiConfig = _help("the ITI baseline; alpha chosen on the selection split per cell", factory=ItiConfig)
+    lora: LoraConfig = _help("the LoRA baseline; grid.lora_lr sets lr", factory=LoraConfig)
+    mlflow: ReproduceMLflowConfig = _help("MLflow: a parent run per job, a nested run per cell",
+                                          factory=ReproduceMLflowConfig)
+
+    def __post_init__(self):
+        _listed_once(self.models, "models", "[smollm2-135m]")
+        if not all(self.models):
+            raise ConfigError("models: a model spec is empty; remove it or name a model")
+        _check_dtype(self.dtype)
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ConfigError(f"device: {self.device!r} is not one of auto, cpu, cuda")
+        _at_least(self.threads, 1, "threads", "or null for all cores")
+        if not self.tasks:
+            raise ConfigError(f"tasks: list at least one of {', '.join(REPRODUCE_TASKS)}")
+        for name, task in self.tasks.items():
+            if name not in REPRODUCE_TASKS:
+                raise ConfigError(f"tasks.{name}: unknown task; choose from {', '.join(REPRODUCE_TASKS)}")
+            if task.name not in (name, TaskConfig.name):
+                raise ConfigError(f"tasks.{name}.name: {task.name!r} differs from its key; leave `name` out, "
+                                  f"the key names the task")
+            task.name = name
+        _listed_once(self.methods, "methods", list(REPRODUCE_METHODS))
+        for m in self.methods:
+            if m not in REPRODUCE_METHODS:
+                raise ConfigError(f"methods: {m!r} is not one of {', '.join(REPRODUCE_METHODS)}")
+        _listed_once(self.k_fractions, "k_fractions", "[0.03, 0.10]")
+        for i, f in enumerate(self.k_fractions):
+            if not 0 < f <= 1:
+                raise ConfigError(f"k_fractions[{i}]: {f} must be in (0, 1] (a share of the model's heads)")
+        _listed_once(self.seeds, "seeds", "[0, 1]")
+        for task, source in (self.transfer or {}).items():
+            if task not in self.tasks:
+                raise ConfigError(f"transfer.{task}: not one of the configured tasks ({', '.join(self.tasks)})")
+            if source not in self.tasks:
+                raise ConfigError(f"transfer.{task}: {source!r} is not one of the configured tasks "
+                                  f"({', '.join(self.tasks)}); its phase-1 heads must be computed here")
+            if source == task:
+                raise ConfigError(f"transfer.{task}: a task cannot borrow its own heads; name a different task")
+        if "transfer_heads" in self.methods and len(self.tasks) < 2:
+            raise ConfigError("methods: transfer_heads needs at least two tasks (heads come from a different "
+                              "task); add a task or drop transfer_heads")
+        _at_least(self.eval_batch_size, 1, "eval_batch_size")
+        _listed_once(self.iti.alphas, "iti.alphas", "[1.0, 5.0, 15.0]")
+
+    def transfer_source(self, task: str) -> str:
+        """The task whose phase-1 heads `task`'s transfer_heads cells train: `transfer`, else the next task."""
+        if self.transfer and task in self.transfer:
+            return self.transfer[task]
+        names = list(self.tasks)
+        return names[(names.index(task) + 1) % len(names)]

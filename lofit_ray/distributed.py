@@ -1,17 +1,15 @@
 """Phase 1 (head importance) as a Ray Train job: N data-parallel workers, DeepSpeed in each.
 
-`phase1_train_func` is the per-worker function: it loads each requested model once,
-hooks the scales A onto it, wraps A in a DeepSpeed engine (gloo on CPU, nccl on
-GPU), and runs the plain-torch loop from lofit_ray.train with its share of every
-batch. Several models (or several phase-1 settings) go through one job. Rank 0
-returns the learned scales and head sets in a checkpoint.
+`phase1_train_func` is the per-worker function: for each job it loads the model and runs
+the same `train.select_heads` as a single process, with the scales A in a DeepSpeed engine
+(gloo on CPU, nccl on GPU) and its share of every batch. Several models (or several phase-1
+settings) go through one job. Rank 0 returns the rankings in a checkpoint.
 """
 from __future__ import annotations
 
 import json
 import os
 import tempfile
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -45,19 +43,19 @@ class DeepSpeedStepper:
 
 
 def phase1_train_func(config: dict) -> None:
-    """Ray Train worker entry point. config: {"jobs": [...], "zero_stage", "deepspeed", "threads"}.
+    """Ray Train worker entry point. config: {"jobs": [...], "zero_stage", "deepspeed", "threads", "use_gpu"}.
 
-    Each job: {"model", "dtype", "task": {...}, "train_cfg": {...}, "k", "key", "reference": list | None}.
+    Each job (search.phase1_job): {"model", "dtype", "task": {...}, "training": {...}, "phase1": {...}, "key",
+    "reference": list | None}. Rank 0 returns each job's ranking (HeadSet JSON) and loss history.
     """
     import ray.train
 
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     torch.set_num_threads(int(config.get("threads", 1)))  # oversubscribed threads make steps ~6x slower
-    from .heads import HeadSet, rank_by_norm
+    from .config import Phase1Config, TrainingConfig
     from .models import load_model
-    from .offsets import HeadOffsets
-    from .train import TorchStepper, TrainConfig, train_offsets
+    from .train import select_heads
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -65,24 +63,16 @@ def phase1_train_func(config: dict) -> None:
     outputs = []
     for job in config["jobs"]:
         loaded = load_model(job["model"], dtype=job.get("dtype", "float32"), device=device)
-        examples = job_examples(job)
-        cfg = TrainConfig(**job["train_cfg"])
-        offsets = HeadOffsets(loaded.layout, scale=True, seed=cfg.seed).attach(loaded.model)
-        if config.get("deepspeed", True):
-            stepper = DeepSpeedStepper(offsets, cfg.lr, config.get("zero_stage", 2), cfg.batch_size // world,
-                                       bf16=job.get("dtype") == "bfloat16")
-        else:
-            stepper = TorchStepper([offsets.scale], cfg.lr)
+        training, phase1 = TrainingConfig(**job["training"]), Phase1Config(**job["phase1"])
+        micro, bf16, stage = training.batch_size // world, job.get("dtype") == "bfloat16", config.get("zero_stage", 2)
+        make_stepper = (lambda offsets: DeepSpeedStepper(offsets, phase1.lr, stage, micro, bf16=bf16)) \
+            if config.get("deepspeed", True) else None
         reference = torch.tensor(job["reference"]) if job.get("reference") is not None else None
-        history = train_offsets(loaded, offsets, examples, cfg, stepper=stepper, rank=rank, world=world,
-                                reference=reference)
-        offsets.detach()
-        head_set = HeadSet(model=loaded.spec, fingerprint=loaded.fingerprint, layout=asdict(loaded.layout),
-                           ranking=rank_by_norm(offsets.scale), k=job["k"], method="lofit", task=job["task"]["name"],
-                           hparams={**job["train_cfg"], "phase": 1, "final_loss": history[-1]["loss"],
-                                    "workers": world, "zero_stage": config.get("zero_stage")}, seed=cfg.seed)
+        head_set = select_heads(loaded, job_examples(job), training, phase1, task=job["task"]["name"],
+                                make_stepper=make_stepper, rank=rank, world=world, reference=reference)
+        head_set.hparams.update(workers=world, zero_stage=config.get("zero_stage"))
         outputs.append({"key": job.get("key"), "head_set": json.loads(head_set.to_json()),
-                        "scale": offsets.scale.detach().float().cpu().tolist(), "history": history})
+                        "history": head_set.hparams["history"]})
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = None
         if rank == 0:
@@ -103,7 +93,7 @@ def job_examples(job: dict) -> list:
 
 def run_phase1(jobs: list[dict], *, num_workers: int, cpus_per_worker: float, use_gpu: bool, zero_stage: int,
                use_deepspeed: bool, storage_path: str, name: str, max_failures: int = 1) -> list[dict]:
-    """Run phase-1 jobs on a Ray Train TorchTrainer; returns [{"key", "head_set", "scale", "history"}]."""
+    """Run phase-1 jobs on a Ray Train TorchTrainer; returns [{"key", "head_set", "history"}]."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 

@@ -107,3 +107,16 @@ def evaluate(loaded, items, batch_size: int = 8, progress: bool = False) -> dict
         metrics = {"em": sum(s for s, _ in matches) / len(items), "em_lenient": sum(l for _, l in matches) / len(items)}
     metrics.update(n=len(items), seconds=round(time.time() - start, 2))
     return metrics
+
+
+def selection_score(metrics: dict, metric: str = "score") -> float:
+    """The one number hyperparameters are chosen by, on the selection split (search, reproduce, ITI).
+
+    "score" (the default): mean of MC1 and MC2 for multiple choice; EM + 1e-3 x lenient EM for
+    generation (lenient EM breaks ties). Any other name picks that metric alone.
+    """
+    if metric != "score":
+        return metrics[metric]
+    if "mc1" in metrics:
+        return (metrics["mc1"] + metrics["mc2"]) / 2
+    return metrics["em"] + 1e-3 * metrics.get("em_lenient", 0.0)

@@ -23,7 +23,7 @@ class HeadSet:
     fingerprint: str  # models.fingerprint(): changes when the weights or config change
     layout: dict  # HeadLayout fields
     ranking: list[list]  # [[layer, head, score], ...], best first, every head of the model or the top ones
-    k: int  # how many heads phase 2 takes by default
+    k: int | None = None  # the heads phase 2 takes; None: a ranking only, K is chosen at phase 2
     method: str = "lofit"  # lofit | random | iti | transfer
     task: str = ""
     hparams: dict = field(default_factory=dict)
@@ -31,6 +31,8 @@ class HeadSet:
 
     def __post_init__(self):
         total = self.layout["num_layers"] * self.layout["num_heads"]
+        if self.k is None:
+            return
         if not 0 < self.k <= total:
             raise ValueError(
                 f"k={self.k} is out of range: this model has {total} heads "
@@ -41,6 +43,8 @@ class HeadSet:
 
     def top(self, k: int | None = None) -> list[tuple[int, int]]:
         k = self.k if k is None else k
+        if k is None:
+            raise ValueError("this head set is a ranking without K; give K (how many top heads to take)")
         total = self.layout["num_layers"] * self.layout["num_heads"]
         if not 0 < k <= min(total, len(self.ranking)):
             raise ValueError(f"K={k} is larger than the {min(total, len(self.ranking))} heads available; lower K")
@@ -113,3 +117,40 @@ def compare(sets: dict[str, HeadSet], k: int | None = None) -> dict:
             sx, sy = set(sets[x].top(k)), set(sets[y].top(k))
             pairs.append({"a": x, "b": y, "overlap": len(sx & sy), "jaccard": len(sx & sy) / len(sx | sy)})
     return {"pairs": pairs, "per_layer": {n: per_layer_counts(s, k) for n, s in sets.items()}}
+
+
+def plot_head_set(head_set: HeadSet, path: str | Path, k: int | None = None) -> Path:
+    """Write a layers x heads heatmap of score_grid() with the top-K heads framed (Agg, no pyplot state)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Rectangle
+    import matplotlib
+    import numpy as np
+
+    k = head_set.k if k is None else k  # None: a ranking without K, nothing framed
+    grid = head_set.score_grid().numpy()
+    layers, heads = grid.shape
+    fig = Figure(figsize=(min(14.0, 2.5 + 0.4 * heads), min(14.0, 1.8 + 0.3 * layers)))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    cmap = matplotlib.colormaps["viridis"].with_extremes(bad="#dddddd")
+    image = ax.imshow(np.ma.masked_invalid(grid), aspect="auto", cmap=cmap, interpolation="nearest",
+                      origin="upper")
+    fig.colorbar(image, ax=ax, label="score")
+    top = head_set.top(k) if k else []
+    for layer, head in top:
+        ax.add_patch(Rectangle((head - 0.45, layer - 0.45), 0.9, 0.9, fill=False, edgecolor="red", linewidth=1.5))
+    if k and k <= 40:
+        for rank, (layer, head) in enumerate(top, 1):
+            ax.annotate(str(rank), (head, layer), ha="center", va="center", fontsize=6, color="red",
+                        fontweight="bold")
+    ax.set_xlabel("head")
+    ax.set_ylabel("layer")
+    ax.set_xticks(range(heads))
+    ax.set_yticks(range(0, layers, max(1, layers // 16)))
+    shown = f"top K={k} of {layers * heads} heads (red, ranked)" if k else f"ranking of {layers * heads} heads"
+    ax.set_title(f"{head_set.model} / {head_set.task or 'no task'} / {head_set.method}: {shown}", fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=100)
+    return path

@@ -1,4 +1,4 @@
-"""Answer-only log-likelihoods, the SFT and DPO losses, and cached DPO reference log-probs.
+"""Answer-only log-likelihoods, the SFT and DPO losses, the L1 penalty, and the key of the reference cache.
 
 The LM head and log-softmax run only at answer positions: with a 49k-token
 vocabulary that head is a large share of a small model's compute.
@@ -19,7 +19,7 @@ def answer_logprobs(model, batch: Batch, past_key_values=None, inputs_embeds=Non
 
     With `past_key_values` (a shared prefix already run), the batch holds only the tokens after
     it; right padding needs no mask then, since padding only ever follows real tokens.
-    With `inputs_embeds` (hidden states cached by lofit_ray.frozen_prefix), the decoder starts there.
+    With `inputs_embeds` (hidden states cached by lofit_ray.frozen_layers), the decoder starts there.
     """
     mask = None if past_key_values is not None else batch.attention_mask
     inputs = {"inputs_embeds": inputs_embeds} if inputs_embeds is not None else {"input_ids": batch.input_ids}

@@ -149,13 +149,15 @@ def local_dir(spec: str) -> Path:
     )
 
 
-def check_spec(spec: str) -> None:
+def check_spec(spec: str) -> HeadLayout:
     """Fail now on a spec load_model would reject later (missing file, unknown tiny family), so a job stops
-    in seconds rather than after its set-up; a bundled GGUF model is converted here, once (cached)."""
+    in seconds rather than after its set-up; return the model's head layout, read from its config alone
+    (so K can be checked before any weights load). A bundled GGUF model is converted here, once (cached)."""
     if spec.startswith("tiny-"):
-        _tiny_class(spec[len("tiny-"):])
-    else:
-        local_dir(spec)
+        return head_layout(tiny_config(spec[len("tiny-"):], vocab_size=32))
+    from transformers import AutoConfig
+
+    return head_layout(AutoConfig.from_pretrained(local_dir(spec)))
 
 
 def load_tokenizer(spec: str):

@@ -18,12 +18,13 @@ from torch import nn
 from .architectures import HeadLayout, head_layout, o_projs
 
 INIT_STD = 1e-3
+_ATTACHED = "_lofit_attached_offsets"  # the HeadOffsets hooked onto a model, kept on the model itself
 
 
 class HeadOffsets(nn.Module):
     """Holds A (optional) and v (optional) and knows how to hook them into a model.
 
-    scale=True gives A over all heads; bias_heads=[(layer, head), ...] gives v for those heads.
+    scale=True gives A over all heads; offset_heads=[(layer, head), ...] gives v for those heads.
     Parameters stay in fp32; they are cast to the activation dtype inside the hook.
     """
 
@@ -32,25 +33,25 @@ class HeadOffsets(nn.Module):
         layout: HeadLayout,
         *,
         scale: bool = False,
-        bias_heads: Sequence[tuple[int, int]] = (),
+        offset_heads: Sequence[tuple[int, int]] = (),
         init_std: float = INIT_STD,
         seed: int = 0,
     ):
         super().__init__()
         self.layout = layout
         L, H, D = layout.num_layers, layout.num_heads, layout.head_dim
-        for layer, head in bias_heads:
+        for layer, head in offset_heads:
             if not (0 <= layer < L and 0 <= head < H):
                 raise ValueError(f"head ({layer}, {head}) is outside this model's {L} layers x {H} heads")
-        if len(set(map(tuple, bias_heads))) != len(bias_heads):
-            raise ValueError("bias_heads lists a head twice; a head set must name each head once")
+        if len(set(map(tuple, offset_heads))) != len(offset_heads):
+            raise ValueError("offset_heads lists a head twice; a head set must name each head once")
         gen = torch.Generator().manual_seed(seed)
         self.scale = nn.Parameter(torch.randn(L, H, D, generator=gen) * init_std) if scale else None
-        self.bias_heads = [tuple(map(int, h)) for h in bias_heads]
-        self.bias = nn.Parameter(torch.randn(len(bias_heads), D, generator=gen) * init_std) if bias_heads else None
-        # For each layer: which rows of `bias` go to which heads.
+        self.offset_heads = [tuple(map(int, h)) for h in offset_heads]
+        self.offset = nn.Parameter(torch.randn(len(offset_heads), D, generator=gen) * init_std) if offset_heads else None
+        # For each layer: which rows of `offset` go to which heads.
         self._rows: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        for row, (layer, head) in enumerate(self.bias_heads):
+        for row, (layer, head) in enumerate(self.offset_heads):
             self._rows.setdefault(layer, ([], []))
             self._rows[layer][0].append(row)
             self._rows[layer][1].append(head)
@@ -82,18 +83,18 @@ class HeadOffsets(nn.Module):
         if layer in self._rows:
             rows, heads = self._rows[layer]
             delta = torch.zeros(H, D, dtype=z.dtype, device=z.device).index_copy(
-                0, heads.to(z.device), self.bias[rows.to(self.bias.device)].to(z.dtype)
+                0, heads.to(z.device), self.offset[rows.to(self.offset.device)].to(z.dtype)
             )
             z = z + delta
         return z.flatten(-2)
 
-    def full_bias(self) -> torch.Tensor:
+    def full_offset(self) -> torch.Tensor:
         """v scattered to [layers, heads, head_dim], zeros where no head is selected."""
         L, H, D = self.layout.num_layers, self.layout.num_heads, self.layout.head_dim
         full = torch.zeros(L, H, D)
-        if self.bias is not None:
-            idx = torch.tensor(self.bias_heads)
-            full[idx[:, 0], idx[:, 1]] = self.bias.detach().float().cpu()
+        if self.offset is not None:
+            idx = torch.tensor(self.offset_heads)
+            full[idx[:, 0], idx[:, 1]] = self.offset.detach().float().cpu()
         return full
 
     # -- hooking ----------------------------------------------------------------------
@@ -107,6 +108,7 @@ class HeadOffsets(nn.Module):
         self.to(device)
         for layer in self.active_layers():
             self._handles.append(projs[layer].register_forward_pre_hook(self._make_hook(layer)))
+        model.__dict__.setdefault(_ATTACHED, []).append(self)
         return self
 
     def detach(self) -> None:
@@ -130,6 +132,12 @@ class HeadOffsets(nn.Module):
             yield
         finally:
             self.enabled = previous
+
+
+def detach_all(model: nn.Module) -> None:
+    """Take every HeadOffsets off a model, e.g. one a stopped trial left on a model kept for the next trial."""
+    for offsets in model.__dict__.pop(_ATTACHED, []):
+        offsets.detach()
 
 
 def freeze(model: nn.Module) -> nn.Module:

@@ -16,7 +16,7 @@ log-probs cached on disk, models and data kept per trial process (actors are reu
 """
 from __future__ import annotations
 
-import hashlib
+import dataclasses
 import itertools
 import json
 import os
@@ -27,16 +27,16 @@ from pathlib import Path
 
 import torch
 
-from . import batching, tracking
+from . import batching, faults, tracking
 from .adapter import Adapter
-from .config import ConfigError, RunConfig, Space, to_dict
-from .evaluate import evaluate
+from .config import ConfigError, Phase1Config, Phase2Config, SearchJobConfig, Space, from_dict, to_dict
+from .evaluate import evaluate, selection_score
 from .heads import HeadSet
 from .models import check_spec, load_model
-from .offsets import HeadOffsets
+from .offsets import detach_all
 from .splits import build_splits
 from .tasks import get_task
-from .train import NaNLossError, TrainConfig, reference_logprobs, train_offsets
+from .train import NaNLossError, phase1_key, reference_logprobs, train_offsets
 
 SEARCHED = ("k", "l1", "phase1_lr", "phase2_lr")
 _CACHE: dict = {}  # per-process: loaded models and splits, kept across trials when cost-aware
@@ -48,7 +48,7 @@ def slug(text: str) -> str:
 
 # -- config -> pieces ---------------------------------------------------------------------
 
-def task_spec(cfg: RunConfig) -> dict:
+def task_spec(cfg: SearchJobConfig) -> dict:
     """What a worker needs to rebuild the same splits (data dir resolved to an absolute path)."""
     from .tasks.base import data_dir
 
@@ -84,15 +84,10 @@ def get_model(spec: str, dtype: str, cache: bool = True):
     return loaded
 
 
-def phase1_cfg(cfg: RunConfig, l1: float, lr: float) -> TrainConfig:
-    t = cfg.training
-    return TrainConfig(epochs=t.phase1_epochs, lr=lr, batch_size=t.batch_size, l1=l1, dpo_beta=t.dpo_beta,
-                       max_length=t.max_length, seed=t.seed)
-
-
-def phase1_key(fingerprint: str, train_hash: str, task: str, tc: TrainConfig) -> str:
-    payload = json.dumps({"fp": fingerprint, "data": train_hash, "task": task, **asdict(tc)}, sort_keys=True)
-    return hashlib.sha256(payload.encode()).hexdigest()[:20]
+def trial_configs(cfg: SearchJobConfig, params: dict) -> tuple[Phase1Config, Phase2Config]:
+    """The phase configs of one trial: the YAML sections with the searched values put in."""
+    return (dataclasses.replace(cfg.phase1, l1=float(params["l1"]), lr=float(params["phase1_lr"])),
+            dataclasses.replace(cfg.phase2, lr=float(params["phase2_lr"])))
 
 
 def _tune_domain(space: Space, integer: bool = False):
@@ -108,17 +103,18 @@ def _tune_domain(space: Space, integer: bool = False):
 
 # -- phase 1 ------------------------------------------------------------------------------
 
-def phase1_job(cfg: RunConfig, model: str, loaded, splits, l1: float, lr: float, k: int) -> dict:
-    tc = phase1_cfg(cfg, l1, lr)
-    job = {"model": model, "dtype": cfg.dtype, "task": task_spec(cfg), "train_cfg": asdict(tc), "k": k,
-           "key": phase1_key(loaded.fingerprint, splits.train_hash(), cfg.task.name, tc)}
-    encoded = batching.encode_examples(loaded.tokenizer, splits.train, tc.max_length)
+def phase1_job(cfg: SearchJobConfig, model: str, loaded, splits, phase1: Phase1Config) -> dict:
+    """What a Ray Train worker needs to compute one phase-1 ranking, and its memo key."""
+    job = {"model": model, "dtype": cfg.dtype, "task": task_spec(cfg), "training": asdict(cfg.training),
+           "phase1": asdict(phase1),
+           "key": phase1_key(loaded.fingerprint, splits.train_hash(), cfg.task.name, cfg.training, phase1)}
+    encoded = batching.encode_examples(loaded.tokenizer, splits.train, cfg.training.max_length)
     if isinstance(encoded[0], tuple):  # DPO: the reference is computed once here, shipped to every worker
-        job["reference"] = reference_logprobs(loaded, encoded, tc, use_cache=cfg.search.cost_aware).tolist()
+        job["reference"] = reference_logprobs(loaded, encoded, cfg.training, use_cache=cfg.search.cost_aware).tolist()
     return job
 
 
-def run_phase1_jobs(cfg: RunConfig, jobs: list[dict], ctx: dict, name: str) -> list[HeadSet]:
+def run_phase1_jobs(cfg: SearchJobConfig, jobs: list[dict], ctx: dict, name: str) -> list[HeadSet]:
     """Run phase-1 jobs in one Ray Train job and record each head set as a memo run in MLflow."""
     from .distributed import run_phase1
 
@@ -133,8 +129,8 @@ def run_phase1_jobs(cfg: RunConfig, jobs: list[dict], ctx: dict, name: str) -> l
         head_set = HeadSet(**out["head_set"])
         uri = ctx["tracking_uri"]
         run_id = tracking.start_run(uri, ctx["experiment_id"], f"phase1-{slug(job['model'])}-{job['key'][:8]}",
-                                    params={**job["train_cfg"], "model": job["model"], "workers": sc.num_workers,
-                                            "zero_stage": cfg.deepspeed.zero_stage},
+                                    params={"training": job["training"], "phase1": job["phase1"], "model": job["model"],
+                                            "workers": sc.num_workers, "zero_stage": cfg.deepspeed.zero_stage},
                                     tags={tracking.PHASE1_KEY_TAG: job["key"], "lofit.kind": "phase1"},
                                     parent_run_id=ctx["parent_run_id"])
         for epoch in out["history"]:
@@ -146,18 +142,18 @@ def run_phase1_jobs(cfg: RunConfig, jobs: list[dict], ctx: dict, name: str) -> l
     return head_sets
 
 
-def precompute_phase1(cfg: RunConfig, ctx: dict) -> int:
+def precompute_phase1(cfg: SearchJobConfig, ctx: dict) -> int:
     """One Ray Train job for every (model, l1, phase-1 lr) of a discrete grid that the memo lacks."""
     space = cfg.search.space
     if space.l1.values is None or space.phase1_lr.values is None:
         return 0
     jobs = []
-    k = int(space.k.bounds()[0])
     for model in cfg.models:
         loaded = get_model(model, cfg.dtype)
         _, splits = get_splits(task_spec(cfg))
         for l1, lr in itertools.product(space.l1.values, space.phase1_lr.values):
-            job = phase1_job(cfg, model, loaded, splits, l1, lr, min(k, loaded.layout.total_heads))
+            phase1, _ = trial_configs(cfg, {"l1": l1, "phase1_lr": lr, "phase2_lr": cfg.phase2.lr})
+            job = phase1_job(cfg, model, loaded, splits, phase1)
             if tracking.find_head_set(ctx["tracking_uri"], ctx["experiment_id"], job["key"]) is None:
                 jobs.append(job)
     if jobs:
@@ -173,52 +169,43 @@ def trial_fn(config: dict) -> None:
     from ray import tune
 
     ctx = config["ctx"]
-    cfg = RunConfig(**_restore(ctx["run_config"]))
+    cfg = from_dict(SearchJobConfig, ctx["run_config"])
     cost_aware = cfg.search.cost_aware
     torch.set_num_threads(max(1, int(ctx.get("threads", 1))))
     params = {name: config[name] for name in SEARCHED}
     uri, model = ctx["tracking_uri"], ctx["model"]
     trial_id = tune.get_context().get_trial_id()
-    for offsets in _CACHE.pop("attached", []):  # a reused actor may hold hooks of a stopped trial
-        offsets.detach()
-    previous = _finished_run(uri, ctx["experiment_id"], ctx["parent_run_id"], trial_id)
+    previous = tracking.finished_trial_run(uri, ctx["experiment_id"], ctx["parent_run_id"], trial_id)
     if previous is not None:  # resumed search: this trial finished before the driver died; don't redo it
-        tune.report({**previous.data.metrics, "epoch": cfg.training.phase2_epochs, "resumed": 1,
-                     "mlflow_run_id": previous.info.run_id,
-                     "version": previous.data.tags.get("lofit.registered_version", "")})
+        tune.report({**previous["metrics"], "epoch": cfg.phase2.epochs, "resumed": 1,
+                     "mlflow_run_id": previous["run_id"], "version": previous["version"]})
         return
+    phase1, phase2 = trial_configs(cfg, params)
     run_id = tracking.start_run(uri, ctx["experiment_id"], f"trial-{slug(model)}-{trial_id}",
                                 params={**params, "model": model, "task": cfg.task.name,
-                                        "phase2_epochs": cfg.training.phase2_epochs, "cost_aware": cost_aware},
+                                        "phase2_epochs": phase2.epochs, "cost_aware": cost_aware},
                                 tags={"lofit.kind": "trial", "lofit.trial_id": trial_id, tracking.MODEL_TAG: model,
                                       tracking.TASK_TAG: cfg.task.name}, parent_run_id=ctx["parent_run_id"])
     timing = {"phase1_s": 0.0, "phase2_s": 0.0, "eval_s": 0.0}
-    done: dict = {}  # set once the trial's run is recorded as FINISHED
+    recorded = False  # set once the trial's run is recorded as FINISHED
     start = time.time()
     try:
         loaded = get_model(model, cfg.dtype, cache=cost_aware)
+        detach_all(loaded.model)  # a kept model may still hold the hooks of a trial ASHA stopped
         task, splits = get_splits(task_spec(cfg), cache=cost_aware)
-        metric = cfg.metric(task.eval_kind)
         k = int(params["k"])
-        if k > loaded.layout.total_heads:
-            raise ValueError(f"search.space.k: K={k} is larger than {model}'s {loaded.layout.total_heads} heads")
         t0 = time.time()
-        job = phase1_job(cfg, model, loaded, splits, params["l1"], params["phase1_lr"], k)
+        job = phase1_job(cfg, model, loaded, splits, phase1)
         head_set = tracking.find_head_set(uri, ctx["experiment_id"], job["key"]) if cost_aware else None
         memo_hit = head_set is not None
         if head_set is None:
             head_set = run_phase1_jobs(cfg, [job], ctx, name=f"{cfg.name}-phase1-{trial_id}")[0]
         timing["phase1_s"] = time.time() - t0
         head_set = head_set.with_k(k)
-        tracking.log_head_set(uri, run_id, head_set, k=k)
-
-        t2 = cfg.training
-        tc = TrainConfig(epochs=t2.phase2_epochs, lr=params["phase2_lr"], batch_size=t2.batch_size,
-                         dpo_beta=t2.dpo_beta, max_length=t2.max_length, seed=t2.seed)
-        offsets = HeadOffsets(loaded.layout, bias_heads=head_set.top(k), seed=t2.seed)
-        _CACHE["attached"] = [offsets]
+        tracking.log_head_set(uri, run_id, head_set)
         reference = torch.tensor(job["reference"]) if "reference" in job else None
         p2_start = time.time()
+        last: dict = {}
 
         def on_epoch(epoch: int, stats: dict) -> None:
             e0 = time.time()
@@ -226,41 +213,32 @@ def trial_fn(config: dict) -> None:
             timing["eval_s"] += time.time() - e0
             timing["phase2_s"] = time.time() - p2_start - timing["eval_s"]
             metrics = {f"sel_{name}": scores[name] for name in ("mc1", "mc2", "em", "em_lenient") if name in scores}
-            metrics.update(sel_metric=scores[metric], train_loss=stats["loss"])
+            metrics.update(sel_metric=selection_score(scores, cfg.search.metric), train_loss=stats["loss"])
             tracking.log_metrics(uri, run_id, metrics, step=epoch)
-            report = {**metrics, **timing, "epoch": epoch, "memo_hit": int(memo_hit), "mlflow_run_id": run_id}
-            if epoch == tc.epochs:
-                # Record everything before the last report: Tune stops the trial as soon as it sees
-                # the final epoch, and code after that report would never run.
-                report["version"] = done["version"] = _finish_trial(uri, ctx, run_id, trial_id, loaded, offsets, head_set, cfg, tc,
-                                                  params, metrics, {**timing, "total_s": time.time() - start,
-                                                                    "memo_hit": int(memo_hit)})
-            tune.report({**report, "total_s": time.time() - start})
+            last.update(metrics=metrics, report={**metrics, **timing, "epoch": epoch, "memo_hit": int(memo_hit),
+                                                 "mlflow_run_id": run_id})
+            if epoch < phase2.epochs:  # the last report comes after the trial is recorded (below)
+                tune.report({**last["report"], "total_s": time.time() - start})
 
-        train_offsets(loaded, offsets, splits.train, tc, reference=reference, on_epoch=on_epoch)
+        if faults.triggered("trial.diverge", **params):
+            raise NaNLossError(f"loss is nan (fault point trial.diverge, phase2_lr={phase2.lr})")
+        adapter = train_offsets(loaded, head_set, k, splits.train, cfg.training, phase2, task=cfg.task.name,
+                                reference=reference, on_epoch=on_epoch)
+        # Record everything before the last report: Tune stops the trial as soon as it sees the final
+        # epoch, and code after that report would never run.
+        version = _finish_trial(uri, ctx, run_id, trial_id, adapter, params, last["metrics"],
+                                {**timing, "total_s": time.time() - start, "memo_hit": int(memo_hit)})
+        recorded = True
+        tune.report({**last["report"], "version": version, "total_s": time.time() - start})
     except Exception as exc:
-        if not done:
+        if not recorded:
             reason = f"diverged: {exc}" if isinstance(exc, NaNLossError) else f"{type(exc).__name__}: {exc}"
             tracking.end_run(uri, run_id, "FAILED", reason=reason)
         raise
-    finally:
-        for offsets in _CACHE.pop("attached", []):
-            offsets.detach()
 
 
-def _finished_run(uri: str, experiment_id: str, parent_run_id: str, trial_id: str):
-    """The FINISHED MLflow run of this trial in this search, if an earlier driver already completed it."""
-    runs = tracking.client(uri).search_runs(
-        [experiment_id], filter_string=f"tags.`lofit.trial_id` = '{trial_id}' and "
-                                       f"tags.`mlflow.parentRunId` = '{parent_run_id}' and attributes.status = 'FINISHED'",
-        max_results=1)
-    return runs[0] if runs else None
-
-
-def _finish_trial(uri, ctx, run_id, trial_id, loaded, offsets, head_set, cfg, tc, params, metrics, timing) -> str:
+def _finish_trial(uri, ctx, run_id, trial_id, adapter: Adapter, params, metrics, timing) -> str:
     """Log the adapter, register it as a model version with its metrics as tags, close the run."""
-    adapter = Adapter.from_offsets(offsets, loaded, task=cfg.task.name, head_set=head_set,
-                                   hparams={**params, **asdict(tc)})
     tracking.log_adapter(uri, run_id, adapter)
     version = tracking.register_adapter(
         uri, ctx["registered_name"], run_id,
@@ -273,28 +251,25 @@ def _finish_trial(uri, ctx, run_id, trial_id, loaded, offsets, head_set, cfg, tc
     return version
 
 
-def _restore(data: dict) -> dict:
-    """RunConfig(**dict) from to_dict(): rebuild the nested dataclasses."""
-    from .config import _space_shorthand, build
-
-    return vars(build(RunConfig, data, "", normalize=_space_shorthand))
-
-
 # -- the driver ------------------------------------------------------------------------------
 
-def _state_file(storage: Path, cfg: RunConfig) -> Path:
+def _state_file(storage: Path, cfg: SearchJobConfig) -> Path:
     return storage / f"{cfg.name}.lofit-state.json"
 
 
-def check_inputs(cfg: RunConfig) -> None:
+def check_inputs(cfg: SearchJobConfig) -> None:
     """Read the task's splits and resolve every model spec before MLflow or Ray is touched, so a missing
     file or a wrong spec fails in seconds with its own message (TaskDataError / ModelSpecError)."""
     get_splits(task_spec(cfg))
+    k_high = int(cfg.search.space.k.bounds()[1])
     for model in cfg.models:
-        check_spec(model)
+        total = check_spec(model).total_heads
+        if k_high > total:
+            raise ConfigError(f"search.space.k: K up to {k_high} is larger than {model}'s {total} heads; "
+                              f"keep K within 1..{total} (about 3-10% of heads)")
 
 
-def run_search(cfg: RunConfig, resume: bool = False) -> dict:
+def run_search(cfg: SearchJobConfig, resume: bool = False) -> dict:
     """Run the whole search (all models); returns a summary with champions and report-split metrics."""
     import ray
 
@@ -313,7 +288,8 @@ def run_search(cfg: RunConfig, resume: bool = False) -> dict:
     parent = state["parent_run_id"]
     print(f"[lofit-ray] MLflow: {uri} (experiment '{cfg.mlflow.experiment}', parent run {parent})", flush=True)
     if not ray.is_initialized():
-        ray.init(runtime_env={"env_vars": {"MLFLOW_DISABLE_TELEMETRY": "true", "LOFIT_HOME": str(tracking.lofit_home()),
+        ray.init(runtime_env={"env_vars": {"MLFLOW_DISABLE_TELEMETRY": "true", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+                                           "LOFIT_HOME": str(tracking.lofit_home()),
                                            **({} if cfg.scaling.use_gpu else {"DS_ACCELERATOR": "cpu"})}})
     ctx = {"tracking_uri": uri, "experiment_id": experiment_id, "parent_run_id": parent,
            "storage_path": str(storage), "run_config": to_dict(cfg),
@@ -338,19 +314,14 @@ def run_search(cfg: RunConfig, resume: bool = False) -> dict:
     return summary
 
 
-def _search_one_model(cfg: RunConfig, model: str, ctx: dict, storage: Path, resume: bool) -> dict:
+def _search_one_model(cfg: SearchJobConfig, model: str, ctx: dict, storage: Path, resume: bool) -> dict:
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search import ConcurrencyLimiter
     from ray.tune.search.optuna import OptunaSearch
 
     uri = ctx["tracking_uri"]
-    total = get_model(model, cfg.dtype).layout.total_heads
-    if cfg.search.space.k.bounds()[1] > total:
-        raise ConfigError(f"search.space.k: K up to {cfg.search.space.k.bounds()[1]:g} is larger than {model}'s "
-                          f"{total} heads; keep K within 1..{total} (about 3-10% of heads)")
-    task = get_task(cfg.task.name, **task_spec(cfg)["kwargs"])
-    metric = cfg.metric(task.eval_kind)
+    metric = cfg.search.metric
     name = tracking.registered_name(model, cfg.task.name)
     trial_ctx = {**ctx, "model": model, "registered_name": name}
     trainable = tune.with_resources(trial_fn, {"cpu": cfg.scaling.trial_cpus,
@@ -365,7 +336,7 @@ def _search_one_model(cfg: RunConfig, model: str, ctx: dict, storage: Path, resu
         searcher = ConcurrencyLimiter(OptunaSearch(seed=cfg.search.seed), max_concurrent=cfg.search.max_concurrent)
         scheduler = None
         if cfg.search.asha:
-            scheduler = ASHAScheduler(time_attr="epoch", max_t=cfg.training.phase2_epochs,
+            scheduler = ASHAScheduler(time_attr="epoch", max_t=cfg.phase2.epochs,
                                       grace_period=cfg.search.grace_period, reduction_factor=cfg.search.reduction_factor)
         tuner = tune.Tuner(
             trainable,
@@ -385,7 +356,7 @@ def _search_one_model(cfg: RunConfig, model: str, ctx: dict, storage: Path, resu
                        "error": str(r.error)[:300] if r.error else None,
                        **{k: m.get(k) for k in ("phase1_s", "phase2_s", "eval_s", "total_s", "memo_hit")}})
     out = {"registered_model": name, "metric": metric, "trials": trials}
-    champion = _pick_champion(uri, name)
+    champion = tracking.best_version(uri, name, tag="sel_metric")
     if champion is None:
         out["error"] = "no trial finished; see the failed runs in MLflow"
         return out
@@ -393,30 +364,14 @@ def _search_one_model(cfg: RunConfig, model: str, ctx: dict, storage: Path, resu
     tracking.set_champion(uri, name, version)
     out.update(champion_version=version, champion_run_id=run_id)
     out["report"] = _report(cfg, model, uri, name, run_id, ctx["parent_run_id"])
-    print(f"[lofit-ray] {model}: champion {name} v{version}; report split {metric}: "
-          f"{out['report']['champion'][metric]:.3f} vs 0-shot {out['report']['zero_shot'][metric]:.3f}", flush=True)
+    shown = [k for k in ("mc1", "mc2", "em", "em_lenient") if k in out["report"]["champion"]]
+    print(f"[lofit-ray] {model}: champion {name} v{version}; report split "
+          + ", ".join(f"{k} {out['report']['champion'][k]:.3f} vs 0-shot {out['report']['zero_shot'][k]:.3f}"
+                      for k in shown) + f" (n={out['report']['n']})", flush=True)
     return out
 
 
-def _pick_champion(uri: str, name: str):
-    """The registered version with the best selection metric (each finished trial is a version)."""
-    c = tracking.client(uri)
-    try:
-        versions = c.search_model_versions(f"name='{name}'")
-    except Exception:
-        return None
-    best = None
-    for v in versions:
-        try:
-            score = float(v.tags.get("sel_metric", "nan"))
-        except ValueError:
-            continue
-        if score == score and (best is None or score > best[0]):
-            best = (score, str(v.version), v.run_id)
-    return best[1:] if best else None
-
-
-def _report(cfg: RunConfig, model: str, uri: str, name: str, run_id: str, parent: str) -> dict:
+def _report(cfg: SearchJobConfig, model: str, uri: str, name: str, run_id: str, parent: str) -> dict:
     """Score the champion once on the held-out report split, beside the 0-shot model."""
     loaded = get_model(model, cfg.dtype)
     task, splits = get_splits(task_spec(cfg))

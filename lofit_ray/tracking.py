@@ -30,15 +30,12 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable
 
-os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+import mlflow
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param, RunTag, ViewType
+from mlflow.exceptions import MlflowException
 
-import mlflow  # noqa: E402
-from mlflow import MlflowClient  # noqa: E402
-from mlflow.entities import Metric, Param, RunTag, ViewType  # noqa: E402
-from mlflow.exceptions import MlflowException  # noqa: E402
-
-from .heads import HeadSet  # noqa: E402
+from .heads import HeadSet, plot_head_set
 
 if TYPE_CHECKING:
     from .adapter import Adapter
@@ -330,43 +327,6 @@ def _get_run(c: MlflowClient, run_id: str):
 
 # -- head sets ------------------------------------------------------------------------------------
 
-def plot_head_set(head_set: HeadSet, path: str | Path, k: int | None = None) -> Path:
-    """Write a layers x heads heatmap of score_grid() with the top-K heads framed (Agg, no pyplot state)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-    from matplotlib.patches import Rectangle
-    import matplotlib
-    import numpy as np
-
-    k = head_set.k if k is None else k
-    grid = head_set.score_grid().numpy()
-    layers, heads = grid.shape
-    fig = Figure(figsize=(min(14.0, 2.5 + 0.4 * heads), min(14.0, 1.8 + 0.3 * layers)))
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
-    cmap = matplotlib.colormaps["viridis"].with_extremes(bad="#dddddd")
-    image = ax.imshow(np.ma.masked_invalid(grid), aspect="auto", cmap=cmap, interpolation="nearest",
-                      origin="upper")
-    fig.colorbar(image, ax=ax, label="score")
-    top = head_set.top(k)
-    for layer, head in top:
-        ax.add_patch(Rectangle((head - 0.45, layer - 0.45), 0.9, 0.9, fill=False, edgecolor="red", linewidth=1.5))
-    if k <= 40:
-        for rank, (layer, head) in enumerate(top, 1):
-            ax.annotate(str(rank), (head, layer), ha="center", va="center", fontsize=6, color="red",
-                        fontweight="bold")
-    ax.set_xlabel("head")
-    ax.set_ylabel("layer")
-    ax.set_xticks(range(heads))
-    ax.set_yticks(range(0, layers, max(1, layers // 16)))
-    ax.set_title(f"{head_set.model} / {head_set.task or 'no task'} / {head_set.method}: "
-                 f"top K={k} of {layers * heads} heads (red, ranked)", fontsize=9)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=100)
-    return path
-
-
 def log_head_set(tracking_uri: str, run_id: str, head_set: HeadSet, k: int | None = None,
                  key: str | None = None) -> None:
     """Log heads/head_set.json and heads/heatmap.png, and tag the run with K, model, task, method.
@@ -376,6 +336,7 @@ def log_head_set(tracking_uri: str, run_id: str, head_set: HeadSet, k: int | Non
     """
     if k is not None and k != head_set.k:
         head_set = head_set.with_k(k)
+    shown_k = "all" if head_set.k is None else head_set.k  # a phase-1 ranking has no K yet
     c = client(tracking_uri)
     tmp = Path(tempfile.mkdtemp(prefix="lofit-heads-"))
     try:
@@ -386,7 +347,7 @@ def log_head_set(tracking_uri: str, run_id: str, head_set: HeadSet, k: int | Non
         _retry(c.log_artifacts, run_id, str(folder), HEADS_DIR)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    tags = {HEADS_K_TAG: head_set.k, MODEL_TAG: head_set.model, TASK_TAG: head_set.task,
+    tags = {HEADS_K_TAG: shown_k, MODEL_TAG: head_set.model, TASK_TAG: head_set.task,
             METHOD_TAG: head_set.method,
             "lofit.heads_shape": f"{head_set.layout['num_layers']}x{head_set.layout['num_heads']}",
             "lofit.fingerprint": head_set.fingerprint}
@@ -421,6 +382,20 @@ def find_head_set(tracking_uri: str, experiment_id: str, key: str) -> HeadSet | 
         if head_set is not None:
             return head_set
     return None
+
+
+def finished_trial_run(tracking_uri: str, experiment_id: str, parent_run_id: str, trial_id: str) -> dict | None:
+    """The FINISHED run of this trial in this search, if an earlier driver already completed it:
+    {"run_id", "metrics", "version"} (None when there is none)."""
+    runs = client(tracking_uri).search_runs(
+        [experiment_id], filter_string=f"tags.`lofit.trial_id` = '{trial_id}' and "
+                                       f"tags.`{PARENT_RUN_TAG}` = '{parent_run_id}' and attributes.status = 'FINISHED'",
+        max_results=1)
+    if not runs:
+        return None
+    run = runs[0]
+    return {"run_id": run.info.run_id, "metrics": dict(run.data.metrics),
+            "version": run.data.tags.get("lofit.registered_version", "")}
 
 
 # -- adapters and the registry ----------------------------------------------------------------------
@@ -483,6 +458,24 @@ def _model_version(c: MlflowClient, name: str, version: str):
         versions = sorted((int(v.version) for v in c.search_model_versions(f"name = '{name}'")))
         raise ValueError(f"{name} has no version {version}; versions: {versions} "
                          f"(see `lofit-ray heads list`)") from exc
+
+
+def best_version(tracking_uri: str, name: str, tag: str = "sel_metric") -> tuple[str, str] | None:
+    """(version, run_id) of the registered version with the highest numeric ``tag``, or None."""
+    c = client(tracking_uri)
+    try:
+        versions = c.search_model_versions(f"name='{name}'")
+    except MlflowException:
+        return None
+    best = None
+    for v in versions:
+        try:
+            score = float(v.tags.get(tag, "nan"))
+        except ValueError:
+            continue
+        if not math.isnan(score) and (best is None or score > best[0]):
+            best = (score, str(v.version), v.run_id)
+    return best[1:] if best else None
 
 
 def get_champion(tracking_uri: str, name: str):
@@ -632,7 +625,7 @@ def _adapter_head_set(c: MlflowClient, run_id: str) -> HeadSet | None:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     cfg = adapter.config
-    norms = adapter.bias.norm(dim=-1).tolist()
+    norms = adapter.offset.norm(dim=-1).tolist()
     ranking = sorted(([int(l), int(h), float(n)] for (l, h), n in zip(cfg.heads, norms)), key=lambda r: -r[2])
     return HeadSet(model=cfg.base_model, fingerprint=cfg.fingerprint, layout=cfg.layout, ranking=ranking,
                    k=len(ranking), method=cfg.method, task=cfg.task, hparams={"from": "adapter offsets norm"},
@@ -662,7 +655,35 @@ def load_head_set(tracking_uri: str, ref: str) -> HeadSet:
     return head_set
 
 
-def format_metric(value: float | None) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "-"
-    return f"{value:.3f}"
+# -- for the CLI
+
+def promote(tracking_uri: str, name: str, version: str | int) -> dict:
+    """Point ``name``@champion at ``version`` (`lofit-ray heads promote`); return what changed:
+    {"name", "old_version" (None if unset), "version", "run_id", "metrics" (the run's val_/test_/sel_ ones)}."""
+    old = set_champion(tracking_uri, name, version)
+    c = client(tracking_uri)
+    mv = _model_version(c, name, str(version))
+    metrics = {}
+    if mv.run_id:
+        metrics = {k: v for k, v in _get_run(c, mv.run_id).data.metrics.items()
+                   if k.startswith(("val_", "test_", "sel_"))}
+    return {"name": name, "old_version": old, "version": str(mv.version), "run_id": mv.run_id, "metrics": metrics}
+
+
+# -- for experiments ------------------------------------------------------------------------------------
+
+def run_exists(tracking_uri: str, run_id: str) -> bool:
+    """Whether this store holds run ``run_id`` (and it is not deleted)."""
+    try:
+        return client(tracking_uri).get_run(run_id).info.lifecycle_stage != "deleted"
+    except MlflowException:
+        return False
+
+
+def reopen_run(tracking_uri: str, run_id: str) -> bool:
+    """Mark run ``run_id`` RUNNING again (a resumed job logs into it); False when this store lacks it or it is
+    deleted."""
+    if not run_exists(tracking_uri, run_id):
+        return False
+    _retry(client(tracking_uri).update_run, run_id, status="RUNNING")
+    return True

@@ -17,7 +17,7 @@ from lofit_ray.losses import sft_loss
 from lofit_ray.models import load_model
 from lofit_ray.tasks import SFTExample, get_task
 from lofit_ray.tasks.base import data_dir
-from lofit_ray.train import TrainConfig
+from lofit_ray.config import LoraConfig, TrainingConfig
 
 needs_data = pytest.mark.skipif(not (data_dir() / "truthfulqa").is_dir(), reason="shared TruthfulQA data is missing")
 
@@ -137,13 +137,13 @@ def test_fit_iti_adapter_selects_alpha_saves_and_acts_only_on_its_heads(tiny, tm
     assert adapter.config.method == "iti" and info["head_set"].method == "iti"
     heads = [tuple(h) for h in adapter.config.heads]
     assert heads == info["head_set"].top(3) == info["heads"]
-    assert torch.allclose(adapter.bias, info["alpha"] * info["sigma"][:, None] * info["directions"])
-    assert torch.allclose(adapter.bias.norm(dim=-1), info["alpha"] * info["sigma"], rtol=1e-5)
+    assert torch.allclose(adapter.offset, info["alpha"] * info["sigma"][:, None] * info["directions"])
+    assert torch.allclose(adapter.offset.norm(dim=-1), info["alpha"] * info["sigma"], rtol=1e-5)
 
     # save / load
     adapter.save_pretrained(tmp_path / "iti")
     again = Adapter.from_pretrained(tmp_path / "iti")
-    assert torch.equal(again.bias, adapter.bias) and again.config == adapter.config
+    assert torch.equal(again.offset, adapter.offset) and again.config == adapter.config
 
     # logits change, and equal between the saved and the in-memory adapter
     tok = tiny.tokenizer
@@ -177,7 +177,7 @@ def test_fit_iti_adapter_selects_alpha_saves_and_acts_only_on_its_heads(tiny, tm
     for head in range(H):
         if (first, head) in heads:
             row = heads.index((first, head))
-            assert torch.allclose(diff[:, head], adapter.bias[row].expand_as(diff[:, head]), atol=1e-5)
+            assert torch.allclose(diff[:, head], adapter.offset[row].expand_as(diff[:, head]), atol=1e-5)
         else:
             assert diff[:, head].abs().max() == 0
     assert torch.allclose(_logits(tiny.model, tok=tok), base)  # detached: base model again
@@ -195,7 +195,7 @@ def test_fit_iti_without_selection_uses_the_one_alpha(tiny):
     statements += [(f"Q: Is {i} even? A: {'No' if i % 2 == 0 else 'Yes'}.", 0) for i in range(6)]
     adapter, info = iti.fit_iti(tiny, "parity", 2, statements=statements, alphas=(3.0,))
     assert info["alpha"] == 3.0 and info["alpha_grid"] == [] and adapter.config.task == "parity"
-    assert adapter.bias.shape == (2, tiny.layout.head_dim) and adapter.num_parameters == 2 * tiny.layout.head_dim
+    assert adapter.offset.shape == (2, tiny.layout.head_dim) and adapter.num_parameters == 2 * tiny.layout.head_dim
 
 
 # --- LoRA -------------------------------------------------------------------------------------------
@@ -219,7 +219,7 @@ def test_lora_trainable_count_is_analytic():
     peft_model = lora.wrap_lora(loaded, rank=4, alpha=8, targets=("q_proj", "v_proj"))
     assert lora.count_trainable(peft_model) == 3584 == lora.count_lora_parameters(peft_model)
     with pytest.raises(ValueError, match="not found"):
-        lora.wrap_lora(load_model("tiny-llama"), targets=("qkv_proj",))
+        lora.wrap_lora(load_model("tiny-llama"), 8, 16, targets=("qkv_proj",))
 
 
 def test_lora_sft_lowers_loss_and_round_trips(tmp_path):
@@ -227,8 +227,8 @@ def test_lora_sft_lowers_loss_and_round_trips(tmp_path):
     tok = loaded.tokenizer
     base_logits = _logits(loaded.model, tok=tok)
     before = _sft_loss(loaded.model, loaded)
-    cfg = TrainConfig(epochs=4, lr=1e-2, batch_size=3, max_length=64, seed=0)
-    peft_model, info = lora.train_lora(loaded, SFT, cfg)
+    training = TrainingConfig(batch_size=3, max_length=64, seed=0)
+    peft_model, info = lora.train_lora(loaded, SFT, training, LoraConfig(epochs=4, lr=1e-2))
     assert info["trainable_parameters"] == 14336 and info["objective"] == "sft"
     assert len(info["history"]) == 4 and all(math.isfinite(h["loss"]) for h in info["history"])
     inner = lora.inner_model(peft_model)
@@ -254,10 +254,11 @@ def test_lora_sft_lowers_loss_and_round_trips(tmp_path):
 
 
 def test_lora_nan_loss_is_reported(monkeypatch):
+    from lofit_ray import losses
     from lofit_ray.train import NaNLossError
 
     loaded = load_model("tiny-llama")
-    real = lora.losses.answer_logprobs
+    real = losses.answer_logprobs
     calls = []
 
     def poisoned(model, batch, **kw):  # the second step's loss is NaN
@@ -265,17 +266,17 @@ def test_lora_nan_loss_is_reported(monkeypatch):
         logp = real(model, batch, **kw)
         return logp * float("nan") if len(calls) == 2 else logp
 
-    monkeypatch.setattr(lora.losses, "answer_logprobs", poisoned)
+    monkeypatch.setattr(losses, "answer_logprobs", poisoned)  # the shared loop (train.train_loop) calls it
     with pytest.raises(NaNLossError, match="epoch 1, step 2"):
-        lora.train_lora(loaded, SFT, TrainConfig(epochs=1, lr=1e-3, batch_size=3, max_length=64))
+        lora.train_lora(loaded, SFT, TrainingConfig(batch_size=3, max_length=64), LoraConfig(epochs=1, lr=1e-3))
 
 
 @needs_data
 def test_lora_dpo_and_evaluate(tmp_path):
     loaded = load_model("tiny-llama")
     task = get_task("truthfulqa")
-    cfg = TrainConfig(epochs=2, lr=5e-3, batch_size=2, max_length=64)
-    peft_model, info = lora.train_lora(loaded, task.train_examples(limit=4), cfg)
+    peft_model, info = lora.train_lora(loaded, task.train_examples(limit=4), TrainingConfig(batch_size=2, max_length=64),
+                                       LoraConfig(epochs=2, lr=5e-3))
     assert info["objective"] == "dpo"
     assert abs(info["history"][0]["loss"] - math.log(2)) < 0.1  # B=0 at the start: policy = reference
     assert info["history"][-1]["loss"] < info["history"][0]["loss"]
@@ -330,14 +331,19 @@ def test_cli_rejects_bad_alphas(capsys):
 
     assert main(["iti", "--model", "tiny-llama", "--k", "2", "--alphas", "1,x"]) == 2
     assert "--alphas" in capsys.readouterr().err
+    assert main(["lora", "--model", "tiny-llama", "--rank", "0"]) == 2  # LoraConfig's check, named by flag
+    assert "--rank (lora.rank)" in capsys.readouterr().err
 
 
 def test_baselines_import_without_peft_ray_mlflow():
     code = ("import sys\n"
             "for name in ('peft', 'ray', 'mlflow'): sys.modules[name] = None\n"
-            "import lofit_ray.baselines, lofit_ray.cli_baselines\n"
+            "import lofit_ray.baselines, lofit_ray.cli.baselines\n"
             "from lofit_ray.baselines import lora\n"
-            "try:\n    lora.wrap_lora(None)\n"
-            "except ImportError as e:\n    assert 'peft' in str(e); print('ok')\n")
+            "try:\n    lora.wrap_lora(None, 8, 16, ['q_proj'])\n"
+            "except ImportError as e:\n    assert 'peft' in str(e); print('ok')\n"
+            "from lofit_ray.cli import main\n"
+            "print(main(['lora', '--model', 'no-such-model']))\n")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
+    assert result.returncode == 0 and result.stdout.split() == ["ok", "2"], result.stderr
+    assert result.stderr.strip() == "lofit-ray lora needs peft: pip install 'lofit-ray[baselines]'"

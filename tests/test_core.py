@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from dataclasses import asdict
@@ -9,13 +10,14 @@ from dataclasses import asdict
 import pytest
 import torch
 
-from lofit_ray import Adapter, HeadOffsets, HeadSet, TrainConfig, select_heads, tune_bias
+from lofit_ray import (Adapter, HeadOffsets, HeadSet, Phase1Config, Phase2Config, TrainingConfig, select_heads,
+                       train_offsets)
 from lofit_ray.architectures import FAMILIES, UnsupportedArchitectureError, head_layout, o_projs
 from lofit_ray.evaluate import mc_metrics, mc_scores
 from lofit_ray.heads import compare, jaccard, random_ranking
 from lofit_ray.models import ModelSpecError, load_model
 from lofit_ray.tasks import MCQuestion, PreferenceExample, SFTExample, get_task
-from lofit_ray.train import NaNLossError, train_offsets
+from lofit_ray.train import NaNLossError, TorchStepper, train_loop
 
 IDS = torch.randint(0, 2000, (2, 11), generator=torch.Generator().manual_seed(0))
 
@@ -32,10 +34,10 @@ def test_each_architecture_zero_offsets_leave_logits_unchanged(family):
     loaded = load_model(f"tiny-{family}")
     assert head_layout(loaded.model.config).num_heads == 4
     base = _logits(loaded.model)
-    offsets = HeadOffsets(loaded.layout, scale=True, bias_heads=[(0, 1), (3, 2)], init_std=0.0).attach(loaded.model)
+    offsets = HeadOffsets(loaded.layout, scale=True, offset_heads=[(0, 1), (3, 2)], init_std=0.0).attach(loaded.model)
     assert torch.equal(_logits(loaded.model), base)
     with torch.no_grad():
-        offsets.bias.fill_(0.5)
+        offsets.offset.fill_(0.5)
     assert not torch.allclose(_logits(loaded.model), base)
     with offsets.disabled():
         assert torch.equal(_logits(loaded.model), base)
@@ -46,7 +48,7 @@ def test_each_architecture_zero_offsets_leave_logits_unchanged(family):
 def test_hooked_offsets_equal_a_straightforward_reference(tiny):
     """z * (1 + A) + v on the o_proj input, computed head by head, equals the vectorized hook."""
     layout = tiny.layout
-    offsets = HeadOffsets(layout, scale=True, bias_heads=[(1, 0), (1, 3), (2, 2)], init_std=0.3, seed=1)
+    offsets = HeadOffsets(layout, scale=True, offset_heads=[(1, 0), (1, 3), (2, 2)], init_std=0.3, seed=1)
     captured = {}
     proj = o_projs(tiny.model)[1]
     handle = proj.register_forward_pre_hook(lambda m, a: captured.__setitem__("x", a[0].clone()))
@@ -58,19 +60,19 @@ def test_hooked_offsets_equal_a_straightforward_reference(tiny):
     for h in range(layout.num_heads):
         sl = slice(h * D, (h + 1) * D)
         expected[..., sl] = x[..., sl] * (1 + offsets.scale[1, h])
-        for row, (layer, head) in enumerate(offsets.bias_heads):
+        for row, (layer, head) in enumerate(offsets.offset_heads):
             if (layer, head) == (1, h):
-                expected[..., sl] += offsets.bias[row]
+                expected[..., sl] += offsets.offset[row]
     torch.testing.assert_close(offsets.transform(1, x), expected)
     # layers without a selected head get no hook when only v is trained
-    assert HeadOffsets(layout, bias_heads=[(2, 1)]).active_layers() == [2]
+    assert HeadOffsets(layout, offset_heads=[(2, 1)]).active_layers() == [2]
 
 
 def test_offsets_reject_bad_heads(tiny):
     with pytest.raises(ValueError, match="outside"):
-        HeadOffsets(tiny.layout, bias_heads=[(9, 0)])
+        HeadOffsets(tiny.layout, offset_heads=[(9, 0)])
     with pytest.raises(ValueError, match="twice"):
-        HeadOffsets(tiny.layout, bias_heads=[(0, 0), (0, 0)])
+        HeadOffsets(tiny.layout, offset_heads=[(0, 0), (0, 0)])
 
 
 # -- phase 1 ranking --------------------------------------------------------------------
@@ -87,7 +89,8 @@ def test_ranking_recovers_planted_heads():
                 if (layer, head) not in planted:
                     proj.weight[:, head * D:(head + 1) * D] = 0
     examples = [SFTExample(f"Q: item {i} A:", " yes") for i in range(16)]
-    head_set = select_heads(loaded, examples, TrainConfig(epochs=3, lr=2e-2, batch_size=8, l1=1e-3, seed=0), k=2)
+    head_set = select_heads(loaded, examples, TrainingConfig(batch_size=8, seed=0),
+                            Phase1Config(epochs=3, lr=2e-2, l1=1e-3)).with_k(2)
     assert set(head_set.top(2)) == planted
     scores = [s for _, _, s in head_set.ranking]
     assert scores[1] > 5 * scores[2]
@@ -121,23 +124,24 @@ def trained_adapter(tiny):
     layout = asdict(tiny.layout)
     head_set = HeadSet("tiny-llama", tiny.fingerprint, layout, random_ranking(tiny.layout, 0), k=3, method="random")
     examples = [PreferenceExample(f"Q: colour {i}? A:", " blue", " green") for i in range(8)]
-    return tune_bias(tiny, head_set, examples, TrainConfig(epochs=2, lr=5e-2, batch_size=4), task="synthetic")
+    return train_offsets(tiny, head_set, None, examples, TrainingConfig(batch_size=4), Phase2Config(epochs=2, lr=5e-2),
+                        task="synthetic")
 
 
 def test_adapter_trains_only_selected_heads_and_round_trips(tiny, trained_adapter, tmp_path):
     adapter = trained_adapter
     assert adapter.num_parameters == 3 * tiny.layout.head_dim
-    assert adapter.bias.abs().max() > 1e-2  # it moved from the N(0, 1e-3) init
+    assert adapter.offset.abs().max() > 1e-2  # it moved from the N(0, 1e-3) init
     adapter.save_pretrained(tmp_path / "ad")
     assert sorted(p.name for p in (tmp_path / "ad").iterdir()) == ["adapter_config.json", "offsets.safetensors"]
     again = Adapter.from_pretrained(tmp_path / "ad")
-    assert torch.equal(again.bias, adapter.bias) and again.config == adapter.config
+    assert torch.equal(again.offset, adapter.offset) and again.config == adapter.config
     base = _logits(tiny.model)
     offsets = again.attach(tiny.model, tiny.fingerprint)
     hooked = _logits(tiny.model)
     offsets.detach()
     assert not torch.allclose(hooked, base)
-    with pytest.raises(FileNotFoundError, match="lofit-ray tune"):
+    with pytest.raises(FileNotFoundError, match="lofit-ray train"):
         Adapter.from_pretrained(tmp_path / "missing")
 
 
@@ -155,7 +159,7 @@ def test_export_gives_a_plain_transformers_model_with_the_same_logits(tiny, trai
 
 def test_export_refuses_families_without_an_o_proj_bias_switch():
     loaded = load_model("tiny-qwen2")
-    adapter = Adapter.from_offsets(HeadOffsets(loaded.layout, bias_heads=[(0, 0)]), loaded)
+    adapter = Adapter.from_offsets(HeadOffsets(loaded.layout, offset_heads=[(0, 0)]), loaded)
     with pytest.raises(UnsupportedArchitectureError, match="attach it"):
         adapter.export(loaded, "/tmp/never")
     model = adapter.merge_and_unload(loaded.model)  # in-memory merge still works
@@ -164,18 +168,30 @@ def test_export_refuses_families_without_an_o_proj_bias_switch():
 
 # -- training loop guards ------------------------------------------------------------------
 
+def _train_offsets(loaded, offsets, examples, training, epochs, lr, start_layer=0):
+    """Phase 2's loop on given offsets (attached here, detached after)."""
+    offsets.attach(loaded.model)
+    try:
+        return train_loop(loaded, examples, training, epochs, TorchStepper([offsets.offset], lr),
+                          base_model=offsets.disabled, start_layer=start_layer)
+    finally:
+        offsets.detach()
+
+
 def test_nan_loss_stops_with_a_clear_error(tiny):
-    offsets = HeadOffsets(tiny.layout, bias_heads=[(0, 0)])
+    offsets = HeadOffsets(tiny.layout, offset_heads=[(0, 0)])
     with torch.no_grad():
-        offsets.bias.fill_(float("nan"))
+        offsets.offset.fill_(float("nan"))
     with pytest.raises(NaNLossError, match="lower the learning rate"):
-        train_offsets(tiny, offsets, [SFTExample("Q: a A:", " b")] * 4, TrainConfig(epochs=1, batch_size=4))
-    offsets.detach()
+        _train_offsets(tiny, offsets, [SFTExample("Q: a A:", " b")] * 4, TrainingConfig(batch_size=4), 1, 1e-2)
 
 
 def test_k_larger_than_the_head_count_and_unknown_models_fail_early(tiny):
-    with pytest.raises(ValueError, match="larger than the model's 16 heads"):
-        select_heads(tiny, [SFTExample("a", " b")], TrainConfig(), k=17)
+    ranking = HeadSet("tiny-llama", tiny.fingerprint, asdict(tiny.layout), random_ranking(tiny.layout, 0))
+    with pytest.raises(ValueError, match="larger than the 16 heads"):
+        ranking.with_k(17)
+    with pytest.raises(ValueError, match="ranking without K"):  # phase 2 needs a K: given, or the set's own
+        train_offsets(tiny, ranking, None, [SFTExample("a", " b")], TrainingConfig(), Phase2Config())
     with pytest.raises(ModelSpecError, match="bundled name"):
         load_model("no-such-model")
     with pytest.raises(ModelSpecError, match="never downloads"):
@@ -215,33 +231,100 @@ def test_smollm2_loads_and_a_few_dpo_steps_lower_the_loss(smollm2):
     assert (layout.num_layers, layout.num_heads, layout.head_dim) == (30, 9, 64)
     examples = get_task("truthfulqa").train_examples(limit=8)
     head_set = HeadSet("smollm2-135m", smollm2.fingerprint, asdict(layout), random_ranking(layout, 0), k=16)
-    offsets = HeadOffsets(layout, bias_heads=head_set.top(), seed=0)
-    history = train_offsets(smollm2, offsets, examples, TrainConfig(epochs=4, lr=2e-2, batch_size=8, max_length=96))
-    offsets.detach()
+    offsets = HeadOffsets(layout, offset_heads=head_set.top(), seed=0)
+    history = _train_offsets(smollm2, offsets, examples, TrainingConfig(batch_size=8, max_length=96), 4, 2e-2,
+                             start_layer=offsets.lowest_layer())
     assert history[0]["loss"] == pytest.approx(0.6931, abs=0.02)  # DPO starts at log 2
     assert history[-1]["loss"] < history[0]["loss"] - 0.05
+
+
+def _cli(*args, env=None, cwd=None):
+    return subprocess.run([sys.executable, "-m", "lofit_ray.cli", *args], capture_output=True, text=True, env=env,
+                          cwd=cwd)
 
 
 @pytest.mark.slow
 def test_cli_select_tune_eval_export_end_to_end(tmp_path):
     def cli(*args):
-        res = subprocess.run([sys.executable, "-m", "lofit_ray.cli", *args], capture_output=True, text=True)
+        res = _cli(*args)
         assert res.returncode == 0, res.stderr[-2000:]
         return res.stdout
 
     common = ["--model", "tiny-llama", "--task", "truthfulqa"]
     out = cli("select", *common, "--limit", "8", "--k", "3", "--epochs", "1", "--out", str(tmp_path / "h.json"))
     assert "selected 3 of 16 heads" in out
-    cli("tune", *common, "--limit", "8", "--heads", str(tmp_path / "h.json"), "--epochs", "1", "--out",
+    cli("train", *common, "--limit", "8", "--heads", str(tmp_path / "h.json"), "--epochs", "1", "--out",
         str(tmp_path / "ad"))
     cli("eval", *common, "--limit", "3", "--adapter", str(tmp_path / "ad"), "--out", str(tmp_path / "m.json"))
     metrics = json.loads((tmp_path / "m.json").read_text())
     assert metrics["n"] == 3 and 0 <= metrics["mc2"] <= 1 and metrics["wall_seconds"] > 0
     cli("export", "--model", "tiny-llama", "--adapter", str(tmp_path / "ad"), "--out", str(tmp_path / "merged"))
     assert (tmp_path / "merged" / "config.json").is_file()
-    bad = subprocess.run([sys.executable, "-m", "lofit_ray.cli", "select", *common, "--k", "99"],
-                         capture_output=True, text=True)
-    assert bad.returncode == 2 and "choose K in 1..16" in bad.stderr
+    bad = _cli("select", *common, "--k", "99")
+    assert bad.returncode == 2 and "choose K in 1..16" in bad.stderr and "--k 99" in bad.stderr
+    # a ranking without K (select without --k): tune needs --k, and says so before loading the model
+    out = cli("select", *common, "--random", "--out", str(tmp_path / "r.json"))
+    assert "ranked all 16 heads (random)" in out and json.loads((tmp_path / "r.json").read_text())["k"] is None
+    bad = _cli("train", *common, "--heads", str(tmp_path / "r.json"), "--model", "no-such-model")
+    assert bad.returncode == 2 and "--k is required" in bad.stderr, bad.stderr
+    out = cli("train", *common, "--limit", "4", "--heads", str(tmp_path / "r.json"), "--k", "2", "--epochs", "1",
+              "--batch-size", "4", "--out", str(tmp_path / "ad2"))
+    assert "trained offsets on 2 heads" in out
+
+
+def test_cli_select_rejects_k_below_one_before_loading_a_model(monkeypatch, capsys):
+    from lofit_ray import models
+    from lofit_ray.cli import main
+
+    monkeypatch.setattr(models, "load_model", lambda *a, **kw: pytest.fail("the model was loaded"))
+    assert main(["select", "--model", "tiny-llama", "--k", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lofit-ray select: error: --k 0") and "at least 1" in err
+    assert main(["select", "--model", "tiny-llama", "--lr", "-1"]) == 2  # config checks name flag and field
+    assert "--lr (phase1.lr)" in capsys.readouterr().err
+
+
+def test_cli_search_config_error_exits_before_ray(tmp_path):
+    """A bad --set value exits 2 naming the field, before Ray starts or MLflow creates its store."""
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")}
+    env["LOFIT_HOME"] = str(tmp_path / "home")
+    res = _cli("search", "--config", str(repo / "configs" / "smoke.yaml"), "--set", "search.space.l1=[-1]",
+               env=env, cwd=tmp_path)
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert len(res.stderr.strip().splitlines()) == 1 and res.stderr.startswith("search: config error:")
+    assert "search.space.l1" in res.stderr and "Traceback" not in res.stderr
+    assert not (tmp_path / "ray_results").exists() and not (tmp_path / "mlflow.db").exists()
+    assert not (tmp_path / "home" / "mlflow.db").exists()
+
+
+def test_cli_modules_import_alone_without_a_cycle():
+    """Each lofit_ray.cli module imports on its own (fresh, with the others unloaded), and none imports
+    the package's __init__ names or a sibling other than common."""
+    import ast
+    from pathlib import Path
+
+    cli_dir = Path(__file__).resolve().parents[1] / "lofit_ray" / "cli"
+    modules = sorted(p.stem for p in cli_dir.glob("*.py") if p.stem not in ("__init__", "__main__"))
+    assert {"common", "core", "baselines", "heads", "search"} <= set(modules)
+    for name in modules:
+        tree = ast.parse((cli_dir / f"{name}.py").read_text())
+        siblings = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level == 1}
+        siblings |= {a.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level == 1
+                     and n.module is None for a in n.names}
+        assert siblings <= ({"common"} if name != "common" else set()), (name, siblings)
+    code = ("import importlib, sys\n"
+            f"for name in {modules!r}:\n"
+            "    for m in [m for m in sys.modules if m == 'lofit_ray.cli' or m.startswith('lofit_ray.cli.')]:\n"
+            "        del sys.modules[m]\n"
+            "    importlib.import_module('lofit_ray.cli.' + name)\n"
+            "from lofit_ray.cli import build_parser\n"
+            "build_parser()\n"
+            "print('ok')\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-2000:]
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma3_text"])
@@ -251,11 +334,10 @@ def test_skipping_frozen_layers_trains_the_same_offsets(family):
     examples = get_task("truthfulqa").train_examples(limit=8)
     trained = []
     for skip in (True, False):
-        offsets = HeadOffsets(loaded.layout, bias_heads=[(2, 1), (3, 0)], seed=0)
-        history = train_offsets(loaded, offsets, examples,
-                                TrainConfig(epochs=2, lr=1e-2, batch_size=4, skip_frozen_layers=skip))
-        offsets.detach()
-        trained.append((offsets.bias.detach(), history[-1]["loss"]))
+        offsets = HeadOffsets(loaded.layout, offset_heads=[(2, 1), (3, 0)], seed=0)
+        history = _train_offsets(loaded, offsets, examples, TrainingConfig(batch_size=4), 2, 1e-2,
+                                 start_layer=offsets.lowest_layer() if skip else 0)
+        trained.append((offsets.offset.detach(), history[-1]["loss"]))
     torch.testing.assert_close(trained[0][0], trained[1][0], atol=1e-6, rtol=0)
     assert trained[0][1] == pytest.approx(trained[1][1], abs=1e-5)
     assert len(list(o_projs(loaded.model))) == 4  # the decoder got its full layer list back

@@ -1,8 +1,8 @@
-"""jobs/reproduce.py: the tiny end-to-end run (every method x task x K x seed), its record, table,
-MLflow runs and --resume; config validation; configs/llama2_7b.yaml against the search schema."""
+"""jobs/reproduce.py (lofit_ray.experiments): the tiny end-to-end run (every method x task x K x seed), its
+record, table, MLflow runs and --resume; ReproduceConfig validation; configs/llama2_7b.yaml against the search
+schema."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import signal
@@ -13,6 +13,9 @@ from pathlib import Path
 
 import pytest
 
+from lofit_ray import experiments
+from lofit_ray.config import ConfigError, ReproduceConfig, load_config
+
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "jobs" / "reproduce.py"
 TINY = REPO / "configs" / "reproduce_tiny.yaml"
@@ -21,15 +24,6 @@ TASKS = ("truthfulqa", "mquake")
 KS = (1, 2)  # tiny-llama has 16 heads: 3% -> 1 (at least 1), 10% -> 2
 SEEDS = (0,)
 HEAD_DIM = 16
-
-
-def _module():
-    if "reproduce_job" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("reproduce_job", SCRIPT)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["reproduce_job"] = module
-        spec.loader.exec_module(module)
-    return sys.modules["reproduce_job"]
 
 
 def expected_ids() -> set[str]:
@@ -306,7 +300,7 @@ def test_killed_run_resumes_without_duplicates(tmp_path):
 def test_phase2_lr_chosen_once_per_task(tmp_path):
     """per_task: the first phase-2 cell (LoFiT, smallest K) runs the lr grid on the selection split; the other
     phase-2 cells of that model x task train once with its choice, also after --resume."""
-    args = ("--set", "lofit.phase2_lr_choice=per_task", "--set", "methods=[lofit,random_heads,transfer_heads]")
+    args = ("--set", "grid.phase2_lr_choice=per_task", "--set", "methods=[lofit,random_heads,transfer_heads]")
     proc = run_job(tmp_path, *args, "--set", "k_fractions=[0.07]")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     doc = json.loads((tmp_path / "reproduce.json").read_text())
@@ -344,7 +338,7 @@ def test_bad_config_field_named(tmp_path):
     proc = subprocess.run([sys.executable, str(SCRIPT), "--config", str(bad), "--out-dir", str(tmp_path / "out")],
                           cwd=REPO, check=False, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2
-    assert "lofit.phase2_lrr: unknown key" in proc.stderr
+    assert "grid.phase2_lrr: unknown key" in proc.stderr
     assert not (tmp_path / "out" / "reproduce.json").exists()
     # a missing data file fails before any training or MLflow write, naming the split
     proc = subprocess.run([sys.executable, str(SCRIPT), "--config", str(TINY), "--out-dir", str(tmp_path / "out"),
@@ -356,8 +350,8 @@ def test_bad_config_field_named(tmp_path):
 
 
 @pytest.mark.parametrize("override, field", [
-    ({"lofit.phase2_lrr": [1e-2]}, "lofit.phase2_lrr: unknown key"),
-    ({"lofit.phase2_lr": [-1]}, "lofit.phase2_lr[0]"),
+    ({"grid.phase2_lrr": [1e-2]}, "grid.phase2_lrr: unknown key"),
+    ({"grid.phase2_lr": [-1]}, "grid.phase2_lr[0]"),
     ({"tasks.mquake.select_fraction": 1.5}, "tasks.mquake.select_fraction"),
     ({"tasks.mquake.limit_train": "many"}, "tasks.mquake.limit_train"),
     ({"methods": ["lofit", "prompting"]}, "methods: 'prompting'"),
@@ -369,44 +363,44 @@ def test_bad_config_field_named(tmp_path):
     ({"lora.rank": 0}, "lora.rank"),
     ({"iti.alphas": []}, "iti.alphas"),
     ({"device": "tpu"}, "device"),
-    ({"lofit.phase2_lr_choice": "per_seed"}, "lofit.phase2_lr_choice"),
+    ({"grid.phase2_lr_choice": "per_seed"}, "grid.phase2_lr_choice"),
+    ({"tasks.mquake.name": "clutrr"}, "tasks.mquake.name"),
 ])
 def test_config_errors_name_the_field(override, field):
-    from lofit_ray.config import ConfigError
-
     with pytest.raises(ConfigError) as info:
-        _module().load_reproduce_config(TINY, override)
+        load_config(TINY, override, schema=ReproduceConfig)
     assert field in str(info.value)
 
 
 def test_configs_load():
-    mod = _module()
-    cfg = mod.load_reproduce_config(REPO / "configs" / "reproduce.yaml")
+    cfg = load_config(REPO / "configs" / "reproduce.yaml", schema=ReproduceConfig)
     assert cfg.models == ["smollm2-135m", "gemma3-270m"]
     assert list(cfg.tasks) == ["truthfulqa", "mquake", "clutrr"]
     assert cfg.k_fractions == [0.03, 0.10] and cfg.seeds == [0, 1]
     assert set(cfg.methods) == set(METHODS)
     assert [cfg.transfer_source(t) for t in cfg.tasks] == ["mquake", "clutrr", "truthfulqa"]
     assert cfg.tasks["clutrr"].limit_train
-    tiny = mod.load_reproduce_config(TINY)
+    assert [t.name for t in cfg.tasks.values()] == list(cfg.tasks)  # the key names the task
+    assert cfg.grid.phase2_lr_choice == "per_task" and cfg.mlflow.experiment == "lofit-reproduce"
+    tiny = load_config(TINY, schema=ReproduceConfig)
     assert tiny.models == ["tiny-llama"] and list(tiny.tasks) == list(TASKS) and tiny.seeds == list(SEEDS)
     assert [tiny.transfer_source(t) for t in tiny.tasks] == ["mquake", "truthfulqa"]
-    assert len(mod.plan_cells(tiny, "tiny-llama", list(KS))) == len(expected_ids())
+    assert len(experiments.plan_cells(tiny, "tiny-llama", list(KS))) == len(expected_ids())
     # K: rounded half up, at least 1, never more than the model has
-    assert mod.k_values([0.03, 0.10], 16) == [1, 2]
-    assert mod.k_values([0.03, 0.10], 270) == [8, 27]  # SmolLM2-135M: 30 x 9 heads
-    assert mod.k_values([0.03, 0.10], 72) == [2, 7]  # Gemma-3-270M: 18 x 4 heads
-    assert mod.k_values([0.01, 0.02], 16) == [1]  # equal K values merge
+    assert experiments.k_values([0.03, 0.10], 16) == [1, 2]
+    assert experiments.k_values([0.03, 0.10], 270) == [8, 27]  # SmolLM2-135M: 30 x 9 heads
+    assert experiments.k_values([0.03, 0.10], 72) == [2, 7]  # Gemma-3-270M: 18 x 4 heads
+    assert experiments.k_values([0.01, 0.02], 16) == [1]  # equal K values merge
 
 
 def test_ray_job_default_out_dir(monkeypatch, tmp_path):
     """Under `ray job submit` the working dir is a temporary copy: results default to $LOFIT_HOME/reproduce."""
-    mod = _module()
+    local = REPO / "jobs" / "results"
     monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
-    assert mod.default_out_dir() == REPO / "jobs" / "results"
+    assert experiments.default_out_dir(local) == local
     monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", "{}")
     monkeypatch.setenv("LOFIT_HOME", str(tmp_path))
-    assert mod.default_out_dir() == tmp_path.resolve() / "reproduce"
+    assert experiments.default_out_dir(local) == tmp_path.resolve() / "reproduce"
 
 
 def test_llama2_7b_search_config():

@@ -5,6 +5,7 @@ Every process started here is stopped here.
 """
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -54,6 +55,12 @@ def _runs(uri: str, kind: str) -> list:
     ({"deepspeed.zero_stage": 4}, "deepspeed.zero_stage"),
     ({"search.space.l1": {"low": 1.0}}, "search.space.l1"),
     ({"models": []}, "models: list at least one"),
+    ({"search.space.l1": [-1e-3]}, "search.space.l1"),
+    ({"search.space.phase2_lr": {"low": -1.0, "high": 1.0}}, "search.space.phase2_lr"),
+    ({"search.space.k": [2.5]}, "search.space.k: K counts heads"),
+    ({"search.space.phase2_lr": [float("inf")]}, "search.space.phase2_lr: every value must be a finite"),
+    ({"phase1.lr": 0}, "phase1.lr"),
+    ({"phase2.epochs": 0}, "phase2.epochs"),
 ])
 def test_config_errors_name_the_field(override, message):
     with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
@@ -63,6 +70,9 @@ def test_config_errors_name_the_field(override, message):
 @pytest.mark.parametrize("env,extra,message", [
     ({"LOFIT_DATA_DIR": "/nonexistent/data"}, [], "split: file not found: /nonexistent/data/"),
     ({}, ["--set", "models=[tiny-foo]"], "no tiny config for 'foo'"),
+    ({}, ["--set", "search.space.l1=[-1.0e-3]"], "search.space.l1"),
+    ({}, ["--set", "search.space.phase1_lr=[-0.01]"], "search.space.phase1_lr"),
+    ({}, ["--set", "search.space.k=[2, 500]"], "larger than tiny-llama's"),
 ])
 def test_bad_inputs_stop_the_search_before_mlflow_and_ray(tmp_path, env, extra, message):
     proc = subprocess.run([sys.executable, str(REPO / "jobs" / "search.py"), "--config", str(SMOKE), *extra],
@@ -73,26 +83,34 @@ def test_bad_inputs_stop_the_search_before_mlflow_and_ray(tmp_path, env, extra, 
 
 def test_every_shipped_config_loads():
     for path in sorted((REPO / "configs").glob("*.yaml")):
-        if not path.name.startswith("reproduce"):  # reproduce*.yaml have their own schema (jobs/reproduce.py)
+        if not path.name.startswith("reproduce"):  # reproduce*.yaml: schema ReproduceConfig (test_reproduce)
             load_config(path)
 
 
 # -- Ray Train + DeepSpeed ------------------------------------------------------------------
 
-def single_process_scales(job: dict) -> torch.Tensor:
-    """Phase 1 of ``job`` in this process, no Ray or DeepSpeed: what the workers must reproduce exactly."""
+def single_process_scores(job: dict) -> torch.Tensor:
+    """Phase 1 of ``job`` in this process, no Ray or DeepSpeed: the ||A|| of every head, [layers, heads],
+    which the workers must reproduce exactly."""
+    from lofit_ray.config import Phase1Config, TrainingConfig
     from lofit_ray.distributed import job_examples
     from lofit_ray.models import load_model
     from lofit_ray.offsets import HeadOffsets
-    from lofit_ray.train import TrainConfig, train_offsets
+    from lofit_ray.train import select_heads
 
     loaded = load_model(job["model"])
-    single = HeadOffsets(loaded.layout, scale=True, seed=job["train_cfg"]["seed"])
-    initial = single.scale.detach().clone()
-    train_offsets(loaded, single, job_examples(job), TrainConfig(**job["train_cfg"]))
-    single.detach()
-    assert (single.scale.detach() - initial).abs().max() > 1e-2  # it trained
-    return single.scale.detach()
+    training = TrainingConfig(**job["training"])
+    head_set = select_heads(loaded, job_examples(job), training, Phase1Config(**job["phase1"]))
+    scores = head_set.score_grid()
+    initial = HeadOffsets(loaded.layout, scale=True, seed=training.seed).scale.detach().norm(dim=-1)
+    assert (scores - initial).abs().max() > 1e-2  # it trained
+    return scores
+
+
+def worker_scores(out: dict) -> torch.Tensor:
+    from lofit_ray.heads import HeadSet
+
+    return HeadSet(**out["head_set"]).score_grid()
 
 
 def phase1_on_two_workers(job: dict, tmp_path: Path, name: str, during=None) -> list[dict]:
@@ -120,10 +138,10 @@ def phase1_on_two_workers(job: dict, tmp_path: Path, name: str, during=None) -> 
 
 def test_two_deepspeed_workers_match_a_single_process_run(tmp_path):
     """Phase 1 on 2 Ray Train workers (DeepSpeed ZeRO-2, gloo) learns exactly what one process learns."""
-    tc = dict(epochs=1, lr=1e-2, batch_size=4, l1=1e-3, max_length=64, seed=3)
-    job = {"model": "tiny-llama", "task": {"name": "mquake", "splits": {"limit_train": 8}}, "train_cfg": tc, "k": 3}
+    job = {"model": "tiny-llama", "task": {"name": "mquake", "splits": {"limit_train": 8}},
+           "training": dict(batch_size=4, max_length=64, seed=3), "phase1": dict(epochs=1, lr=1e-2, l1=1e-3)}
     out = phase1_on_two_workers(job, tmp_path, "grad-check")
-    torch.testing.assert_close(torch.tensor(out[0]["scale"]), single_process_scales(job), atol=1e-6, rtol=0)
+    torch.testing.assert_close(worker_scores(out[0]), single_process_scores(job), atol=1e-6, rtol=0)
     assert out[0]["head_set"]["hparams"]["workers"] == 2
 
 
@@ -142,8 +160,9 @@ def train_worker_titles() -> dict[int, str]:
 def test_killed_worker_is_restarted_and_learns_the_same(tmp_path):
     """SIGKILL one of the 2 workers inside the training function: FailureConfig(max_failures=1) restarts the
     worker group, and phase 1 still returns exactly what one process learns (nothing half-trained leaks in)."""
-    tc = dict(epochs=40, lr=1e-2, batch_size=4, l1=1e-3, max_length=64, seed=3)
-    job = {"model": "tiny-llama", "task": {"name": "mquake", "splits": {"limit_train": 8}}, "train_cfg": tc, "k": 3}
+    epochs = 40
+    job = {"model": "tiny-llama", "task": {"name": "mquake", "splits": {"limit_train": 8}},
+           "training": dict(batch_size=4, max_length=64, seed=3), "phase1": dict(epochs=epochs, lr=1e-2, l1=1e-3)}
     killed, seen = [], set()
 
     def kill_one_worker(stop):
@@ -162,8 +181,8 @@ def test_killed_worker_is_restarted_and_learns_the_same(tmp_path):
     out = phase1_on_two_workers(job, tmp_path, "killed-worker", during=kill_one_worker)
     assert killed, "no Ray Train worker was seen to kill"
     assert len(seen - set(killed)) >= 3, f"no replacement worker started (pids seen {sorted(seen)})"
-    torch.testing.assert_close(torch.tensor(out[0]["scale"]), single_process_scales(job), atol=1e-6, rtol=0)
-    assert [h["epoch"] for h in out[0]["history"]] == list(range(1, tc["epochs"] + 1))  # one clean retried run
+    torch.testing.assert_close(worker_scores(out[0]), single_process_scores(job), atol=1e-6, rtol=0)
+    assert [h["epoch"] for h in out[0]["history"]] == list(range(1, epochs + 1))  # one clean retried run
 
 
 # -- the whole search -----------------------------------------------------------------------
@@ -189,9 +208,11 @@ def test_ray_job_submit_runs_a_search_that_registers_a_champion(ray_head):
     and a diverging trial marked failed while the search goes on."""
     home = ray_head["home"]
     uri = f"sqlite:///{home}/mlflow.db"
-    cmd = ["ray", "job", "submit", "--address", ray_head["address"], "--working-dir", str(REPO), "--",
+    # the trials with phase2_lr 0.5 diverge at a named fault point (lofit_ray.faults)
+    cmd = ["ray", "job", "submit", "--address", ray_head["address"], "--working-dir", str(REPO),
+           "--runtime-env-json", json.dumps({"env_vars": {"LOFIT_FAULTS": "trial.diverge@phase2_lr=0.5"}}), "--",
            "python", "jobs/search.py", "--config", "configs/smoke.yaml", "--tracking-uri", uri,
-           "--set", "search.num_trials=4", "--set", "search.space.phase2_lr=[.inf, 1.0e-2]",
+           "--set", "search.num_trials=4", "--set", "search.space.phase2_lr=[0.5, 1.0e-2]",
            "--set", "search.asha=false"]
     res = subprocess.run(cmd, env=ray_head["env"], capture_output=True, text=True, timeout=1500, cwd=REPO)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
@@ -204,7 +225,7 @@ def test_ray_job_submit_runs_a_search_that_registers_a_champion(ray_head):
     failed = [r for r in trials if r.info.status == "FAILED"]
     assert len(trials) == 4 and finished
     assert failed and all("diverged" in r.data.tags[tracking.FAILURE_REASON_TAG] for r in failed)
-    assert all(r.data.params["phase2_lr"] == "inf" for r in failed)
+    assert all(r.data.params["phase2_lr"] == "0.5" for r in failed)
     versions = c.search_model_versions(f"name='{name}'")
     assert len(versions) == len(finished)
     assert all({"k", "sel_metric", "trial_id"} <= set(v.tags) for v in versions)
@@ -217,6 +238,10 @@ def test_ray_job_submit_runs_a_search_that_registers_a_champion(ray_head):
     # the champion's adapter loads back onto the model and changes it
     adapter = Adapter.from_pretrained(tracking.download_adapter(f"models:/{name}@champion", uri))
     assert len(adapter.config.heads) == int(champion.tags["k"])
+    # the adapter records the searched phase-1 settings (phase 2 no longer overwrites L1 with 0)
+    hp = adapter.config.hparams
+    assert hp["phase1"]["l1"] == float(champion.tags["l1"]) == 1e-3 and hp["phase1"]["lr"] == 1e-2
+    assert hp["phase2"]["lr"] == float(champion.tags["phase2_lr"]) and hp["k"] == int(champion.tags["k"])
     from lofit_ray.models import load_model
 
     loaded = load_model("tiny-llama")

@@ -251,18 +251,18 @@ def test_download_adapter_from_registry(store, tmp_path):
         local = tracking.download_adapter(ref, uri)
         assert (local / "adapter_config.json").is_file()
         adapter, original = Adapter.from_pretrained(local), store["adapters"][expected]
-        assert torch.equal(adapter.bias, original.bias), ref
+        assert torch.equal(adapter.offset, original.offset), ref
         assert asdict(adapter.config) == asdict(original.config), ref
     with pytest.raises(ValueError, match="promote"):
         tracking.download_adapter(f"models:/{name}@staging", uri)
     with pytest.raises(ValueError, match="no registered model"):
         tracking.download_adapter("models:/lofit-nope@champion", uri)
     # cli.resolve_adapter goes through $MLFLOW_TRACKING_URI
-    from lofit_ray.cli import resolve_adapter
+    from lofit_ray.cli.common import resolve_adapter
 
     os.environ["MLFLOW_TRACKING_URI"] = uri
     try:
-        assert torch.equal(resolve_adapter(f"models:/{name}@champion").bias, store["adapters"][0].bias)
+        assert torch.equal(resolve_adapter(f"models:/{name}@champion").offset, store["adapters"][0].offset)
     finally:
         del os.environ["MLFLOW_TRACKING_URI"]
 
@@ -358,9 +358,28 @@ def test_cli_heads_promote(store, capsys):
     assert "val_mc1=0.350" in out[1] and out[-1].startswith(f"promoted {name}/2")
     assert str(tracking.get_champion(uri, name).version) == "2"
     local = tracking.download_adapter(f"models:/{name}@champion", uri)
-    assert torch.equal(Adapter.from_pretrained(local).bias, store["adapters"][1].bias)
+    assert torch.equal(Adapter.from_pretrained(local).offset, store["adapters"][1].offset)
     assert run_cli(["heads", "promote", name, "2", "--tracking-uri", uri]) == 0
     assert "nothing changed" in capsys.readouterr().out
+
+
+def test_cli_heads_without_mlflow_says_which_extra(tmp_path):
+    """With mlflow unimportable, `lofit-ray heads list` prints one line naming the extra and exits 2."""
+    code = ("import sys\n"
+            "class BlockMlflow:\n"
+            "    def find_spec(self, name, path=None, target=None):\n"
+            "        if name == 'mlflow' or name.startswith('mlflow.'):\n"
+            "            raise ModuleNotFoundError(f'No module named {name!r}', name=name)\n"
+            "sys.meta_path.insert(0, BlockMlflow())\n"
+            "from lofit_ray.cli import main\n"
+            "sys.exit(main(sys.argv[1:]))\n")
+    env = {**os.environ, "LOFIT_HOME": str(tmp_path)}
+    for argv in (["heads", "list"], ["heads", "promote", "lofit-x", "1"], ["ui"]):
+        res = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, env=env,
+                             timeout=300)
+        assert res.returncode == 2, (argv, res.stderr[-2000:])
+        assert res.stderr.strip() == f"lofit-ray {argv[0]} needs mlflow: pip install 'lofit-ray[service]'", argv
+    assert not (tmp_path / "mlflow.db").exists()
 
 
 # -- a real tracking server over REST ------------------------------------------------------------------
@@ -448,4 +467,4 @@ def test_rest_tracking_server(mlflow_server, tmp_path, monkeypatch):
     version = tracking.register_adapter(uri, name, rid, {"val_mc1": 0.42})
     tracking.set_champion(uri, name, version)
     local = tracking.download_adapter(f"models:/{name}@champion", uri)
-    assert torch.equal(Adapter.from_pretrained(local).bias, make_adapter(hs).bias)
+    assert torch.equal(Adapter.from_pretrained(local).offset, make_adapter(hs).offset)

@@ -4,7 +4,6 @@ Importable without Ray, MLflow or peft; the LoRA functions import peft when they
 """
 from .iti import (
     DEFAULT_ALPHAS, fit_iti, head_activations, item_groups, iti_adapter, iti_directions, probe_heads,
-    selection_score,
 )
 from .lora import (
     DEFAULT_TARGETS, count_lora_parameters, evaluate_lora, load_lora, lora_loaded, lora_parameter_count, save_lora, train_lora, wrap_lora,
@@ -13,5 +12,5 @@ from .lora import (
 __all__ = [
     "DEFAULT_ALPHAS", "DEFAULT_TARGETS", "count_lora_parameters", "evaluate_lora", "fit_iti", "head_activations", "item_groups",
     "iti_adapter", "iti_directions", "load_lora", "lora_loaded", "lora_parameter_count", "probe_heads",
-    "save_lora", "selection_score", "train_lora", "wrap_lora",
+    "save_lora", "train_lora", "wrap_lora",
 ]

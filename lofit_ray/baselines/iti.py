@@ -31,13 +31,15 @@ from dataclasses import asdict
 import torch
 
 from ..adapter import Adapter
+from ..config import ItiConfig
+from ..evaluate import selection_score
 from ..architectures import o_projs
 from ..heads import HeadSet
 from ..offsets import HeadOffsets
 
 # ITI's paper uses alpha=15 with K=48 heads of LLaMA-7B. Small models with K at 3-10% of
 # their heads need a wider range; the grid is ascending so ties go to the smaller alpha.
-DEFAULT_ALPHAS = (1.0, 2.5, 5.0, 10.0, 15.0, 20.0)
+DEFAULT_ALPHAS = tuple(ItiConfig().alphas)  # the defaults live in config.ItiConfig
 
 
 # --- 1. activations ---------------------------------------------------------------------------
@@ -251,19 +253,11 @@ def iti_adapter(loaded, heads: Sequence[tuple[int, int]], directions: torch.Tens
                 alpha: float, *, task: str = "", head_set: HeadSet | None = None, hparams: dict | None = None
                 ) -> Adapter:
     """An Adapter whose offset on head i is alpha * sigma[i] * directions[i]."""
-    offsets = HeadOffsets(loaded.layout, bias_heads=[tuple(h) for h in heads])
+    offsets = HeadOffsets(loaded.layout, offset_heads=[tuple(h) for h in heads])
     with torch.no_grad():
-        offsets.bias.copy_(alpha * sigma[:, None] * directions)
+        offsets.offset.copy_(alpha * sigma[:, None] * directions)
     return Adapter.from_offsets(offsets, loaded, task=task, head_set=head_set, method="iti",
                                 hparams={"alpha": float(alpha), **(hparams or {})})
-
-
-def selection_score(metrics: dict) -> float:
-    """The number alpha is chosen by: mean of MC1 and MC2 for multiple choice, else exact match
-    (+ a 1e-3 share of lenient exact match to break ties)."""
-    if "mc1" in metrics:
-        return (metrics["mc1"] + metrics["mc2"]) / 2
-    return metrics["em"] + 1e-3 * metrics.get("em_lenient", 0.0)
 
 
 def fit_iti(loaded, task, k: int, *, selection_items=None, alphas: Sequence[float] = DEFAULT_ALPHAS,

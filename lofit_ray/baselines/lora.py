@@ -1,7 +1,7 @@
 """LoRA (Hu et al., 2022) through peft, trained with LoFiT's own data path and losses.
 
 Same batching (`lofit_ray.batching`), same answer-only log-likelihoods and SFT/DPO losses
-(`lofit_ray.losses`), same epoch order and NaN check as `lofit_ray.train.train_offsets`, so a
+(`lofit_ray.losses`), same loop (`lofit_ray.train.train_loop`: epoch order, NaN check, DPO reference) as LoFiT, so a
 LoRA run differs from a LoFiT run only in what is trained. The DPO reference is the base model:
 the same model with the LoRA adapter disabled (peft's `disable_adapter`), computed once
 through `lofit_ray.train.reference_logprobs` (and shared with LoFiT runs through its cache).
@@ -20,7 +20,8 @@ Defaults, and why (for the 100M-300M-parameter models this project targets):
     take larger steps well), and clipping keeps DPO's first steps from blowing up. Not swept:
     one check on SmolLM2-135M (48 TruthfulQA DPO pairs, batch 8, 3 epochs) took the DPO loss
     from 0.67 to 0.15 without instability;
-  * batch size, epochs, max length, DPO beta and seed come from `TrainConfig`, shared with LoFiT.
+  * batch size, max length, DPO beta and seed come from `TrainingConfig`, shared with LoFiT; the rest
+    (and these defaults) from `LoraConfig`.
 
 peft is an optional dependency (`pip install lofit-ray[baselines]`); it is imported only
 when a LoRA function runs.
@@ -29,20 +30,17 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 
-from .. import batching, losses
-from ..train import NaNLossError, TrainConfig, _pad, epoch_order, reference_logprobs
+from ..config import LoraConfig, TrainingConfig
+from ..tasks import PreferenceExample
+from ..train import TorchStepper, train_loop
 
-DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
-DEFAULT_RANK = 8
-DEFAULT_ALPHA = 16
-DEFAULT_LR = 5e-4
+DEFAULT_TARGETS = tuple(LoraConfig().targets)
 META_NAME = "lofit_lora.json"  # written beside peft's adapter_config.json / adapter_model.safetensors
 
 
@@ -75,18 +73,7 @@ def count_trainable(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-class _AdapterOff:
-    """What `reference_logprobs` needs from its `offsets` argument: a `disabled()` context."""
-
-    def __init__(self, peft_model):
-        self.peft_model = peft_model
-
-    def disabled(self):
-        return self.peft_model.disable_adapter()
-
-
-def wrap_lora(loaded, rank: int = DEFAULT_RANK, alpha: float = DEFAULT_ALPHA,
-              targets: Sequence[str] = DEFAULT_TARGETS, dropout: float = 0.0):
+def wrap_lora(loaded, rank: int, alpha: float, targets: Sequence[str], dropout: float = 0.0):
     """A fresh peft model around loaded.model (which is modified in place: LoRA layers are
     injected into its target modules; `peft_model.unload()` takes them out again)."""
     peft = _peft()
@@ -107,70 +94,30 @@ def wrap_lora(loaded, rank: int = DEFAULT_RANK, alpha: float = DEFAULT_ALPHA,
     return peft.get_peft_model(loaded.model, config)
 
 
-def train_lora(loaded, examples: list, cfg: TrainConfig, rank: int = DEFAULT_RANK, alpha: float = DEFAULT_ALPHA,
-               targets: Sequence[str] = DEFAULT_TARGETS, dropout: float = 0.0, *, max_grad_norm: float | None = 1.0,
-               weight_decay: float = 0.0, reference: torch.Tensor | None = None,
-               on_epoch: Callable[[int, dict], None] | None = None, progress: bool = False):
-    """Train LoRA on SFT or DPO examples (objective taken from the examples' type).
+def train_lora(loaded, examples: list, training: TrainingConfig, lora: LoraConfig, *,
+               reference: torch.Tensor | None = None, on_epoch: Callable[[int, dict], None] | None = None,
+               progress: bool = False):
+    """Train LoRA on SFT or DPO examples with LoFiT's own loop (`train.train_loop`): only the trainable
+    differs, plus gradient clipping in the stepper.
 
     loaded.model gets the LoRA layers in place (see `wrap_lora`). Returns (peft_model, info):
     info = {"trainable_parameters", "total_parameters", "history" (per epoch: loss, seconds),
-    "final_loss", "objective", "lora": {rank, alpha, targets, dropout}, "train": TrainConfig fields,
-    "seconds"}. Raises NaNLossError when the loss stops being finite.
+    "final_loss", "objective", "lora": LoraConfig fields, "training": TrainingConfig fields, "seconds"}.
+    Raises NaNLossError when the loss stops being finite.
     """
     if not examples:
         raise ValueError("no training examples: the training split is empty")
-    start_all = time.time()
-    torch.manual_seed(cfg.seed)  # LoRA A's init
-    peft_model = wrap_lora(loaded, rank, alpha, targets, dropout)
+    start = time.time()
+    torch.manual_seed(training.seed)  # LoRA A's init
+    peft_model = wrap_lora(loaded, lora.rank, lora.alpha, lora.targets, lora.dropout)
     model = inner_model(peft_model)
-    device = next(model.parameters()).device
-    encoded = batching.encode_examples(loaded.tokenizer, examples, cfg.max_length)
-    is_dpo = isinstance(encoded[0], tuple)
-    if is_dpo and reference is None:
-        model.eval()
-        reference = reference_logprobs(lora_loaded(loaded, peft_model), encoded, cfg, offsets=_AdapterOff(peft_model),
-                                       progress=progress)
     params = [p for p in peft_model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=weight_decay)
-    steps = math.ceil(len(encoded) / cfg.batch_size)
-    history = []
-    if dropout > 0:
-        model.train()
+    stepper = TorchStepper(params, lora.lr, max_grad_norm=lora.max_grad_norm)
+    model.train(lora.dropout > 0)
     try:
-        for epoch in range(cfg.epochs):
-            order = epoch_order(len(encoded), cfg, epoch)
-            start, total, bar = time.time(), 0.0, None
-            if progress:
-                from tqdm import tqdm
-                bar = tqdm(total=steps, desc=f"LoRA epoch {epoch + 1}/{cfg.epochs}", unit="step")
-            for step in range(steps):
-                idx = order[step * cfg.batch_size: (step + 1) * cfg.batch_size]
-                batch = batching.batch_items([encoded[i] for i in idx], _pad(loaded)).to(device)
-                logp = losses.answer_logprobs(model, batch)
-                if is_dpo:
-                    ref = reference[idx].to(device)
-                    loss = losses.dpo_loss(logp, torch.cat([ref[:, 0], ref[:, 1]]), cfg.dpo_beta)
-                else:
-                    loss = -logp.sum() / batch.answer_mask[:, 1:].sum().clamp(min=1)
-                if not torch.isfinite(loss):
-                    raise NaNLossError(f"LoRA loss is {loss.item()} at epoch {epoch + 1}, step {step + 1} "
-                                       f"(lr={cfg.lr}); lower the learning rate or check the data for empty answers")
-                loss.backward()
-                if max_grad_norm:
-                    torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                total += loss.item()
-                if bar:
-                    bar.set_postfix(loss=f"{loss.item():.4f}")
-                    bar.update()
-            if bar:
-                bar.close()
-            stats = {"epoch": epoch + 1, "loss": total / steps, "epoch_seconds": round(time.time() - start, 2)}
-            history.append(stats)
-            if on_epoch:
-                on_epoch(epoch + 1, stats)
+        history = train_loop(lora_loaded(loaded, peft_model), examples, training, lora.epochs, stepper,
+                             reference=reference, base_model=peft_model.disable_adapter, on_epoch=on_epoch,
+                             progress=progress, label="LoRA ")
     finally:
         model.eval()
     info = {
@@ -178,11 +125,10 @@ def train_lora(loaded, examples: list, cfg: TrainConfig, rank: int = DEFAULT_RAN
         "total_parameters": sum(p.numel() for p in peft_model.parameters()),
         "history": history,
         "final_loss": history[-1]["loss"],
-        "objective": "dpo" if is_dpo else "sft",
-        "lora": {"rank": rank, "alpha": alpha, "targets": list(targets), "dropout": dropout,
-                 "max_grad_norm": max_grad_norm, "weight_decay": weight_decay},
-        "train": dataclasses.asdict(cfg),
-        "seconds": round(time.time() - start_all, 2),
+        "objective": "dpo" if isinstance(examples[0], PreferenceExample) else "sft",
+        "lora": dataclasses.asdict(lora),
+        "training": dataclasses.asdict(training),
+        "seconds": round(time.time() - start, 2),
     }
     return peft_model, info
 

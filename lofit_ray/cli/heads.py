@@ -6,13 +6,26 @@
     lofit-ray heads promote  NAME VERSION                     move alias @champion
 
 REF is a run id, runs:/RUN_ID, models:/NAME@ALIAS, models:/NAME/VERSION or a local head set JSON.
-Every sub-command takes --tracking-uri (default $MLFLOW_TRACKING_URI or sqlite:///./mlflow.db) and
---experiment.
+Every sub-command takes --tracking-uri (default $MLFLOW_TRACKING_URI, else sqlite:///$LOFIT_HOME/mlflow.db
+with LOFIT_HOME defaulting to ~/.lofit-ray) and --experiment. MLflow is optional (`pip install
+'lofit-ray[service]'`): it is imported only when a heads command runs. The text formatting of these
+listings lives here, not in `lofit_ray.tracking`.
 """
 from __future__ import annotations
 
 import argparse
+import math
 from collections.abc import Sequence
+
+from .common import TRACKING_URI_HELP, require
+
+
+def _tracking():
+    """lofit_ray.tracking, or MissingExtra (one line, exit 2) when MLflow is not installed."""
+    require("mlflow", "service")
+    from .. import tracking
+
+    return tracking
 
 
 def _table(headers: Sequence[str], rows: Sequence[Sequence], right: Sequence[int] = ()) -> str:
@@ -30,26 +43,25 @@ def _bar(count: int, scale: float = 1.0) -> str:
     return "#" * int(round(count * scale))
 
 
-def _metric(value) -> str:
-    from .tracking import format_metric
-
-    return format_metric(value)
+def format_metric(value: float | None) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value:.3f}"
 
 
 # -- list --------------------------------------------------------------------------------------
 
 def cmd_list(args) -> None:
-    from .tracking import MAIN_METRICS, list_head_sets, resolve_tracking_uri
-
-    uri = resolve_tracking_uri(args.tracking_uri)
-    rows = list_head_sets(uri, args.experiment, args.model, args.task)
+    tracking = _tracking()
+    uri = tracking.resolve_tracking_uri(args.tracking_uri)
+    rows = tracking.list_head_sets(uri, args.experiment, args.model, args.task)
     if not rows:
         where = f" in experiment {args.experiment!r}" if args.experiment else ""
         which = " ".join(f"{k}={v}" for k, v in (("model", args.model), ("task", args.task)) if v)
         raise ValueError(f"no head sets recorded at {uri}{where}{' for ' + which if which else ''}; run "
                          f"`lofit-ray search` first, or point --tracking-uri/--experiment at the store it used")
     present = {k for r in rows for k in r["metrics"]}
-    metric_cols = [m for m in MAIN_METRICS if m in present]
+    metric_cols = [m for m in tracking.MAIN_METRICS if m in present]
     headers = ["RUN", "VERSION", "MODEL", "TASK", "METHOD", "K", *metric_cols, "STATUS", "CHAMPION"]
     table, champions, versions = [], [], 0
     for r in rows:
@@ -59,7 +71,7 @@ def cmd_list(args) -> None:
         champ = [f"{v['name']}/{v['version']}" for v in regs if "champion" in v["aliases"]]
         champions += champ
         table.append([r["run_id"], version, r["model"] or "-", r["task"] or "-", r["method"] or "-",
-                      r["k"] if r["k"] is not None else "-", *[_metric(r["metrics"].get(m)) for m in metric_cols],
+                      r["k"] if r["k"] is not None else "-", *[format_metric(r["metrics"].get(m)) for m in metric_cols],
                       r["status"], "*" if champ else ""])
     print(_table(headers, table, right=[5] + list(range(6, 6 + len(metric_cols)))))
     experiments = sorted({r["experiment"] for r in rows})
@@ -90,13 +102,19 @@ def _histogram(counts_by_set: dict[str, list[int]]) -> str:
     return _table(["LAYER", *names], rows, right=list(range(1, len(names) + 1)))
 
 
-def cmd_show(args) -> None:
-    from .heads import per_layer_counts
-    from .tracking import load_head_set, resolve_tracking_uri
+def _k(head_set, k: int | None, ref: str) -> int:
+    """--k, else the head set's own K (a ranking from `lofit-ray select` without --k has none)."""
+    if k is None and head_set.k is None:
+        raise ValueError(f"{ref} is a ranking without K; pass --k to take its top K heads")
+    return k if k is not None else head_set.k
 
-    uri = resolve_tracking_uri(args.tracking_uri)
-    head_set = load_head_set(uri, args.ref)
-    k = args.k if args.k is not None else head_set.k
+
+def cmd_show(args) -> None:
+    from ..heads import per_layer_counts
+
+    tracking = _tracking()
+    head_set = tracking.load_head_set(tracking.resolve_tracking_uri(args.tracking_uri), args.ref)
+    k = _k(head_set, args.k, args.ref)
     top = head_set.top(k)  # validates K
     limit = args.limit if args.limit is not None else max(2 * k, 10)
     ranking = head_set.ranking if limit <= 0 else head_set.ranking[:limit]
@@ -137,23 +155,24 @@ def _labels(refs: Sequence[str]) -> list[str]:
 
 
 def cmd_compare(args) -> None:
-    from .heads import compare
-    from .tracking import load_head_set, resolve_tracking_uri
+    from ..heads import compare
 
     if len(args.refs) < 2:
         raise ValueError("compare needs at least two head sets: lofit-ray heads compare REF REF [REF ...]")
-    uri = resolve_tracking_uri(args.tracking_uri)
+    tracking = _tracking()
+    uri = tracking.resolve_tracking_uri(args.tracking_uri)
     labels = _labels(args.refs)
-    sets = {label: load_head_set(uri, ref) for label, ref in zip(labels, args.refs)}
+    sets = {label: tracking.load_head_set(uri, ref) for label, ref in zip(labels, args.refs)}
     shapes = {label: (s.layout["num_layers"], s.layout["num_heads"]) for label, s in sets.items()}
     if len(set(shapes.values())) > 1:
         described = "; ".join(f"{label} ({sets[label].model}) has {L} layers x {H} heads"
                               for label, (L, H) in shapes.items())
         raise ValueError(f"cannot compare head sets of different shapes: {described}. Only sets from models "
                          f"with equal layers x heads compare; pick refs of one model (see `lofit-ray heads list`)")
+    ks = {label: _k(sets[label], args.k, ref) for label, ref in zip(labels, args.refs)}
     for label, ref in zip(labels, args.refs):
         s = sets[label]
-        print(f"{label}: {ref} -> {_describe(s, args.k or s.k)}")
+        print(f"{label}: {ref} -> {_describe(s, ks[label])}")
     models = sorted({s.model for s in sets.values()})
     if len(models) > 1:
         print(f"note: different models of equal shape ({', '.join(models)}): layer/head indices are compared as is")
@@ -165,8 +184,7 @@ def cmd_compare(args) -> None:
     shared = set.intersection(*(set(s.top(args.k)) for s in sets.values()))
     print(f"in every set: {', '.join(f'L{l}H{h}' for l, h in sorted(shared)) or 'none'}")
     jac = [p["jaccard"] for p in result["pairs"]]
-    ks = sorted({args.k or s.k for s in sets.values()})
-    print(f"{len(sets)} head sets, K={'/'.join(map(str, ks))}: mean Jaccard {sum(jac) / len(jac):.3f} "
+    print(f"{len(sets)} head sets, K={'/'.join(map(str, sorted(set(ks.values()))))}: mean Jaccard {sum(jac) / len(jac):.3f} "
           f"(min {min(jac):.3f}, max {max(jac):.3f}) over {len(jac)} pair{'s' * (len(jac) != 1)}, "
           f"{len(shared)} head{'s' * (len(shared) != 1)} shared by all")
 
@@ -174,30 +192,21 @@ def cmd_compare(args) -> None:
 # -- promote -----------------------------------------------------------------------------------
 
 def cmd_promote(args) -> None:
-    from .tracking import client, format_metric, resolve_tracking_uri, set_champion
-
-    uri = resolve_tracking_uri(args.tracking_uri)
-    old = set_champion(uri, args.name, args.version)
-    c = client(uri)
-    version = c.get_model_version(args.name, str(args.version))
-    metrics = ""
-    if version.run_id:
-        run_metrics = c.get_run(version.run_id).data.metrics
-        metrics = " ".join(f"{k}={format_metric(v)}" for k, v in sorted(run_metrics.items())
-                           if k.startswith(("val_", "test_", "sel_")))
-    print(f"old champion: {f'{args.name}/{old}' if old else 'none'}")
-    print(f"new champion: {args.name}/{version.version} (run {version.run_id or '-'}{', ' + metrics if metrics else ''})")
-    if old == str(version.version):
-        print(f"{args.name}@champion already pointed at version {old}; nothing changed")
+    tracking = _tracking()
+    done = tracking.promote(tracking.resolve_tracking_uri(args.tracking_uri), args.name, args.version)
+    name, old, new = done["name"], done["old_version"], done["version"]
+    metrics = " ".join(f"{k}={format_metric(v)}" for k, v in sorted(done["metrics"].items()))
+    print(f"old champion: {f'{name}/{old}' if old else 'none'}")
+    print(f"new champion: {name}/{new} (run {done['run_id'] or '-'}{', ' + metrics if metrics else ''})")
+    if old == new:
+        print(f"{name}@champion already pointed at version {old}; nothing changed")
     else:
-        print(f"promoted {args.name}/{version.version} to @champion (was {old or 'unset'}); "
-              f"serve it as models:/{args.name}@champion")
+        print(f"promoted {name}/{new} to @champion (was {old or 'unset'}); serve it as models:/{name}@champion")
 
 
-def add_heads_parser(subparsers) -> argparse.ArgumentParser:
+def add_parsers(subparsers) -> None:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--tracking-uri", default=None,
-                        help="MLflow tracking URI (default $MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db)")
+    common.add_argument("--tracking-uri", default=None, help=TRACKING_URI_HELP)
     common.add_argument("--experiment", default=None, help="MLflow experiment name that `list` searches (default: all); "
                              "refs to show/compare/promote are global")
 
@@ -225,4 +234,3 @@ def add_heads_parser(subparsers) -> argparse.ArgumentParser:
     q.add_argument("name", help="registered model name, e.g. lofit-smollm2-135m-truthfulqa")
     q.add_argument("version", help="version number to promote")
     q.set_defaults(func=cmd_promote)
-    return p

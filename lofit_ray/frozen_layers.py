@@ -1,4 +1,4 @@
-"""Skip the frozen layers below the lowest trained head during bias tuning.
+"""Skip the frozen layers below the lowest trained head during phase 2 (offset training).
 
 With offsets only in layers >= L, everything below L is a fixed function of the input.
 So the hidden state entering layer L is computed once per sequence, and training steps

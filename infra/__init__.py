@@ -1,0 +1,1 @@
+"""Deployment files for lofit-ray (Kubernetes manifests, Dockerfile) and their linter, `python -m infra.lint`."""

@@ -1,0 +1,185 @@
+"""`lofit-ray prepare-model | select | train | eval | export | ui`: LoFiT's two phases and their outputs.
+
+    lofit-ray select  --model smollm2-135m --task truthfulqa --out heads.json [--k 16] [--random]
+    lofit-ray train   --model smollm2-135m --task truthfulqa --heads heads.json --k 16 --out adapter/
+    lofit-ray eval    --model smollm2-135m --task truthfulqa [--adapter adapter/ | models:/NAME@champion]
+    lofit-ray export  --model smollm2-135m --adapter adapter/ --out merged/
+
+Training flags come from the config dataclasses (TrainingConfig, Phase1Config, Phase2Config),
+so the defaults are the same as in a search job's YAML.
+"""
+from __future__ import annotations
+
+import ipaddress
+import sys
+import time
+from dataclasses import asdict
+
+from ..config import Phase1Config, Phase2Config, TrainingConfig
+from .common import (EVAL_SPLIT_HELP, TRACKING_URI_HELP, TRAIN_SPLIT_HELP, add_eval_batch_size, add_model_command,
+                     check_k, config_from_args, format_scores, load, require, resolve_adapter, task_from_args,
+                     write_json)
+
+
+def _heads(pairs) -> str:
+    return ", ".join(f"L{l}H{h}" for l, h in pairs)
+
+
+def cmd_prepare_model(args):
+    from ..models import local_dir
+
+    for spec in args.models:
+        print(f"{spec}: {local_dir(spec)}")
+
+
+def cmd_select(args):
+    from ..heads import HeadSet, random_ranking
+    from ..train import select_heads
+
+    check_k(args.k)
+    training = config_from_args(TrainingConfig, args)
+    phase1 = config_from_args(Phase1Config, args)
+    start = time.time()
+    loaded = load(args)
+    layout = loaded.layout
+    if args.k is not None and args.k > layout.total_heads:
+        raise ValueError(f"--k {args.k} is larger than {args.model}'s {layout.total_heads} heads ({layout.num_layers} "
+                         f"layers x {layout.num_heads}); choose K in 1..{layout.total_heads}")
+    task = task_from_args(args, train=args.split)
+    if args.random:
+        head_set = HeadSet(model=loaded.spec, fingerprint=loaded.fingerprint, layout=asdict(layout),
+                           ranking=random_ranking(layout, training.seed), method="random", task=task.name,
+                           seed=training.seed)
+    else:
+        examples = task.train_examples(args.split, limit=args.limit)
+        head_set = select_heads(loaded, examples, training, phase1, task=task.name, progress=True)
+    if args.k is not None:
+        head_set = head_set.with_k(args.k)
+    head_set.to_json(args.out)
+    took = f"-> {args.out} [{time.time() - start:.0f}s]"
+    if head_set.k is None:
+        print(f"ranked all {layout.total_heads} heads ({head_set.method}) on {args.model}, best first: "
+              f"{_heads((l, h) for l, h, _ in head_set.ranking[:8])} ... {took}; choose K with `lofit-ray train --k`")
+    else:
+        print(f"selected {head_set.k} of {layout.total_heads} heads ({head_set.method}) on {args.model}: "
+              f"{_heads(head_set.top()[:8])}{' ...' if head_set.k > 8 else ''} {took}")
+
+
+def cmd_train(args):
+    from ..heads import HeadSet
+    from ..train import train_offsets
+
+    check_k(args.k)
+    training = config_from_args(TrainingConfig, args)
+    phase2 = config_from_args(Phase2Config, args)
+    head_set = HeadSet.from_json(args.heads)
+    if args.k is None and head_set.k is None:
+        total = head_set.layout["num_layers"] * head_set.layout["num_heads"]
+        raise ValueError(f"--k is required: {args.heads} ranks all {total} heads without a K (it was written by "
+                         f"`lofit-ray select` without --k); pass --k, e.g. about 3-10% of the heads")
+    if args.k is not None and args.k > len(head_set.ranking):
+        raise ValueError(f"--k {args.k} is larger than the {len(head_set.ranking)} heads ranked in {args.heads}; "
+                         f"lower --k")
+    start = time.time()
+    loaded = load(args)
+    task = task_from_args(args, train=args.split)
+    examples = task.train_examples(args.split, limit=args.limit)
+    adapter = train_offsets(loaded, head_set, args.k, examples, training, phase2, task=task.name, progress=True)
+    adapter.save_pretrained(args.out)
+    print(f"trained offsets on {len(adapter.config.heads)} heads ({adapter.num_parameters} parameters), "
+          f"final loss {adapter.config.hparams['final_loss']:.4f} -> {args.out} [{time.time() - start:.0f}s]")
+
+
+def cmd_eval(args):
+    from ..evaluate import evaluate
+
+    start = time.time()
+    loaded = load(args)
+    task = task_from_args(args, eval=args.split)
+    items = task.eval_items(args.split, limit=args.limit)
+    label = "0-shot"
+    if args.adapter:
+        adapter = resolve_adapter(args.adapter)
+        adapter.attach(loaded.model, loaded.fingerprint)
+        label = f"adapter {args.adapter} ({len(adapter.config.heads)} heads)"
+    metrics = evaluate(loaded, items, batch_size=args.batch_size, progress=True)
+    metrics.update(model=args.model, task=task.name, adapter=args.adapter, split=args.split or "val",
+                   wall_seconds=round(time.time() - start, 1))
+    write_json(args.out, metrics)
+    print(f"{task.name} {label} on {args.model}: {format_scores(metrics)} (n={metrics['n']}, "
+          f"{metrics['wall_seconds']}s){' -> ' + args.out if args.out else ''}")
+
+
+def cmd_export(args):
+    start = time.time()
+    loaded = load(args)
+    adapter = resolve_adapter(args.adapter)
+    adapter.check_compatible(loaded.model, loaded.fingerprint)
+    out = adapter.export(loaded, args.out)
+    print(f"merged {len(adapter.config.heads)} head offsets into o_proj biases -> {out} "
+          f"(load with AutoModelForCausalLM.from_pretrained) [{time.time() - start:.0f}s]")
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def cmd_ui(args):
+    """Open the MLflow UI on the default store, bound to loopback unless told otherwise."""
+    import subprocess
+
+    require("mlflow", "service")
+    from ..tracking import resolve_tracking_uri
+
+    uri = resolve_tracking_uri(args.tracking_uri)
+    if not _loopback(args.host):
+        print(f"warning: --host {args.host} serves the MLflow UI beyond this machine: anyone who can reach port "
+              f"{args.port} can read every run and artifact and change the registry (MLflow has no login here); "
+              f"keep the default 127.0.0.1 and use an SSH tunnel unless the network is trusted", file=sys.stderr)
+    print(f"MLflow UI for {uri} at http://{args.host}:{args.port} (Ctrl-C to stop)", flush=True)
+    subprocess.run([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", args.host,
+                    "--port", str(args.port), "--workers", "1"], check=False)
+
+
+def add_parsers(sub) -> None:
+    p = sub.add_parser("prepare-model", help="convert bundled/GGUF models to the safetensors cache once")
+    p.add_argument("models", nargs="+")
+    p.set_defaults(func=cmd_prepare_model)
+
+    p = add_model_command(sub, "select", "phase 1: learn head scales with L1, write the head ranking as JSON",
+                          cmd_select, TRAIN_SPLIT_HELP, (TrainingConfig, Phase1Config))
+    p.add_argument("--k", type=int, default=None,
+                   help="store K as the head set's default for `train` (about 3-10%% of all heads); "
+                        "default: none, give --k to `train`")
+    p.add_argument("--random", action="store_true", help="a ranking in seeded random order (control); no training")
+    p.add_argument("--out", default="heads.json")
+
+    p = add_model_command(sub, "train", "phase 2: learn offsets on the top-K heads of a head set, write an adapter "
+                          "dir (`tune` is its old name)", cmd_train, TRAIN_SPLIT_HELP, (TrainingConfig, Phase2Config),
+                          aliases=("tune",))
+    p.add_argument("--heads", required=True, help="head set JSON from `lofit-ray select`")
+    p.add_argument("--k", type=int, default=None,
+                   help="take the top K heads of the ranking (default: the head set's own K; required if it has none)")
+    p.add_argument("--out", default="adapter")
+
+    p = add_model_command(sub, "eval", "score the base model or an adapter; writes JSON metrics with n and wall time",
+                          cmd_eval, EVAL_SPLIT_HELP)
+    p.add_argument("--adapter", default=None, help="adapter directory or models:/NAME@ALIAS")
+    add_eval_batch_size(p)
+    p.add_argument("--out", default=None)
+
+    p = add_model_command(sub, "export", "merge an adapter into o_proj biases and save a plain transformers model",
+                          cmd_export)
+    p.add_argument("--adapter", required=True, help="adapter directory or models:/NAME@ALIAS")
+    p.add_argument("--out", required=True)
+
+    p = sub.add_parser("ui", help="open the MLflow UI on the lofit-ray store (127.0.0.1 by default)")
+    p.add_argument("--tracking-uri", default=None, help=TRACKING_URI_HELP)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind; anything but loopback prints a warning")
+    p.add_argument("--port", type=int, default=5000)
+    p.set_defaults(func=cmd_ui)

@@ -1,0 +1,96 @@
+"""`lofit-ray search` (and `python jobs/search.py`): search LoFiT hyperparameters with Ray, record in MLflow.
+
+    lofit-ray search                                        # configs/quickstart.yaml: local Ray, SQLite MLflow
+    lofit-ray search --config configs/smoke.yaml --set search.num_trials=2
+    lofit-ray search --config ... --resume                  # after a killed driver: finished trials stay done
+
+The config is read and checked before Ray or MLflow is imported: a bad field exits 2 with one line
+naming it. The summary (champion per model, report-split metrics vs 0-shot, trials) is printed and
+written as JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .common import MissingExtra, TRACKING_URI_HELP, quiet_mlflow, require
+
+DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "quickstart.yaml"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML config (see configs/; default %(default)s)")
+    p.add_argument("--resume", action="store_true", help="continue a search whose driver was killed")
+    p.add_argument("--tracking-uri", default=None, help=f"overrides mlflow.tracking_uri of the config. "
+                                                        f"{TRACKING_URI_HELP}")
+    p.add_argument("--data-dir", default=None, help="task data folder (overrides task.data_dir and $LOFIT_DATA_DIR)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field (VALUE read as YAML), e.g. --set search.num_trials=2")
+    p.add_argument("--summary-out", default=None, help="write the summary JSON here too")
+
+
+def _summary_path(args, summary: dict, name: str) -> Path | None:
+    """--summary-out, else <name>-summary.json beside a SQLite store, else nowhere."""
+    if args.summary_out:
+        return Path(args.summary_out)
+    uri = summary["tracking_uri"]
+    if uri.startswith("sqlite:///"):
+        return Path(uri.removeprefix("sqlite:///")).parent / f"{name}-summary.json"
+    return None
+
+
+def cmd_search(args) -> int:
+    from ..config import ConfigError, load_config, parse_set
+    from ..models import ModelSpecError
+    from ..tasks import TaskDataError
+
+    quiet_mlflow()
+    try:
+        overrides = parse_set(args.set)
+        if args.tracking_uri:
+            overrides["mlflow.tracking_uri"] = args.tracking_uri
+        if args.data_dir:
+            overrides["task.data_dir"] = str(Path(args.data_dir).resolve())
+        cfg = load_config(args.config, overrides)
+    except ConfigError as exc:
+        print(f"search: config error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        require("ray", "service")
+        require("mlflow", "service")
+    except MissingExtra as exc:
+        print(f"search: {exc}", file=sys.stderr)
+        return 2
+    from ..search import run_search
+
+    try:
+        summary = run_search(cfg, resume=args.resume)
+    except (TaskDataError, ModelSpecError, ConfigError) as exc:  # check_inputs, before MLflow or Ray is touched
+        print(f"search: {exc}", file=sys.stderr)
+        return 2
+    text = json.dumps(summary, indent=1, default=str)
+    out = _summary_path(args, summary, cfg.name)
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text)
+    print(text)
+    print(f"[lofit-ray] search '{cfg.name}' done in {summary['wall_s']}s; results in MLflow at {summary['tracking_uri']} "
+          f"(parent run {summary['parent_run_id']}){'; summary ' + str(out) if out else ''}. "
+          f"Browse: lofit-ray ui  |  lofit-ray heads list")
+    return 0
+
+
+def add_parsers(sub) -> None:
+    p = sub.add_parser("search", help="Ray Tune + Optuna search over K, L1 and learning rates, recorded in MLflow "
+                                      "(same as python jobs/search.py)", description=__doc__.split("\n")[0])
+    add_arguments(p)
+    p.set_defaults(func=cmd_search)
+
+
+def main(argv=None) -> int:
+    """`python jobs/search.py ...`: the same as `lofit-ray search ...`."""
+    parser = argparse.ArgumentParser(prog="search", description=__doc__.split("\n")[0])
+    add_arguments(parser)
+    return cmd_search(parser.parse_args(argv))

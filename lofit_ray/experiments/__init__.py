@@ -1,0 +1,12 @@
+"""Experiments over the whole method: `jobs/reproduce.py`'s comparison of LoFiT with its baselines.
+
+cells: which cells a config plans and the setting each depends on; record: the reproduce.json record
+and its Markdown table; runner: the Runner that runs the cells, keeps the record and logs to MLflow.
+The config is `lofit_ray.config.ReproduceConfig`.
+"""
+from .cells import METHODS, cell_id, cell_setting, k_values, plan_cells
+from .record import JSON_NAME, MD_NAME, Results, render_comparisons, render_markdown, write_atomic
+from .runner import Runner, default_out_dir
+
+__all__ = ["JSON_NAME", "MD_NAME", "METHODS", "Results", "Runner", "cell_id", "cell_setting", "default_out_dir",
+           "k_values", "plan_cells", "render_comparisons", "render_markdown", "write_atomic"]

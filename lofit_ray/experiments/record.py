@@ -1,0 +1,278 @@
+"""The record of a reproduce run: reproduce.json (every cell, rewritten after each) and the reproduce.md table.
+
+The record is the source of truth (committed with its phase-1 rankings); the table and any MLflow
+store are rebuilt from it. `render_markdown` also reads records written before the config had
+its phase1/phase2/grid sections (their `config.lofit`).
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import statistics
+from pathlib import Path
+
+from .cells import METHODS
+
+JSON_NAME = "reproduce.json"
+MD_NAME = "reproduce.md"
+METRICS = {"mc": ("mc1", "mc2"), "generation": ("em", "em_lenient")}
+METRIC_LABEL = {"mc1": "MC1", "mc2": "MC2", "em": "EM", "em_lenient": "EM (lenient)"}
+CHOSEN = ("phase2_lr", "alpha", "lr")  # the hparams keys chosen on the selection split
+BASELINES = ("zero_shot", "iti", "random_heads", "transfer_heads", "lora")
+TIE = 1e-9  # selection scores closer than this are a tie: the first value in grid order wins
+
+
+def now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def hardware(device: str) -> dict:
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info = {"cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "device": device,
+            "gpu": torch.cuda.get_device_name(0) if device.startswith("cuda") else None,
+            "python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform()}
+    try:
+        import transformers
+        info["transformers"] = transformers.__version__
+    except ImportError:
+        pass
+    return info
+
+
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def metric_part(metrics: dict) -> dict:
+    """The scores of an evaluation, without its n and seconds."""
+    return {k: metrics[k] for k in ("mc1", "mc2", "em", "em_lenient") if k in metrics}
+
+
+class Results:
+    """reproduce.json (the record) and reproduce.md (the table), rewritten after every cell."""
+
+    def __init__(self, out_dir: Path, doc: dict):
+        self.out_dir = out_dir
+        self.doc = doc
+
+    @property
+    def json_path(self) -> Path:
+        return self.out_dir / JSON_NAME
+
+    @property
+    def md_path(self) -> Path:
+        return self.out_dir / MD_NAME
+
+    def done(self, cell: dict, setting: str) -> bool:
+        return any(c["id"] == cell["id"] and c.get("setting") == setting for c in self.doc["cells"])
+
+    def add(self, record: dict) -> None:
+        self.doc["cells"] = [c for c in self.doc["cells"] if c["id"] != record["id"]] + [record]
+        self.doc["failed"] = [f for f in self.doc.get("failed", []) if f["id"] != record["id"]]
+        self.save()
+
+    def fail(self, cell: dict, error: str) -> None:
+        self.doc["failed"] = [f for f in self.doc.get("failed", []) if f["id"] != cell["id"]]
+        self.doc["failed"].append({**cell, "error": error, "at": now()})
+        self.save()
+
+    def save(self) -> None:
+        self.doc["updated"] = now()
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        write_atomic(self.json_path, json.dumps(self.doc, indent=1, default=str))
+        write_atomic(self.md_path, render_markdown(self.doc))
+
+
+def _fmt(values: list[float]) -> str:
+    if not values:
+        return "-"
+    mean = sum(values) / len(values)
+    if len(values) == 1:
+        return f"{mean:.3f}"
+    return f"{mean:.3f} ± {statistics.stdev(values):.3f}"
+
+
+def _num(n) -> str:
+    return "-" if n is None else f"{int(n):,}"
+
+
+def _chosen(records: list[dict]) -> str:
+    parts = []
+    for key in CHOSEN:
+        vals = [r["hparams"][key] for r in records if key in r.get("hparams", {})]
+        if vals:
+            label = {"phase2_lr": "lr", "alpha": "alpha", "lr": "lr"}[key]
+            parts.append(f"{label} " + ", ".join(f"{v:g}" for v in vals))
+    return "; ".join(parts) or "-"
+
+
+def _lofit_settings(cfg: dict) -> dict:
+    """Phase 1/2 settings of a record's config, in the `lofit:` names older records hold them under."""
+    if "lofit" in cfg:
+        return cfg["lofit"]
+    p1, p2, grid = cfg.get("phase1", {}), cfg.get("phase2", {}), cfg.get("grid", {})
+    return {"phase1_epochs": p1.get("epochs"), "phase1_lr": p1.get("lr"), "l1": p1.get("l1"),
+            "phase2_epochs": p2.get("epochs"), "phase2_lr": grid.get("phase2_lr"),
+            "phase2_lr_choice": grid.get("phase2_lr_choice")}
+
+
+def render_markdown(doc: dict) -> str:
+    """The results table: one section per task, a row per model x method x K, mean ± std over seeds."""
+    cfg = doc.get("config", {})
+    hw = doc.get("hardware", {})
+    lines = [f"# LoFiT reproduction: {doc.get('name', 'reproduce')}", ""]
+    status = ("finished" if doc.get("finished") else
+              f"incomplete: {len(doc['failed'])} failed cells" if doc.get("failed") else "in progress (partial results)")
+    lines.append(f"- Date: started {doc.get('started')}, last update {doc.get('updated')}; {status}"
+                 + (f", {doc['wall_seconds']:.0f} s in all" if doc.get("wall_seconds") else ""))
+    device = hw.get("device", "cpu")
+    where = f"GPU {hw['gpu']}" if hw.get("gpu") else f"CPU only ({hw.get('cpu', '?')})"
+    lines.append(f"- Hardware: {where}; {hw.get('cpu_count')} CPU cores, torch threads {hw.get('torch_threads')}, "
+                 f"device {device}, dtype {cfg.get('dtype')}; torch {hw.get('torch')}, "
+                 f"transformers {hw.get('transformers', '?')}, Python {hw.get('python')}")
+    runs = [" ".join(f"--set {o}" for o in inv["set"]) or "(no overrides)" for inv in doc.get("invocations", [])]
+    if len(runs) > 1:
+        lines.append(f"- Built over {len(runs)} invocations (--resume): " + "; ".join(f"`{r}`" for r in runs))
+    lines.append(f"- Config: `{doc.get('config_path')}`; MLflow {doc.get('tracking_uri')} (experiment "
+                 f"'{doc.get('experiment')}', parent run {doc.get('parent_run_id')})")
+    for model, info in doc.get("models", {}).items():
+        lay = info["layout"]
+        lines.append(f"- {model}: {lay['num_layers']} layers x {lay['num_heads']} heads = {info['total_heads']} heads "
+                     f"(head_dim {lay['head_dim']}); K = {', '.join(map(str, info['k_values']))} "
+                     f"(fractions {', '.join(f'{f:g}' for f in info['k_fractions'])}, rounded, at least 1)")
+    lines.append("- Carve (selection split) and report split per task:")
+    for task, s in doc.get("splits", {}).items():
+        carve = s["carve"]
+        if "fraction" in carve:
+            sel = (f"selection = a {carve['fraction']:.0%} carve of '{carve['from']}' (carve_seed {carve['seed']}), "
+                   f"n={s['n_select']}")
+        else:
+            sel = f"selection = '{carve.get('select')}', n={s['n_select']}"
+        lines.append(f"  - {task}: train n={s['n_train']} (rest of '{s['train']}'"
+                     f"{', limit ' + str(s['limit_train']) if s.get('limit_train') else ''}); {sel}; "
+                     f"report = '{s['report']}', n={s['n_report']}")
+    seeds = sorted({c["seed"] for c in doc.get("cells", []) if c.get("seed") is not None}) or cfg.get("seeds", [])
+    lo = _lofit_settings(cfg)
+    lines.append(f"- Seeds {', '.join(map(str, seeds))}: ± is the sample std over seeds (no ± with one seed). "
+                 f"Each cell is scored once on the report split; hyperparameters are chosen on the selection split "
+                 f"by mean(MC1, MC2) (TruthfulQA) or EM + 0.001 x EM-lenient (generation tasks).")
+    lines.append(f"- LoFiT: phase 1 {lo.get('phase1_epochs')} epochs, lr {lo.get('phase1_lr')}, L1 {lo.get('l1')} "
+                 f"(one ranking per model x task x seed, shared across K and by transfer_heads; its own time is the "
+                 f"'phase 1 s' column; 'wall s' is all a cell ran, so the cell that first needs a ranking (or the "
+                 f"lr choice) carries its time too); phase 2 {lo.get('phase2_epochs')} epochs, lr from "
+                 f"{lo.get('phase2_lr')} (also for random_heads and transfer_heads).")
+    if lo.get("phase2_lr_choice") == "per_task" and doc.get("phase2_lr_chosen"):
+        lines.append("- Phase-2 lr chosen once per model x task on the selection split, then used by every LoFiT, "
+                     "random_heads and transfer_heads cell of it: "
+                     + "; ".join(f"{key.replace('|', ' / ')}: lr {c['phase2_lr']:g} (by "
+                                 f"{' '.join(c['by'].split('|')[2:5])}; selection scores "
+                                 + ", ".join(f"{g['phase2_lr']:g}: {g['score']:.3f}" if 'score' in g else
+                                             f"{g['phase2_lr']:g}: diverged" for g in c["grid"]) + ")"
+                                 for key, c in doc["phase2_lr_chosen"].items()))
+    if doc.get("transfer"):
+        lines.append("- transfer_heads uses the phase-1 heads of another task: "
+                     + ", ".join(f"{t} <- {s}" for t, s in doc["transfer"].items()))
+    lines.append("- Trainable parameters: LoFiT / random / transfer = K x head_dim offsets (phase 1 also trains "
+                 "layers x heads x head_dim scales, given in brackets); ITI = K x head_dim offsets set in closed "
+                 "form (no gradient training); LoRA = peft's trainable count.")
+    if doc.get("failed"):
+        lines.append(f"- FAILED cells ({len(doc['failed'])}; rerun with --resume): "
+                     + "; ".join(f"{f['id']}: {f['error'][:120]}" for f in doc["failed"]))
+    lines.append("")
+
+    cells = doc.get("cells", [])
+    order = {m: i for i, m in enumerate(METHODS)}
+    for task in doc.get("task_order") or sorted({c["task"] for c in cells}):
+        rows = [c for c in cells if c["task"] == task]
+        if not rows:
+            continue
+        names = METRICS["mc" if "mc1" in rows[0]["metrics"] else "generation"]
+        split = doc.get("splits", {}).get(task, {}).get("report", "?")
+        lines.append(f"## {task} (report split '{split}')")
+        lines.append("")
+        lines.append("| model | method | K | " + " | ".join(METRIC_LABEL[n] for n in names)
+                     + " | n | seeds | trainable params | wall s / cell | phase 1 s | chosen |")
+        lines.append("|" + "---|" * (len(names) + 9))
+        groups: dict = {}
+        for c in rows:
+            groups.setdefault((c["model"], c["method"], c["k"]), []).append(c)
+        model_order = {m: i for i, m in enumerate(doc.get("models", {}))}
+        for (model, method, k), recs in sorted(groups.items(), key=lambda kv: (
+                model_order.get(kv[0][0], 99), order.get(kv[0][1], 99), kv[0][2] or 0)):
+            recs = sorted(recs, key=lambda r: (r["seed"] is None, r["seed"]))
+            vals = [_fmt([r["metrics"][n] for r in recs]) for n in names]
+            params = _num(recs[0].get("trainable_params"))
+            if recs[0].get("phase1_params"):
+                params += f" [{_num(recs[0]['phase1_params'])}]"
+            if method == "iti":
+                params += " (closed form)"
+            ns = sorted({r["n"] for r in recs})
+            seeds_txt = ", ".join(str(r["seed"]) for r in recs) if recs[0]["seed"] is not None else "-"
+            wall = sum(r["wall_seconds"] for r in recs) / len(recs)
+            p1 = [r["phase1_seconds"] for r in recs if r.get("phase1_seconds") is not None]
+            lines.append(f"| {model} | {method} | {'-' if k is None else k} | " + " | ".join(vals)
+                         + f" | {'/'.join(map(str, ns))} | {seeds_txt} | {params} | {wall:.1f} | "
+                         + (f"{sum(p1) / len(p1):.1f}" if p1 else "-") + f" | {_chosen(recs)} |")
+        lines.append("")
+    lines.extend(render_comparisons(cells, list(doc.get("models", {})), doc.get("task_order") or []))
+    return "\n".join(lines) + "\n"
+
+
+def render_comparisons(cells: list[dict], models: list[str], tasks: list[str]) -> list[str]:
+    """LoFiT minus each baseline, per model x task x K (means over seeds), and how often LoFiT is ahead.
+
+    Computed from the cells so the claims in prose can be checked against the record. The tally uses the
+    first metric (MC1 on TruthfulQA, strict EM on the generation tasks); zero-shot and LoRA have no K, so
+    their one value is compared with LoFiT at every K.
+    """
+    def mean_of(model, task, method, k) -> dict | None:
+        recs = [c for c in cells if (c["model"], c["task"], c["method"]) == (model, task, method)
+                and (method in ("zero_shot", "lora") or c["k"] == k)]
+        if not recs:
+            return None
+        return {"seeds": len(recs), **{m: statistics.fmean(r["metrics"][m] for r in recs) for m in recs[0]["metrics"]}}
+
+    rows, tally = [], {b: [0, 0, 0] for b in BASELINES}  # ahead, tied, behind
+    for model in models:
+        for task in tasks:
+            for k in sorted({c["k"] for c in cells if (c["model"], c["task"], c["method"]) == (model, task, "lofit")}):
+                lofit = mean_of(model, task, "lofit", k)
+                names = METRICS["mc" if "mc1" in lofit else "generation"][:2 if "mc1" in lofit else 1]
+                cols = []
+                for b in BASELINES:
+                    other = mean_of(model, task, b, k)
+                    if other is None:
+                        cols.append("-")
+                        continue
+                    deltas = [lofit[n] - other[n] for n in names]
+                    cols.append(" / ".join(f"{d:+.3f}" for d in deltas))
+                    tally[b][0 if deltas[0] > TIE else 1 if deltas[0] >= -TIE else 2] += 1
+                value = " / ".join(f"{lofit[n]:.3f}" for n in names)
+                rows.append(f"| {model} | {task} | {k} | {value} ({lofit['seeds']} seed{'s' * (lofit['seeds'] > 1)}) | "
+                            + " | ".join(cols) + " |")
+    if not rows:
+        return []
+    lines = ["## LoFiT minus each baseline", "",
+             "Means over the seeds each method has; MC1 / MC2 on TruthfulQA, strict EM on MQuAKE and CLUTRR. "
+             "At n = 82-100 one standard error of a single MC1 or EM is about 0.05, so gaps under that are noise.", "",
+             "| model | task | K | LoFiT | vs " + " | vs ".join(BASELINES) + " |", "|" + "---|" * (4 + len(BASELINES))]
+    lines += rows
+    lines.append("")
+    total = len(rows)
+    lines.append(f"On the first metric, over {total} model x task x K comparisons, LoFiT is ahead / tied / behind: "
+                 + "; ".join(f"{b} {a} / {t} / {bh}" for b, (a, t, bh) in tally.items()) + ".")
+    lines.append("")
+    return lines
