@@ -17,7 +17,9 @@ validated against a schema:
 Pod templates nested in the Ray objects are also validated as core/v1 PodTemplates.
 
 On top come the checks that matter when running it: no plain-text credentials anywhere, MLflow
-reachable only in-cluster, RayJobs that clean up after themselves, entrypoints that name
+reachable only in-cluster, locked down by default (MLflow's basic-auth app, Ray token auth on
+every Ray cluster, the credentials from the lofit-auth Secret, a NetworkPolicy that admits only
+the Ray pods to MLflow), RayJobs that clean up after themselves, entrypoints that name
 existing scripts and configs that fit the cluster, GPU/CPU overlays that really differ, and a
 Dockerfile that pins torch through constraints.txt.
 
@@ -68,6 +70,20 @@ DNS1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z
 # Ray's default storage_path (./ray_results) seen from the pods' working directory.
 RESULTS_PATH = "/opt/lofit/app/ray_results"
 ENTRYPOINT = re.compile(r"^python (?P<script>jobs/[\w./-]+\.py) --config (?P<config>configs/[\w./-]+\.ya?ml)(?: .*)?$")
+# The one Secret with every credential, created out of band (infra/README.md: one `kubectl create secret`):
+# the MLflow account and the Flask secret key of the basic-auth app, and Ray's token under the key that
+# KubeRay's authOptions.secretName requires. Its references must be required (fail closed); every
+# other secretKeyRef must be optional (the manifests must work without that Secret).
+AUTH_SECRET = "lofit-auth"
+RAY_TOKEN_KEY = "auth_token"  # fixed by KubeRay (RAY_AUTH_TOKEN_SECRET_KEY)
+# MLflow server env (basic-auth app) -> Ray pod env (MLflow client) that must read the same Secret key.
+MLFLOW_AUTH_ENV = {"MLFLOW_AUTH_ADMIN_USERNAME": "MLFLOW_TRACKING_USERNAME",
+                   "MLFLOW_AUTH_ADMIN_PASSWORD": "MLFLOW_TRACKING_PASSWORD"}
+# Ray token auth needs this Ray (KubeRay rejects authOptions.mode=token below it).
+MIN_RAY_FOR_TOKEN_AUTH = (2, 52, 0)
+# Ray head/worker pod templates carry this label; the MLflow NetworkPolicy admits only pods with it.
+MLFLOW_CLIENT_LABEL = ("lofit-ray/mlflow-client", "true")
+MLFLOW_PORT = 5000
 SECRETISH_ENV = re.compile(r"(PASSWORD|PASSWD|SECRET|TOKEN|API_?KEY|ACCESS_KEY|CREDENTIAL)", re.I)
 # scheme://user:password@host: the password is the `secret` group (redacted in messages).
 CREDENTIAL_URI = re.compile(r"[a-z][a-z0-9+.-]*://[^/\s:@'\"]+:(?P<secret>[^@\s'\"]+)@", re.I)
@@ -303,6 +319,12 @@ def crd_schema_errors(obj: dict, schemas: Path = KUBERAY_SCHEMAS) -> list[str]:
     return errors
 
 
+def _version_tuple(text) -> tuple[int, ...] | None:
+    """'2.60.0' -> (2, 60, 0); None when it is not MAJOR.MINOR[.PATCH]."""
+    match = re.fullmatch(r"(\d+)\.(\d+)(?:\.(\d+))?", str(text or ""))
+    return tuple(int(g or 0) for g in match.groups()) if match else None
+
+
 def kuberay_rule_problems(obj: dict) -> list[str]:
     """The operator's own validation (ray-operator/controllers/ray/utils/validation.go) we depend on."""
     problems = []
@@ -328,6 +350,11 @@ def kuberay_rule_problems(obj: dict) -> list[str]:
         except yaml.YAMLError as exc:
             problems.append(f"{where}: runtimeEnvYAML is not YAML: {exc}")
     for where, cluster in ray_cluster_specs(obj):
+        if (cluster.get("authOptions") or {}).get("mode") == "token":
+            version = _version_tuple(cluster.get("rayVersion"))
+            if version is None or version < MIN_RAY_FOR_TOKEN_AUTH:
+                problems.append(f"{where}: authOptions.mode token needs rayVersion >= "
+                                f"{'.'.join(map(str, MIN_RAY_FOR_TOKEN_AUTH))}, got {cluster.get('rayVersion')!r}")
         if not cluster["headGroupSpec"]["template"].get("spec", {}).get("containers"):
             problems.append(f"{where}: head needs a container")
         names = [g.get("groupName") for g in cluster.get("workerGroupSpecs") or []]
@@ -395,7 +422,11 @@ def _secret_mapping_problems(where: str, path: str, node: dict) -> list[str]:
     if isinstance(name, str) and "value" in node and SECRETISH_ENV.search(name):
         problems.append(f"{where}: {path}: env {name} has a literal value; use valueFrom.secretKeyRef")
     ref = node.get("secretKeyRef")
-    if isinstance(ref, dict) and ref.get("optional") is not True:
+    if isinstance(ref, dict) and ref.get("name") == AUTH_SECRET:
+        if ref.get("optional") is True:
+            problems.append(f"{where}: {path}: secretKeyRef {AUTH_SECRET} must not be optional: without the Secret "
+                            f"the pod would start unauthenticated; let it wait for the Secret instead")
+    elif isinstance(ref, dict) and ref.get("optional") is not True:
         problems.append(f"{where}: {path}: secretKeyRef {ref.get('name')} must be optional: no Secret ships with "
                         f"these manifests")
     env_like = path == "data" or path.endswith(".env_vars")
@@ -410,7 +441,8 @@ def secret_problems(objs: list[dict]) -> list[str]:
     """No credential travels in the rendered manifests: Secrets are created out of band, read via optional refs.
 
     Flags Secret objects, env entries and env_vars/ConfigMap keys with a secret-looking name and a
-    literal value, non-optional secretKeyRefs, and user:password@ URIs or PASSWORD=... in any string.
+    literal value, non-optional secretKeyRefs (optional ones to the lofit-auth Secret, which must fail
+    closed), and user:password@ URIs or PASSWORD=... in any string.
     """
     problems = []
     for obj in objs:
@@ -458,12 +490,13 @@ def mlflow_uri(objs) -> str:
 
 
 def mlflow_problems(objs: list[dict]) -> list[str]:
-    """MLflow has no auth: ClusterIP only, no Ingress; one sqlite writer; a Host header MLflow accepts."""
+    """MLflow stays in-cluster: ClusterIP only, no Ingress (basic auth over plain HTTP); one sqlite writer; a Host
+    header MLflow accepts. Authentication itself is mlflow_auth_problems'."""
     problems = []
     svc = mlflow_service(objs)
     if svc["spec"].get("type", "ClusterIP") != "ClusterIP":
-        problems.append(f"Service/lofit-mlflow: type {svc['spec']['type']}: the tracking server has no auth, "
-                        f"keep it ClusterIP")
+        problems.append(f"Service/lofit-mlflow: type {svc['spec']['type']}: basic auth over plain HTTP must not "
+                        f"leave the cluster, keep it ClusterIP")
     if svc["spec"].get("externalIPs") or svc["spec"].get("loadBalancerIP"):
         problems.append("Service/lofit-mlflow: must not carry external IPs")
     for obj in of_kind(objs, "Service"):
@@ -505,6 +538,194 @@ def mlflow_problems(objs: list[dict]) -> list[str]:
     mounts = {m["mountPath"] for m in container.get("volumeMounts") or []}
     if not any("/mlflow" == m for m in mounts):
         problems.append("Deployment/lofit-mlflow: the PVC must be mounted at /mlflow (sqlite + artifacts)")
+    return problems
+
+
+def _secret_ref(env: dict, name: str) -> dict | None:
+    """The secretKeyRef an env entry reads, or None (unset, a literal value, or another source)."""
+    return ((env.get(name) or {}).get("valueFrom") or {}).get("secretKeyRef")
+
+
+def _auth_ref_problem(where: str, env: dict, name: str, key: str | None = None) -> list[str]:
+    """`name` must come from a required secretKeyRef into the lofit-auth Secret (and `key`, when given)."""
+    ref = _secret_ref(env, name)
+    if not ref or ref.get("name") != AUTH_SECRET:
+        return [f"{where}: {name} must come from secretKeyRef {AUTH_SECRET}"]
+    if key is not None and ref.get("key") != key:
+        return [f"{where}: {name} reads key {ref.get('key')!r} of {AUTH_SECRET}, the MLflow server uses {key!r}"]
+    return []
+
+
+def mlflow_server_container(objs) -> dict:
+    """The tracking server's container in Deployment/lofit-mlflow."""
+    return one(objs, "Deployment", "lofit-mlflow")["spec"]["template"]["spec"]["containers"][0]
+
+
+def mlflow_auth_problems(objs: list[dict]) -> list[str]:
+    """MLflow runs its basic-auth app, with the admin account and Flask key from the lofit-auth Secret and a user
+    store that survives a restart.
+
+    Without `--app-name basic-auth` anyone who reaches the server reads and writes every run and model.
+    The auth settings file (MLFLOW_AUTH_CONFIG_PATH) must come from a ConfigMap of this render and put its
+    sqlite user store on the /mlflow volume: the packaged default, sqlite:///basic_auth.db, is relative to
+    the working directory, so every user would vanish on a restart.
+    """
+    problems = []
+    where = "Deployment/lofit-mlflow"
+    deploy = one(objs, "Deployment", "lofit-mlflow")
+    pod = deploy["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    cmd = " ".join(container.get("command", []) + container.get("args", []))
+    if not re.search(r"--app-name(?:=|\s+)([\"']?)basic-auth\1(?:\s|$)", cmd):
+        problems.append(f"{where}: the server runs without --app-name basic-auth: anyone who reaches it reads and "
+                        f"writes every run and model")
+    env = env_of(container)
+    for name in ("MLFLOW_AUTH_ADMIN_USERNAME", "MLFLOW_AUTH_ADMIN_PASSWORD", "MLFLOW_FLASK_SERVER_SECRET_KEY"):
+        problems += _auth_ref_problem(where, env, name)
+    config_path = (env.get("MLFLOW_AUTH_CONFIG_PATH") or {}).get("value")
+    if not config_path:
+        return problems + [f"{where}: set MLFLOW_AUTH_CONFIG_PATH to an auth config whose database_uri is on the "
+                           f"/mlflow volume (the packaged default sqlite:///basic_auth.db is lost on restart)"]
+    volumes = {v["name"]: v for v in pod.get("volumes") or []}
+    config_maps = {c["metadata"]["name"]: c for c in of_kind(objs, "ConfigMap")}
+    text = None
+    for mount in container.get("volumeMounts") or []:
+        cm = volumes.get(mount["name"], {}).get("configMap")
+        prefix = mount["mountPath"].rstrip("/") + "/"
+        if cm and config_path.startswith(prefix):
+            text = ((config_maps.get(cm.get("name")) or {}).get("data") or {}).get(config_path[len(prefix):])
+    if text is None:
+        return problems + [f"{where}: MLFLOW_AUTH_CONFIG_PATH {config_path} is not a key of a ConfigMap of this render "
+                           f"mounted there"]
+    import configparser
+
+    ini = configparser.ConfigParser()
+    try:
+        ini.read_string(text)
+        section = ini["mlflow"]
+    except (configparser.Error, KeyError) as exc:
+        return problems + [f"{where}: auth config {config_path} has no readable [mlflow] section ({exc})"]
+    for key in ("default_permission", "database_uri"):
+        if not section.get(key):
+            problems.append(f"{where}: auth config {config_path} lacks {key} (MLflow requires it)")
+    db = section.get("database_uri", "")
+    if db.startswith("sqlite:") and not db.startswith("sqlite:////mlflow/"):
+        problems.append(f"{where}: auth config database_uri {db!r} is not on the /mlflow volume: users and "
+                        f"permissions would be lost on a restart")
+    if section.get("admin_password"):
+        problems.append(f"{where}: auth config {config_path} sets admin_password: it comes from {AUTH_SECRET} "
+                        f"(MLFLOW_AUTH_ADMIN_PASSWORD)")
+    return problems
+
+
+def ray_auth_problems(objs: list[dict]) -> list[str]:
+    """Every Ray cluster runs with Ray token auth from the lofit-auth Secret, and every Ray pod logs in to MLflow
+    with the account the server bootstraps from that Secret.
+
+    Token auth: KubeRay's authOptions (mode token, secretName lofit-auth), or, where an overlay does it by
+    hand, RAY_AUTH_MODE=token and RAY_AUTH_TOKEN from lofit-auth/auth_token on the head and every worker.
+    A RAY_AUTH_MODE other than token in a Ray container wins over authOptions (the operator only adds the
+    variable when it is absent), so it is reported too.
+    """
+    problems = []
+    server_env = env_of(mlflow_server_container(objs)) if of_kind(objs, "Deployment") else {}
+    for obj in objs:
+        for where, cluster in ray_cluster_specs(obj):
+            auth = cluster.get("authOptions") or {}
+            native = auth.get("mode") == "token"
+            if native and auth.get("secretName") != AUTH_SECRET:
+                problems.append(f"{where}: authOptions.secretName must be {AUTH_SECRET} (key {RAY_TOKEN_KEY}): "
+                                f"clients read the token from there")
+            if auth.get("enableK8sTokenAuth") and obj["kind"] != "RayCluster":
+                problems.append(f"{where}: authOptions.enableK8sTokenAuth is not supported for RayJob/RayCronJob")
+            templates = [(f"{where}.head", cluster["headGroupSpec"]["template"])]
+            templates += [(f"{where}.{g.get('groupName')}", g["template"]) for g in cluster.get("workerGroupSpecs") or []]
+            for pod_where, template in templates:
+                env = env_of(template["spec"]["containers"][0])
+                mode = (env.get("RAY_AUTH_MODE") or {}).get("value")
+                if native and "RAY_AUTH_MODE" in env and mode != "token":
+                    problems.append(f"{pod_where}: RAY_AUTH_MODE={mode!r} overrides authOptions.mode token")
+                if not native:
+                    if mode != "token":
+                        problems.append(f"{pod_where}: Ray runs without token auth: set rayClusterSpec.authOptions "
+                                        f"(mode: token, secretName: {AUTH_SECRET})")
+                    else:
+                        problems += _auth_ref_problem(pod_where, env, "RAY_AUTH_TOKEN", RAY_TOKEN_KEY)
+                for server_name, client_name in MLFLOW_AUTH_ENV.items():
+                    server_ref = _secret_ref(server_env, server_name) or {}
+                    problems += _auth_ref_problem(pod_where, env, client_name, server_ref.get("key"))
+    return problems
+
+
+def _selector_matches(selector: dict, labels: dict) -> bool:
+    """Whether a LabelSelector (matchLabels and matchExpressions) selects a pod with these labels; {} selects all."""
+    if any(labels.get(k) != v for k, v in (selector.get("matchLabels") or {}).items()):
+        return False
+    for expr in selector.get("matchExpressions") or []:
+        key, op, values = expr.get("key"), expr.get("operator"), expr.get("values") or []
+        if ((op == "In" and labels.get(key) not in values) or (op == "NotIn" and labels.get(key) in values)
+                or (op == "Exists" and key not in labels) or (op == "DoesNotExist" and key in labels)):
+            return False
+    return True
+
+
+def mlflow_network_policy_problems(objs: list[dict]) -> list[str]:
+    """A NetworkPolicy isolates the MLflow pods and admits only the Ray head/worker pods, on the server port.
+
+    Every ingress rule of every policy selecting the MLflow pods counts (policies add up). Each rule must
+    name its sources and ports; a source must be a podSelector (no namespaceSelector, no ipBlock) with at
+    least one positive requirement that selects Ray head/worker pod templates of this render and no other
+    pod template (MLflow itself, the submitter, the scheduler CronJob); together the rules must admit every
+    Ray head/worker pod. kubectl port-forward needs no rule: the container runtime dials the port from
+    inside the pod's own network namespace.
+    """
+    problems = []
+    mlflow_labels = one(objs, "Deployment", "lofit-mlflow")["spec"]["template"]["metadata"].get("labels") or {}
+    templates = [(w, role, (t.get("metadata") or {}).get("labels") or {}) for o in objs for w, role, t in pod_templates(o)]
+    ray_pods = [(w, labels) for w, role, labels in templates if role in ("head", "worker")]
+    others = [(w, labels) for w, role, labels in templates if role not in ("head", "worker")]
+    policies = [p for p in of_kind(objs, "NetworkPolicy")
+                if _selector_matches(p["spec"].get("podSelector") or {}, mlflow_labels)
+                and "Ingress" in p["spec"].get("policyTypes", ["Ingress"])]
+    if not policies:
+        return ["no NetworkPolicy isolates the MLflow pods (podSelector matching them, policyTypes Ingress)"]
+    admitted = set()
+    for policy in policies:
+        for n, rule in enumerate(policy["spec"].get("ingress") or []):
+            where = f"NetworkPolicy/{policy['metadata']['name']}: ingress[{n}]"
+            if not rule.get("from"):
+                problems.append(f"{where}: no 'from': admits every source; list the Ray pods' podSelector")
+            for peer in rule.get("from") or []:
+                if set(peer) - {"podSelector"}:
+                    problems.append(f"{where}: {sorted(set(peer) - {'podSelector'})} admits sources beyond the Ray "
+                                    f"pods; use a podSelector only")
+                    continue
+                selector = peer.get("podSelector") or {}
+                positive = selector.get("matchLabels") or [e for e in selector.get("matchExpressions") or []
+                                                           if e.get("operator") in ("In", "Exists")]
+                if not positive:
+                    problems.append(f"{where}: podSelector {selector} admits every pod of the namespace")
+                    continue
+                extra = [w for w, labels in others if _selector_matches(selector, labels)]
+                if extra:
+                    problems.append(f"{where}: podSelector {selector} also admits {extra}, not Ray pods")
+                selected = {w for w, labels in ray_pods if _selector_matches(selector, labels)}
+                if not selected:
+                    problems.append(f"{where}: podSelector {selector} selects no Ray pod template of this render, so "
+                                    f"it can only admit other pods; select the Ray pods by their label "
+                                    f"{MLFLOW_CLIENT_LABEL[0]}={MLFLOW_CLIENT_LABEL[1]}")
+                admitted |= selected
+            ports = rule.get("ports") or []
+            if not ports:
+                problems.append(f"{where}: no 'ports': admits every port; list port {MLFLOW_PORT}")
+            for port in ports:
+                if (port.get("port") not in (MLFLOW_PORT, "http") or port.get("protocol", "TCP") != "TCP"
+                        or "endPort" in port):
+                    problems.append(f"{where}: port {port} is not the MLflow server port {MLFLOW_PORT}/TCP")
+    for w, _ in ray_pods:
+        if w not in admitted:
+            problems.append(f"{w}: the MLflow NetworkPolicy does not admit this Ray pod (label "
+                            f"{MLFLOW_CLIENT_LABEL[0]}={MLFLOW_CLIENT_LABEL[1]} on its pod template)")
     return problems
 
 
@@ -994,7 +1215,8 @@ def lint_overlay(directory: Path, versions=K8S_VERSIONS, schemas: Path | None = 
     for version in versions:
         problems += [f"Kubernetes {version}: {p}" for p in _run(core_schema_problems, objs, version)]
     problems += _run(kuberay_problems, objs, schemas)
-    for check in (secret_problems, mlflow_problems, rayjob_problems, reference_problems, schedule_problems):
+    for check in (secret_problems, mlflow_problems, mlflow_auth_problems, mlflow_network_policy_problems,
+                  ray_auth_problems, rayjob_problems, reference_problems, schedule_problems):
         problems += _run(check, objs)
     if accelerator:
         problems += _run(accelerator_problems, objs, accelerator)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import reprlib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -264,6 +265,9 @@ class ScalingConfig:
 
     num_workers: int = _help("Ray Train workers of phase 1", 2)
     cpus_per_worker: float = _help("CPUs each Ray Train worker takes", 0.49)
+    worker_resources: dict[str, float] = _help("extra Ray resources each Ray Train worker needs, e.g. {phase1: 1} "
+                                               "to place phase 1 on nodes started with --resources '{\"phase1\": 4}'",
+                                               factory=dict)
     use_gpu: bool = _help("one GPU per Ray Train worker and per trial", False)
     trial_cpus: float = _help("CPUs of the trial process (phase 2 and evaluation run there)", 1.0)
     trial_threads: int | None = _help("torch threads in a trial; default CPU cores / max_concurrent", None)
@@ -320,6 +324,33 @@ def _type_name(hint) -> str:
     return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
 
 
+_shown = reprlib.Repr()  # values quoted in errors: short and one line, however big or deep the YAML value
+_shown.maxstring, _shown.maxother = 80, 80
+
+
+def _key(name) -> str:
+    """A key in an error's dotted path: text keys as written, odd ones (not text, unprintable, long) quoted short."""
+    if isinstance(name, str) and name.isprintable() and 0 < len(name) <= 60:
+        return name
+    return _shown.repr(name)
+
+
+def _load_yaml(text: str, where: str):
+    """yaml.safe_load, its errors as one-line ConfigErrors naming the line and column."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        at = f" at line {mark.line + 1} column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{where}: not valid YAML{at}: {exc.problem or exc.context}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{where}: not valid YAML: {' '.join(str(exc).split())}") from None
+    except RecursionError:
+        raise ConfigError(f"{where}: not valid YAML: nested too deeply") from None
+    except ValueError as exc:  # a value YAML cannot build, e.g. an integer of 5000 digits
+        raise ConfigError(f"{where}: not valid YAML: {str(exc).split(';')[0]}") from None
+
+
 def coerce(value, hint, where: str, normalize=None):
     """Check `value` against a type hint (recursing into lists, dicts and dataclasses)."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
@@ -338,19 +369,19 @@ def coerce(value, hint, where: str, normalize=None):
         return build(hint, value, where, normalize)
     if origin is list:
         if not isinstance(value, list):
-            raise ConfigError(f"{where}: expected a list of {_type_name(args[0])}, got {value!r}")
+            raise ConfigError(f"{where}: expected a list of {_type_name(args[0])}, got {_shown.repr(value)}")
         return [coerce(v, args[0], f"{where}[{i}]", normalize) for i, v in enumerate(value)]
     if origin is dict:
         if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
-        return {str(k): coerce(v, args[1], f"{where}.{k}", normalize) for k, v in value.items()}
+            raise ConfigError(f"{where}: expected a mapping, got {_shown.repr(value)}")
+        return {str(k): coerce(v, args[1], f"{where}.{_key(k)}", normalize) for k, v in value.items()}
     if hint is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+            raise ConfigError(f"{where}: expected true or false, got {_shown.repr(value)}")
         return value
     if hint is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+            raise ConfigError(f"{where}: expected an integer, got {_shown.repr(value)}")
         return value
     if hint is float:
         if isinstance(value, str):  # YAML 1.1 reads 5e-3 (no dot) as a string
@@ -359,11 +390,11 @@ def coerce(value, hint, where: str, normalize=None):
             except ValueError:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where}: expected a number, got {value!r}")
+            raise ConfigError(f"{where}: expected a number, got {_shown.repr(value)}")
         return float(value)
     if hint is str:
         if not isinstance(value, str):
-            raise ConfigError(f"{where}: expected a string, got {value!r}")
+            raise ConfigError(f"{where}: expected a string, got {_shown.repr(value)}")
         return value
     return value
 
@@ -377,26 +408,30 @@ def build(cls, data, where: str = "", normalize=None):
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{where or 'config'}: expected a mapping, got {data!r}")
+        raise ConfigError(f"{where or 'config'}: expected a mapping, got {_shown.repr(data)}")
     hints = typing.get_type_hints(cls)
     fields = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - fields)
+    unknown = sorted(set(data) - fields, key=str)  # YAML keys need not be text: 1, null, true
     if unknown:
-        raise ConfigError(f"{where + '.' if where else ''}{unknown[0]}: unknown key; known keys here: "
+        raise ConfigError(f"{where + '.' if where else ''}{_key(unknown[0])}: unknown key; known keys here: "
                           f"{', '.join(f.name for f in dataclasses.fields(cls))}")
     kwargs = {}
     for name, value in data.items():
         path = f"{where}.{name}" if where else name
         if normalize:
-            value = normalize(cls, name, hints[name], value)
+            try:
+                value = normalize(cls, name, hints[name], value)
+            except TypeError as exc:  # e.g. a shorthand list holding a list or mapping
+                raise ConfigError(f"{path}: cannot read {_shown.repr(value)} ({exc})") from None
         kwargs[name] = coerce(value, hints[name], path, normalize)
     try:
         return cls(**kwargs)
     except TypeError as exc:
         raise ConfigError(f"{where or 'config'}: {exc}") from exc
     except ConfigError as exc:
-        # a section's own check names "<its usual section>.field"; say where it sits in this file
-        text, section = str(exc), getattr(cls, "SECTION", None)
+        # a section's own check names "<its usual section>.field"; say where it sits in this file. One line,
+        # even when it quotes a YAML key holding a line break.
+        text, section = str(exc).replace("\r", "\\r").replace("\n", "\\n"), getattr(cls, "SECTION", None)
         if where and section and text.startswith(section + ".") and where != section:
             text = where + text[len(section):]
         raise ConfigError(text) from None
@@ -419,11 +454,8 @@ def parse_set(pairs: list[str]) -> dict:
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
-            raise ConfigError(f"--set expects key=value (e.g. search.num_trials=2), got {pair!r}")
-        try:
-            out[key] = yaml.safe_load(value)
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"--set {key}: not a YAML value: {exc}") from exc
+            raise ConfigError(f"--set expects key=value (e.g. search.num_trials=2), got {_shown.repr(pair)}")
+        out[key] = _load_yaml(value, f"--set {_key(key)}")
     return out
 
 
@@ -435,11 +467,20 @@ def load_config(path: str | Path | None = None, overrides: dict | None = None, s
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}; pass one of the files in configs/")
         try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except (yaml.YAMLError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+            if path.stat().st_size > 1 << 20:  # configs are a few KB; do not spend minutes parsing a stray file
+                raise ConfigError(f"{path}: {path.stat().st_size} bytes is too large for a config (at most 1 MiB); "
+                                  f"pass one of the files in configs/")
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8") from None
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read it ({exc.strerror or exc})") from None
+        data = _load_yaml(text, str(path))
+        if data is None:  # empty, or comments only: every default
+            data = {}
         if not isinstance(data, dict):
-            raise ConfigError(f"{path}: expected a mapping of config fields at the top level")
+            raise ConfigError(f"{path}: expected a mapping of config fields at the top level, got "
+                              f"{type(data).__name__}")
     for dotted, value in (overrides or {}).items():
         node = data
         *parents, leaf = dotted.split(".")

@@ -9,13 +9,9 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import torch
-
-PHASE1_FILE = "phase1.json"
-
 
 class DeepSpeedStepper:
     """The Stepper of lofit_ray.train backed by a DeepSpeed engine over the offsets module."""
@@ -42,11 +38,26 @@ class DeepSpeedStepper:
         self.engine.step()
 
 
+class Outbox:
+    """A Ray actor that carries rank 0's results back to the driver through Ray itself, so nothing depends
+    on a file one node wrote being readable on another (Ray Train checkpoints would need shared storage)."""
+
+    def __init__(self):
+        self.value = None
+
+    def put(self, value) -> None:
+        self.value = value
+
+    def get(self):
+        return self.value
+
+
 def phase1_train_func(config: dict) -> None:
-    """Ray Train worker entry point. config: {"jobs": [...], "zero_stage", "deepspeed", "threads", "use_gpu"}.
+    """Ray Train worker entry point. config: {"jobs": [...], "outbox", "zero_stage", "deepspeed", "threads",
+    "use_gpu"}.
 
     Each job (search.phase1_job): {"model", "dtype", "task": {...}, "training": {...}, "phase1": {...}, "key",
-    "reference": list | None}. Rank 0 returns each job's ranking (HeadSet JSON) and loss history.
+    "reference": list | None}. Rank 0 puts each job's ranking (HeadSet JSON) and loss history in the outbox.
     """
     import ray.train
 
@@ -73,12 +84,10 @@ def phase1_train_func(config: dict) -> None:
         head_set.hparams.update(workers=world, zero_stage=config.get("zero_stage"))
         outputs.append({"key": job.get("key"), "head_set": json.loads(head_set.to_json()),
                         "history": head_set.hparams["history"]})
-    with tempfile.TemporaryDirectory() as tmp:
-        checkpoint = None
-        if rank == 0:
-            Path(tmp, PHASE1_FILE).write_text(json.dumps(outputs))
-            checkpoint = ray.train.Checkpoint.from_directory(tmp)
-        ray.train.report({"jobs": len(outputs)}, checkpoint=checkpoint)
+    if rank == 0:
+        import ray
+
+        ray.get(config["outbox"].put.remote(outputs))
 
 
 def job_examples(job: dict) -> list:
@@ -92,25 +101,30 @@ def job_examples(job: dict) -> list:
 
 
 def run_phase1(jobs: list[dict], *, num_workers: int, cpus_per_worker: float, use_gpu: bool, zero_stage: int,
+               worker_resources: dict | None = None,
                use_deepspeed: bool, storage_path: str, name: str, max_failures: int = 1) -> list[dict]:
     """Run phase-1 jobs on a Ray Train TorchTrainer; returns [{"key", "head_set", "history"}]."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    import ray
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    outbox = ray.remote(num_cpus=0)(Outbox).remote()
     trainer = TorchTrainer(
         phase1_train_func,
-        train_loop_config={"jobs": jobs, "zero_stage": zero_stage, "deepspeed": use_deepspeed, "use_gpu": use_gpu,
-                           "threads": max(1, int(cpus_per_worker))},
+        train_loop_config={"jobs": jobs, "outbox": outbox, "zero_stage": zero_stage, "deepspeed": use_deepspeed,
+                           "use_gpu": use_gpu, "threads": max(1, int(cpus_per_worker))},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
-                                     resources_per_worker={"GPU": 1, "CPU": cpus_per_worker} if use_gpu
-                                     else {"CPU": cpus_per_worker}),
+                                     resources_per_worker={"CPU": cpus_per_worker, **({"GPU": 1} if use_gpu else {}),
+                                                           **(worker_resources or {})}),
         run_config=RunConfig(name=name, storage_path=str(Path(storage_path).resolve()),
-                             failure_config=FailureConfig(max_failures=max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=1)),
+                             failure_config=FailureConfig(max_failures=max_failures)),
     )
-    result = trainer.fit()
-    if result.checkpoint is None:
-        raise RuntimeError(f"phase-1 job {name} finished without a checkpoint: {result.error}")
-    with result.checkpoint.as_directory() as directory:
-        return json.loads(Path(directory, PHASE1_FILE).read_text())
+    try:
+        result = trainer.fit()
+        outputs = ray.get(outbox.get.remote())
+    finally:
+        ray.kill(outbox)
+    if outputs is None:
+        raise RuntimeError(f"phase-1 job {name} returned no rankings: {result.error}")
+    return outputs

@@ -25,8 +25,13 @@ def triggered(point: str, **context) -> bool:
     return False
 
 
-def kill_point(point: str, **context) -> None:
-    """SIGKILL this process here when the point is triggered: a crash that runs no cleanup at all."""
+def kill_point(point: str, process_group: int | None = None, **context) -> None:
+    """SIGKILL here when the point is triggered: a crash that runs no cleanup at all. Kills this process,
+    or a whole process group (a trial passes its driver's, to kill the search at a point inside a trial)."""
     if triggered(point, **context):
-        print(f"[lofit-ray] fault point {point} {context}: killing process {os.getpid()}", flush=True)
+        print(f"[lofit-ray] fault point {point} {context}: killing "
+              f"{'process group ' + str(process_group) if process_group else 'process ' + str(os.getpid())}",
+              flush=True)
+        if process_group:
+            os.killpg(process_group, signal.SIGKILL)
         os.kill(os.getpid(), signal.SIGKILL)

@@ -7,14 +7,75 @@ can read it, diff it, and compare sets across runs, tasks and models.
 from __future__ import annotations
 
 import json
+import numbers
 import random
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
 
 from .architectures import HeadLayout
+
+
+class HeadSetError(ValueError):
+    """A head set (or its JSON file) is malformed; the message names the file, the field and the fix."""
+
+
+LAYOUT_FIELDS = ("model_type", "num_layers", "num_heads", "head_dim")
+_FIX = "pass the file written by `lofit-ray select`"
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _short(value) -> str:
+    """repr() cut to one short line, for error messages about values read from a file."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _check_layout(layout) -> None:
+    if not isinstance(layout, dict):
+        raise HeadSetError(f"field 'layout': expected an object {{{', '.join(LAYOUT_FIELDS)}}}, "
+                           f"got {type(layout).__name__}")
+    for key in LAYOUT_FIELDS:
+        if key not in layout:
+            raise HeadSetError(f"field 'layout': missing {key!r}; a layout has {', '.join(LAYOUT_FIELDS)}")
+    unknown = sorted(set(layout) - set(LAYOUT_FIELDS), key=str)
+    if unknown:
+        raise HeadSetError(f"field 'layout': unknown key {_short(unknown[0])}; a layout has "
+                           f"{', '.join(LAYOUT_FIELDS)}")
+    if not isinstance(layout["model_type"], str):
+        raise HeadSetError(f"field 'layout': 'model_type' must be a string, got {_short(layout['model_type'])}")
+    for key in LAYOUT_FIELDS[1:]:
+        if not _is_int(layout[key]) or layout[key] < 1:
+            raise HeadSetError(f"field 'layout': {key!r} must be a positive integer, got {_short(layout[key])}")
+
+
+def _check_ranking(ranking, layers: int, heads: int) -> None:
+    if not isinstance(ranking, list) or not ranking:
+        got = "an empty list" if isinstance(ranking, list) else type(ranking).__name__
+        raise HeadSetError(f"field 'ranking': expected a non-empty list of [layer, head, score] rows, got {got}")
+    seen = set()
+    for i, row in enumerate(ranking):
+        if not (isinstance(row, (list, tuple)) and len(row) == 3 and _is_int(row[0]) and _is_int(row[1])
+                and _is_number(row[2])):
+            raise HeadSetError(f"field 'ranking': row {i} is {_short(row)}; each row is [layer, head, score] "
+                               f"(two integers and a number)")
+        layer, head = row[0], row[1]
+        if not (0 <= layer < layers and 0 <= head < heads):
+            raise HeadSetError(f"field 'ranking': row {i} names head (layer {layer}, head {head}), outside the "
+                               f"layout of {layers} layers x {heads} heads")
+        if (layer, head) in seen:
+            raise HeadSetError(f"field 'ranking': row {i} lists head (layer {layer}, head {head}) a second time; "
+                               f"each head is ranked once")
+        seen.add((layer, head))
 
 
 @dataclass
@@ -30,16 +91,29 @@ class HeadSet:
     seed: int = 0
 
     def __post_init__(self):
-        total = self.layout["num_layers"] * self.layout["num_heads"]
+        """Check every field, so a malformed head set fails here with HeadSetError naming the field."""
+        for name in ("model", "fingerprint", "method", "task"):
+            if not isinstance(getattr(self, name), str):
+                raise HeadSetError(f"field {name!r}: expected a string, got {_short(getattr(self, name))}")
+        if not isinstance(self.hparams, dict):
+            raise HeadSetError(f"field 'hparams': expected an object, got {type(self.hparams).__name__}")
+        if not _is_int(self.seed):
+            raise HeadSetError(f"field 'seed': expected an integer, got {_short(self.seed)}")
+        _check_layout(self.layout)
+        layers, heads = self.layout["num_layers"], self.layout["num_heads"]
+        _check_ranking(self.ranking, layers, heads)
+        total = layers * heads
         if self.k is None:
             return
+        if not _is_int(self.k):
+            raise HeadSetError(f"field 'k': expected an integer or null, got {_short(self.k)}")
         if not 0 < self.k <= total:
-            raise ValueError(
-                f"k={self.k} is out of range: this model has {total} heads "
-                f"({self.layout['num_layers']} layers x {self.layout['num_heads']} heads); choose 1..{total}"
+            raise HeadSetError(
+                f"field 'k': k={self.k} is out of range: this model has {total} heads "
+                f"({layers} layers x {heads} heads); choose 1..{total}"
             )
         if self.k > len(self.ranking):
-            raise ValueError(f"k={self.k} but the ranking lists only {len(self.ranking)} heads")
+            raise HeadSetError(f"field 'k': k={self.k} but the ranking lists only {len(self.ranking)} heads")
 
     def top(self, k: int | None = None) -> list[tuple[int, int]]:
         k = self.k if k is None else k
@@ -62,13 +136,52 @@ class HeadSet:
 
     @classmethod
     def from_json(cls, path_or_text: str | Path) -> "HeadSet":
+        """A head set from its JSON file (or the JSON text itself).
+
+        Raises FileNotFoundError for a missing file and HeadSetError (a ValueError) naming the file and
+        the field for anything else: bad JSON, unknown, missing or wrongly typed fields, bad ranking rows.
+        """
         text = str(path_or_text)
+        where = "head set JSON"
         if not text.lstrip().startswith("{"):
             path = Path(path_or_text)
             if not path.is_file():
-                raise FileNotFoundError(f"head set file not found: {path}; pass the JSON written by `lofit-ray select`")
-            text = path.read_text()
-        return cls(**json.loads(text))
+                raise FileNotFoundError(f"head set file not found: {path}; {_FIX}")
+            where = str(path)
+            try:
+                text = path.read_text(encoding="utf-8")
+            except UnicodeDecodeError as exc:
+                raise HeadSetError(f"{where}: not UTF-8 text ({exc.reason} at byte {exc.start}); {_FIX}") from None
+            except OSError as exc:
+                raise HeadSetError(f"{where}: cannot read it ({exc.strerror or exc}); {_FIX}") from None
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise HeadSetError(f"{where}: not valid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}; "
+                               f"{_FIX}") from None
+        except (ValueError, RecursionError) as exc:  # a number of 5000 digits, arrays nested 1000 deep
+            reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc).split(";")[0]
+            raise HeadSetError(f"{where}: not valid JSON: {reason}; {_FIX}") from None
+        return cls.from_dict(data, where)
+
+    @classmethod
+    def from_dict(cls, data, where: str = "head set") -> "HeadSet":
+        """A head set from parsed JSON; errors are HeadSetError "<where>: field '<name>': ..."."""
+        names = [f.name for f in fields(cls)]
+        if not isinstance(data, dict):
+            raise HeadSetError(f"{where}: expected a JSON object with fields {', '.join(names)}, got "
+                               f"{type(data).__name__}; {_FIX}")
+        unknown = sorted(set(data) - set(names), key=str)
+        if unknown:
+            raise HeadSetError(f"{where}: field {_short(unknown[0])}: unknown; a head set has {', '.join(names)}")
+        required = [f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING]
+        missing = [name for name in required if name not in data]
+        if missing:
+            raise HeadSetError(f"{where}: field {missing[0]!r}: missing; {_FIX}")
+        try:
+            return cls(**data)
+        except HeadSetError as exc:
+            raise HeadSetError(f"{where}: {exc}") from None
 
     def score_grid(self) -> torch.Tensor:
         """[layers, heads] scores (NaN where the ranking does not list a head), for heatmaps."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import re
 import os
 import shutil
 import time
@@ -74,7 +75,10 @@ _TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_att
 _TINY_CONFIGS = {
     "llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Config", "qwen3": "Qwen3Config",
     "gemma": "GemmaConfig", "gemma2": "Gemma2Config", "gemma3_text": "Gemma3TextConfig",
+    "gemma3-wide": "Gemma3TextConfig",
 }
+# gemma3-wide: heads x head_dim (4 x 32) != hidden_size (64), as in Gemma-3-270M (4 x 256 vs 640).
+_TINY_OVERRIDES = {"gemma3-wide": dict(head_dim=32)}
 
 
 def _tiny_class(family: str) -> str:
@@ -86,7 +90,8 @@ def _tiny_class(family: str) -> str:
 def tiny_config(family: str, vocab_size: int):
     import transformers
 
-    cfg = getattr(transformers, _tiny_class(family))(vocab_size=vocab_size, **_TINY)
+    shape = {**_TINY, **_TINY_OVERRIDES.get(family, {})}
+    cfg = getattr(transformers, _tiny_class(family))(vocab_size=vocab_size, **shape)
     if family.startswith("gemma"):
         cfg.query_pre_attn_scalar = 16
     return cfg
@@ -147,6 +152,11 @@ def local_dir(spec: str) -> Path:
         f"({', '.join('tiny-' + f for f in _TINY_CONFIGS)}), a local checkpoint directory, a .gguf file, "
         f"nor a cached Hugging Face id"
     )
+
+
+def spec_slug(spec: str) -> str:
+    """A model spec as a name part (runs, files): a path contributes its last component."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(spec).name if os.sep in spec else spec).strip("-")
 
 
 def check_spec(spec: str) -> HeadLayout:

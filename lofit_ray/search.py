@@ -20,7 +20,6 @@ import dataclasses
 import itertools
 import json
 import os
-import re
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -32,7 +31,7 @@ from .adapter import Adapter
 from .config import ConfigError, Phase1Config, Phase2Config, SearchJobConfig, Space, from_dict, to_dict
 from .evaluate import evaluate, selection_score
 from .heads import HeadSet
-from .models import check_spec, load_model
+from .models import check_spec, load_model, spec_slug
 from .offsets import detach_all
 from .splits import build_splits
 from .tasks import get_task
@@ -40,10 +39,6 @@ from .train import NaNLossError, phase1_key, reference_logprobs, train_offsets
 
 SEARCHED = ("k", "l1", "phase1_lr", "phase2_lr")
 _CACHE: dict = {}  # per-process: loaded models and splits, kept across trials when cost-aware
-
-
-def slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(text).name if os.sep in text else text).strip("-")
 
 
 # -- config -> pieces ---------------------------------------------------------------------
@@ -121,6 +116,7 @@ def run_phase1_jobs(cfg: SearchJobConfig, jobs: list[dict], ctx: dict, name: str
     sc = cfg.scaling
     start = time.time()
     outputs = run_phase1(jobs, num_workers=sc.num_workers, cpus_per_worker=sc.cpus_per_worker, use_gpu=sc.use_gpu,
+                         worker_resources=sc.worker_resources,
                          zero_stage=cfg.deepspeed.zero_stage, use_deepspeed=cfg.deepspeed.enabled,
                          storage_path=ctx["storage_path"], name=name, max_failures=sc.max_failures)
     seconds = (time.time() - start) / max(len(outputs), 1)
@@ -128,7 +124,7 @@ def run_phase1_jobs(cfg: SearchJobConfig, jobs: list[dict], ctx: dict, name: str
     for job, out in zip(jobs, outputs):
         head_set = HeadSet(**out["head_set"])
         uri = ctx["tracking_uri"]
-        run_id = tracking.start_run(uri, ctx["experiment_id"], f"phase1-{slug(job['model'])}-{job['key'][:8]}",
+        run_id = tracking.start_run(uri, ctx["experiment_id"], f"phase1-{spec_slug(job['model'])}-{job['key'][:8]}",
                                     params={"training": job["training"], "phase1": job["phase1"], "model": job["model"],
                                             "workers": sc.num_workers, "zero_stage": cfg.deepspeed.zero_stage},
                                     tags={tracking.PHASE1_KEY_TAG: job["key"], "lofit.kind": "phase1"},
@@ -177,11 +173,11 @@ def trial_fn(config: dict) -> None:
     trial_id = tune.get_context().get_trial_id()
     previous = tracking.finished_trial_run(uri, ctx["experiment_id"], ctx["parent_run_id"], trial_id)
     if previous is not None:  # resumed search: this trial finished before the driver died; don't redo it
-        tune.report({**previous["metrics"], "epoch": cfg.phase2.epochs, "resumed": 1,
+        tune.report({**previous["metrics"], "epoch": previous["stopped_epoch"] or cfg.phase2.epochs, "resumed": 1,
                      "mlflow_run_id": previous["run_id"], "version": previous["version"]})
         return
     phase1, phase2 = trial_configs(cfg, params)
-    run_id = tracking.start_run(uri, ctx["experiment_id"], f"trial-{slug(model)}-{trial_id}",
+    run_id = tracking.start_run(uri, ctx["experiment_id"], f"trial-{spec_slug(model)}-{trial_id}",
                                 params={**params, "model": model, "task": cfg.task.name,
                                         "phase2_epochs": phase2.epochs, "cost_aware": cost_aware},
                                 tags={"lofit.kind": "trial", "lofit.trial_id": trial_id, tracking.MODEL_TAG: model,
@@ -196,10 +192,7 @@ def trial_fn(config: dict) -> None:
         k = int(params["k"])
         t0 = time.time()
         job = phase1_job(cfg, model, loaded, splits, phase1)
-        head_set = tracking.find_head_set(uri, ctx["experiment_id"], job["key"]) if cost_aware else None
-        memo_hit = head_set is not None
-        if head_set is None:
-            head_set = run_phase1_jobs(cfg, [job], ctx, name=f"{cfg.name}-phase1-{trial_id}")[0]
+        head_set, memo_hit = phase1_ranking(cfg, ctx, job, name=f"{cfg.name}-phase1-{trial_id}")
         timing["phase1_s"] = time.time() - t0
         head_set = head_set.with_k(k)
         tracking.log_head_set(uri, run_id, head_set)
@@ -233,6 +226,7 @@ def trial_fn(config: dict) -> None:
     except Exception as exc:
         if not recorded:
             reason = f"diverged: {exc}" if isinstance(exc, NaNLossError) else f"{type(exc).__name__}: {exc}"
+            tracking.set_tags(uri, run_id, {tracking.OUTCOME_TAG: "failed"})
             tracking.end_run(uri, run_id, "FAILED", reason=reason)
         raise
 
@@ -245,10 +239,55 @@ def _finish_trial(uri, ctx, run_id, trial_id, adapter: Adapter, params, metrics,
         tags={"k": params["k"], "trial_id": trial_id, "sel_metric": f"{metrics['sel_metric']:.6f}",
               "l1": params["l1"], "phase1_lr": params["phase1_lr"], "phase2_lr": params["phase2_lr"],
               "parameters": adapter.num_parameters})
-    tracking.set_tags(uri, run_id, {"lofit.registered_version": version})
+    faults.kill_point("driver.kill", process_group=ctx["driver_pgid"], at="registered")
+    tracking.set_tags(uri, run_id, {"lofit.registered_version": version, tracking.OUTCOME_TAG: "completed"})
     tracking.log_metrics(uri, run_id, timing)
     tracking.end_run(uri, run_id)
+    faults.kill_point("driver.kill", process_group=ctx["driver_pgid"], at="trial_finished")
     return version
+
+
+class Phase1Claims:
+    """A Ray actor, one per search: the first trial that needs a phase-1 ranking computes it, and trials
+    that need the same ranking meanwhile wait for it instead of computing it again."""
+
+    def __init__(self):
+        self._busy: dict = {}
+
+    async def claim(self, key: str) -> bool:
+        """True: the caller computes `key`. False: another trial just finished (or gave up) computing it."""
+        import asyncio
+
+        if key in self._busy:
+            await self._busy[key].wait()
+            return False
+        self._busy[key] = asyncio.Event()
+        return True
+
+    async def release(self, key: str) -> None:
+        event = self._busy.pop(key, None)
+        if event is not None:
+            event.set()
+
+
+def phase1_ranking(cfg: SearchJobConfig, ctx: dict, job: dict, name: str) -> tuple[HeadSet, bool]:
+    """The ranking of a phase-1 job: from the memo in MLflow when recorded (memo hit), else computed once
+    under a claim, so two concurrent trials never run the same phase 1 twice."""
+    import ray
+
+    uri, experiment_id = ctx["tracking_uri"], ctx["experiment_id"]
+    if not cfg.search.cost_aware:
+        return run_phase1_jobs(cfg, [job], ctx, name=name)[0], False
+    claims = ray.get_actor(ctx["phase1_claims"])
+    while True:
+        head_set = tracking.find_head_set(uri, experiment_id, job["key"])
+        if head_set is not None:
+            return head_set, True
+        if ray.get(claims.claim.remote(job["key"])):
+            try:
+                return run_phase1_jobs(cfg, [job], ctx, name=name)[0], False
+            finally:
+                ray.get(claims.release.remote(job["key"]))
 
 
 # -- the driver ------------------------------------------------------------------------------
@@ -286,12 +325,19 @@ def run_search(cfg: SearchJobConfig, resume: bool = False) -> dict:
             uri, experiment_id, cfg.name, params=to_dict(cfg), tags={"lofit.kind": "search"})
         state_path.write_text(json.dumps(state))
     parent = state["parent_run_id"]
+    if resume:  # runs a killed driver left open: closed now; their trials run again
+        closed = tracking.close_dangling_runs(uri, parent, reason="the driver stopped; the trial runs again (--resume)")
+        if closed:
+            print(f"[lofit-ray] closed {len(closed)} run(s) the stopped driver left open", flush=True)
     print(f"[lofit-ray] MLflow: {uri} (experiment '{cfg.mlflow.experiment}', parent run {parent})", flush=True)
     if not ray.is_initialized():
         ray.init(runtime_env={"env_vars": {"MLFLOW_DISABLE_TELEMETRY": "true", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
                                            "LOFIT_HOME": str(tracking.lofit_home()),
                                            **({} if cfg.scaling.use_gpu else {"DS_ACCELERATOR": "cpu"})}})
+    claims_name = f"lofit-phase1-claims-{parent}"
+    claims = ray.remote(num_cpus=0)(Phase1Claims).options(name=claims_name, get_if_exists=True).remote()
     ctx = {"tracking_uri": uri, "experiment_id": experiment_id, "parent_run_id": parent,
+           "phase1_claims": claims_name, "driver_pgid": os.getpgid(0),
            "storage_path": str(storage), "run_config": to_dict(cfg),
            "threads": cfg.scaling.trial_threads or max(1, int((os.cpu_count() or 1) / cfg.search.max_concurrent))}
     summary = {"name": cfg.name, "tracking_uri": uri, "experiment_id": experiment_id, "parent_run_id": parent,
@@ -310,6 +356,8 @@ def run_search(cfg: SearchJobConfig, resume: bool = False) -> dict:
         tracking.close_dangling_runs(uri, parent, reason=f"search stopped: {type(exc).__name__}")
         tracking.end_run(uri, parent, "FAILED", reason=f"{type(exc).__name__}: {exc}")
         raise
+    finally:
+        ray.kill(claims)
     summary["wall_s"] = round(time.time() - started, 1)
     return summary
 
@@ -326,7 +374,7 @@ def _search_one_model(cfg: SearchJobConfig, model: str, ctx: dict, storage: Path
     trial_ctx = {**ctx, "model": model, "registered_name": name}
     trainable = tune.with_resources(trial_fn, {"cpu": cfg.scaling.trial_cpus,
                                                **({"gpu": 1} if cfg.scaling.use_gpu else {})})
-    run_name = f"{cfg.name}-{slug(model)}"
+    run_name = f"{cfg.name}-{spec_slug(model)}"
     path = storage / run_name
     space = cfg.search.space
     if resume and tune.Tuner.can_restore(str(path)):
@@ -344,10 +392,11 @@ def _search_one_model(cfg: SearchJobConfig, model: str, ctx: dict, storage: Path
             tune_config=tune.TuneConfig(metric="sel_metric", mode="max", search_alg=searcher, scheduler=scheduler,
                                         num_samples=cfg.search.num_trials, max_concurrent_trials=cfg.search.max_concurrent,
                                         reuse_actors=cfg.search.cost_aware),
-            run_config=tune.RunConfig(name=run_name, storage_path=str(storage), verbose=1),
+            run_config=tune.RunConfig(name=run_name, storage_path=str(storage), verbose=1,
+                                      callbacks=[_close_stopped_trials(uri, cfg.phase2.epochs)]),
         )
     results = tuner.fit()
-    tracking.close_dangling_runs(uri, ctx["parent_run_id"], reason="stopped early by ASHA")
+    tracking.close_dangling_runs(uri, ctx["parent_run_id"], reason="still running when the search ended")
     trials = []
     for r in results:
         m = r.metrics or {}
@@ -371,6 +420,23 @@ def _search_one_model(cfg: SearchJobConfig, model: str, ctx: dict, storage: Path
     return out
 
 
+def _close_stopped_trials(uri: str, epochs: int):
+    """A Tune callback that closes a trial's MLflow run the moment Tune stops it (ASHA), with the metrics it
+    had, marked as an early stop: otherwise the run would show RUNNING until the whole search ends."""
+    from ray.tune import Callback
+
+    class CloseStoppedTrials(Callback):
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            result = trial.last_result or {}
+            if result.get("mlflow_run_id") and result.get("epoch", epochs) < epochs:
+                timing = {k: result[k] for k in ("phase1_s", "phase2_s", "eval_s", "total_s", "memo_hit")
+                          if k in result}
+                tracking.close_stopped_run(uri, result["mlflow_run_id"], timing, result["epoch"],
+                                           reason=f"stopped early by ASHA after epoch {result['epoch']} of {epochs}")
+
+    return CloseStoppedTrials()
+
+
 def _report(cfg: SearchJobConfig, model: str, uri: str, name: str, run_id: str, parent: str) -> dict:
     """Score the champion once on the held-out report split, beside the 0-shot model."""
     loaded = get_model(model, cfg.dtype)
@@ -384,6 +450,6 @@ def _report(cfg: SearchJobConfig, model: str, uri: str, name: str, run_id: str, 
         offsets.detach()
     keys = [k for k in ("mc1", "mc2", "em", "em_lenient") if k in champ]
     tracking.log_metrics(uri, run_id, {f"val_{k}": champ[k] for k in keys})
-    tracking.log_metrics(uri, parent, {f"{slug(model)}.val_{k}": champ[k] for k in keys} |
-                         {f"{slug(model)}.val_zero_shot_{k}": zero[k] for k in keys})
+    tracking.log_metrics(uri, parent, {f"{spec_slug(model)}.val_{k}": champ[k] for k in keys} |
+                         {f"{spec_slug(model)}.val_zero_shot_{k}": zero[k] for k in keys})
     return {"split": cfg.task.report, "n": champ["n"], "champion": champ, "zero_shot": zero}

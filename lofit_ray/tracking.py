@@ -42,6 +42,7 @@ if TYPE_CHECKING:
 
 PHASE1_KEY_TAG = "lofit.phase1_key"
 FAILURE_REASON_TAG = "lofit.failure_reason"
+OUTCOME_TAG = "lofit.outcome"  # completed | stopped_early | failed: how a trial's run ended
 PARENT_RUN_TAG = "mlflow.parentRunId"
 RUN_NAME_TAG = "mlflow.runName"
 HEADS_K_TAG = "lofit.heads_k"
@@ -121,7 +122,64 @@ def client(tracking_uri: str | None = None) -> MlflowClient:
 @functools.lru_cache(maxsize=8)
 def _client(uri: str) -> MlflowClient:
     """One client per URI and process: building one opens the store (about 0.7 s for SQLite)."""
+    ensure_store(uri)
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+class StoreError(RuntimeError):
+    """The MLflow store cannot be used as it is; the message says why and what to do."""
+
+
+def ensure_store(uri: str) -> None:
+    """Create a SQLite store completely, or check an existing one, before anything writes to it.
+
+    A new store is built and migrated in a temporary file beside it and renamed into place under a
+    file lock, so a process killed at any moment leaves either no store or a complete one, and two
+    processes never migrate the same file at once (which left `_alembic_tmp_*` tables behind). A
+    store an interrupted migration left half done is refused with the fix. Other URIs are servers
+    or databases that manage their own schema.
+    """
+    import fcntl
+
+    from . import faults
+
+    db = _sqlite_path(uri)
+    if db is None:
+        return
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.with_name(f".{db.name}.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        for stale in db.parent.glob(f".{db.name}.creating-*"):  # left by a creator that was killed
+            stale.unlink(missing_ok=True)
+        if db.is_file() and db.stat().st_size > 0:
+            _check_store(db)
+            return
+        tmp = db.with_name(f".{db.name}.creating-{os.getpid()}")
+        try:
+            from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+            store = SqlAlchemyStore(f"sqlite:///{tmp}", default_artifact_root=(db.parent / "mlartifacts").as_uri())
+            store.engine.dispose()
+            faults.kill_point("driver.kill", at="store_created")
+            os.replace(tmp, db)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+
+def _check_store(db: Path) -> None:
+    import sqlite3
+
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
+            tables = [row[0] for row in conn.execute("select name from sqlite_master where type='table'")]
+    except sqlite3.DatabaseError as exc:
+        raise StoreError(f"{db} is not a readable SQLite database ({exc}); point --tracking-uri elsewhere or move "
+                         f"the file away") from exc
+    half = [t for t in tables if t.startswith("_alembic_tmp_")]
+    if half:
+        raise StoreError(f"{db}: an MLflow schema migration was interrupted (table {half[0]} is left over); "
+                         f"restore a backup of the file, or drop that table and run `mlflow db upgrade "
+                         f"sqlite:///{db}`")
 
 
 def _retry(fn, *args, attempts: int = 6, **kwargs):
@@ -280,9 +338,23 @@ def end_run(tracking_uri: str, run_id: str, status: str = "FINISHED", reason: st
     _retry(c.set_terminated, run_id, status)
 
 
+def close_stopped_run(tracking_uri: str, run_id: str, metrics: dict, epoch: int, reason: str) -> bool:
+    """Close a run that is still RUNNING because its trial was stopped early: it ends now, FINISHED (an early
+    stop is a scheduling decision, not a failure), with `metrics`, tag lofit.outcome=stopped_early and the
+    reason. Returns False when the run had already ended."""
+    c = client(tracking_uri)
+    if _get_run(c, run_id).info.status != "RUNNING":
+        return False
+    log_metrics(tracking_uri, run_id, metrics)
+    set_tags(tracking_uri, run_id, {OUTCOME_TAG: "stopped_early", "lofit.stop_reason": reason,
+                                    "lofit.stopped_epoch": epoch})
+    _retry(c.set_terminated, run_id, "FINISHED")
+    return True
+
+
 def close_dangling_runs(tracking_uri: str, parent_run_id: str, reason: str) -> list[str]:
-    """Mark descendants of ``parent_run_id`` that are still RUNNING as KILLED (e.g. trials stopped by
-    ASHA, or those of a killed driver), with ``reason``. Returns the ids it closed."""
+    """Mark descendants of ``parent_run_id`` that are still RUNNING as KILLED (those of a killed driver, or
+    any a search left open when it ended), with ``reason``. Returns the ids it closed."""
     closed, frontier, seen = [], [parent_run_id], {parent_run_id}
     while frontier:
         parent = frontier.pop()
@@ -385,8 +457,8 @@ def find_head_set(tracking_uri: str, experiment_id: str, key: str) -> HeadSet | 
 
 
 def finished_trial_run(tracking_uri: str, experiment_id: str, parent_run_id: str, trial_id: str) -> dict | None:
-    """The FINISHED run of this trial in this search, if an earlier driver already completed it:
-    {"run_id", "metrics", "version"} (None when there is none)."""
+    """The FINISHED run of this trial in this search, if an earlier driver already completed (or early-stopped)
+    it: {"run_id", "metrics", "version", "stopped_epoch"} (None when there is none)."""
     runs = client(tracking_uri).search_runs(
         [experiment_id], filter_string=f"tags.`lofit.trial_id` = '{trial_id}' and "
                                        f"tags.`{PARENT_RUN_TAG}` = '{parent_run_id}' and attributes.status = 'FINISHED'",
@@ -395,7 +467,9 @@ def finished_trial_run(tracking_uri: str, experiment_id: str, parent_run_id: str
         return None
     run = runs[0]
     return {"run_id": run.info.run_id, "metrics": dict(run.data.metrics),
-            "version": run.data.tags.get("lofit.registered_version", "")}
+            "version": run.data.tags.get("lofit.registered_version", ""),
+            "stopped_epoch": int(run.data.tags["lofit.stopped_epoch"]) if "lofit.stopped_epoch" in run.data.tags
+            else None}
 
 
 # -- adapters and the registry ----------------------------------------------------------------------
@@ -518,24 +592,31 @@ def _resolve_models_uri(c: MlflowClient, uri: str):
 
 def download_adapter(uri: str, tracking_uri: str | None = None, dst_path: str | Path | None = None) -> Path:
     """Fetch an adapter from models:/NAME@ALIAS, models:/NAME/VERSION or runs:/RUN_ID[/adapter];
-    return a local directory holding adapter_config.json."""
-    tracking_uri = resolve_tracking_uri(tracking_uri)
+    return a local directory holding adapter_config.json.
+
+    A models:/ URI is resolved to its version's run with this store's own client, then that run's files are
+    downloaded: no process-wide MLflow URI is read or set (MLflow's own models:/ download uses the global
+    registry URI, which another store may have set).
+    """
+    tracking_uri = _absolute_sqlite(tracking_uri) if tracking_uri else resolve_tracking_uri()
     c = client(tracking_uri)
     if uri.startswith("models:/"):
-        _resolve_models_uri(c, uri)  # clear errors for unknown names, versions, aliases
+        version = _resolve_models_uri(c, uri)  # clear errors for unknown names, versions, aliases
+        if not version.run_id:
+            raise ValueError(f"{uri} was registered without a run; lofit-ray registers adapters from runs")
+        run_id, path = version.run_id, ADAPTER_DIR
     elif uri.startswith("runs:/"):
         parts = uri[len("runs:/"):].strip("/").split("/", 1)
-        _get_run(c, parts[0])
-        if len(parts) == 1:
-            uri = f"runs:/{parts[0]}/{ADAPTER_DIR}"
+        run_id, path = parts[0], parts[1] if len(parts) > 1 else ADAPTER_DIR
+        _get_run(c, run_id)
     else:
         raise ValueError(f"{uri!r} is not an MLflow URI; use models:/NAME@champion, models:/NAME/VERSION "
                          f"or runs:/RUN_ID/adapter (or pass a local adapter directory)")
     dst = Path(dst_path) if dst_path is not None else Path(tempfile.mkdtemp(prefix="lofit-adapter-"))
+    dst.mkdir(parents=True, exist_ok=True)
     try:
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst),
-                                                         tracking_uri=tracking_uri, registry_uri=tracking_uri))
-    except MlflowException as exc:
+        local = Path(c.download_artifacts(run_id, path, dst_path=str(dst)))
+    except (MlflowException, OSError) as exc:
         raise ValueError(f"cannot download {uri} from {tracking_uri}: {exc}") from exc
     for candidate in (local, local / ADAPTER_DIR):
         if (candidate / "adapter_config.json").is_file():

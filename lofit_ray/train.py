@@ -9,11 +9,15 @@ N workers compute exactly what one process would. No Ray here.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import math
+import os
 import random
 import time
 from collections.abc import Callable
 from dataclasses import asdict
+from pathlib import Path
 
 import torch
 
@@ -23,6 +27,23 @@ from .config import Phase1Config, Phase2Config, TrainingConfig
 from .heads import HeadSet, rank_by_norm
 from .models import LoadedModel, cache_dir
 from .offsets import HeadOffsets
+
+CODE_MODULES = ("train.py", "losses.py", "offsets.py", "batching.py", "frozen_layers.py", "architectures.py",
+                "heads.py")
+
+
+def code_version() -> str:
+    """A hash of the source of the modules that compute cached values (CODE_MODULES, beside this file)."""
+    digest = hashlib.sha256()
+    for name in CODE_MODULES:
+        digest.update(name.encode() + b"\0" + (Path(__file__).parent / name).read_bytes() + b"\0")
+    return digest.hexdigest()[:12]
+
+
+# The version of the code behind every cached value (phase-1 memo, DPO reference log-probs on disk): a change
+# to any module that computes them misses old entries instead of reusing them. Used by phase1_key and
+# losses.data_key.
+CACHE_VERSION = code_version()
 
 
 class NaNLossError(FloatingPointError):
@@ -56,7 +77,8 @@ def reference_logprobs(loaded: LoadedModel, encoded: list, training: TrainingCon
     off: offsets.disabled, peft's disable_adapter), so every trial and epoch can share it: it is
     cached on disk per (model fingerprint, token ids).
     """
-    path = cache_dir() / "reference" / f"{losses.data_key(loaded.fingerprint, encoded, training.max_length)}.pt"
+    path = (Path(os.environ.get("LOFIT_REFERENCE_CACHE") or cache_dir() / "reference")  # tests: a temp dir
+            / f"{losses.data_key(loaded.fingerprint, encoded, training.max_length)}.pt")
     if use_cache and path.is_file():
         return torch.load(path)
     out = []
@@ -230,10 +252,7 @@ def train_offsets(loaded: LoadedModel, head_set: HeadSet, k: int | None, example
 
 
 def phase1_key(fingerprint: str, train_hash: str, task: str, training: TrainingConfig, phase1: Phase1Config) -> str:
-    """The memo key of a phase-1 ranking: everything it depends on (model, data, task, both configs), no K."""
-    import hashlib
-    import json
-
+    """The memo key of a phase-1 ranking: everything it depends on (model, data, task, both configs, code), no K."""
     payload = json.dumps({"fp": fingerprint, "data": train_hash, "task": task, "training": asdict(training),
-                          "phase1": asdict(phase1)}, sort_keys=True)
+                          "phase1": asdict(phase1), "code": CACHE_VERSION}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:20]

@@ -1,12 +1,60 @@
-"""Shared fixtures: tiny random models (fast) and the real SmolLM2 (where behaviour depends on it)."""
+"""Shared fixtures: tiny random models (fast) and the real SmolLM2 (where behaviour depends on it).
+
+The session is isolated from the user's own state (see `isolated_env`): everything it writes goes under
+one temp dir, removed at the end together with any Ray cluster the session left running there, and
+nothing else is stopped. The model conversion cache (~/.cache/lofit-ray, $LOFIT_CACHE_DIR) stays shared
+on purpose: converting SmolLM2 takes minutes and its entries are keyed by the source file.
+"""
 from __future__ import annotations
 
 import os
+import secrets
+import shutil
+import tempfile
+from pathlib import Path
 
 import pytest
 
-os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-os.environ.setdefault("DS_ACCELERATOR", "cpu")
+# What a user's shell may point at their own services; the test session inherits none of it.
+USER_ONLY_VARS = ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_TOKEN", "MLFLOW_TRACKING_URI",
+                  "MLFLOW_REGISTRY_URI", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID", "MLFLOW_RUN_ID")
+
+
+def isolated_env(env: dict, root: str | os.PathLike) -> dict:
+    """`env` with the session's isolation under `root` (a short path: Ray's socket paths must fit 107 chars),
+    which gets a fresh Ray auth token file.
+
+    - LOFIT_HOME (default MLflow store, ray_results) and the DPO reference-log-prob cache live under root;
+    - RAY_TMPDIR=root: Ray's temp dir is root/ray, so an address-less `ray.init()` reads root/ray/
+      ray_current_cluster and starts its own local cluster; it never finds a cluster the user started with
+      `ray start` (whose address is in /tmp/ray), and the session's own `ray start` does not overwrite it;
+    - RAY_ADDRESS is unset rather than `local`: `ray job submit --address URL` lets RAY_ADDRESS override URL;
+    - RAY_AUTH_TOKEN_PATH=root/auth_token (a new token), so Ray neither reads nor writes ~/.ray/auth_token;
+      a test may point it at a token of its own;
+    - no MLflow tracking/registry URI, experiment or run from the user's shell.
+    """
+    root = Path(root)
+    token = root / "auth_token"
+    token.write_text(secrets.token_hex(32))
+    token.chmod(0o600)
+    out = {k: v for k, v in env.items() if k not in USER_ONLY_VARS}
+    out.update({"LOFIT_HOME": str(root / "home"), "LOFIT_REFERENCE_CACHE": str(root / "reference"),
+                "RAY_TMPDIR": str(root), "RAY_AUTH_TOKEN_PATH": str(token), "RAY_USAGE_STATS_ENABLED": "0",
+                "MLFLOW_DISABLE_TELEMETRY": "true", "DS_ACCELERATOR": env.get("DS_ACCELERATOR", "cpu")})
+    return out
+
+
+def short_tempdir(prefix: str) -> Path:
+    """A new directory under /tmp (not a long $TMPDIR): Ray puts its sockets below whatever dir it is given."""
+    return Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp" if os.path.isdir("/tmp") else None))
+
+
+# scripts/test.sh makes the root (and removes it, also after a crash); pytest on its own makes its own.
+_OWN_ROOT = not os.environ.get("LOFIT_TEST_ROOT")
+SESSION_ROOT = short_tempdir("lofit-test.") if _OWN_ROOT else Path(os.environ["LOFIT_TEST_ROOT"])
+_session_env = {**isolated_env(dict(os.environ), SESSION_ROOT), "LOFIT_TEST_ROOT": str(SESSION_ROOT)}
+os.environ.clear()
+os.environ.update(_session_env)
 
 
 def pytest_sessionstart(session):
@@ -17,6 +65,15 @@ def pytest_sessionstart(session):
     if not (where / "truthfulqa").is_dir():
         pytest.exit(f"task data not found at {where}: clone lofit-ray beside shared/ (so ../shared/data exists) "
                     f"or set {DATA_DIR_ENV}=/path/to/data", returncode=4)
+
+
+def pytest_unconfigure(config):
+    """Stop the Ray clusters the session left under its root (only those), then remove the root."""
+    from ray_util import stop_ray_cluster
+
+    stop_ray_cluster(temp_dir=SESSION_ROOT)
+    if _OWN_ROOT:
+        shutil.rmtree(SESSION_ROOT, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

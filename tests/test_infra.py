@@ -26,13 +26,14 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from infra.lint import (  # noqa: E402
-    DOCKERFILE, DOCKERIGNORE, K8S, K8S_VERSIONS, KUBERAY_SCHEMAS, MAX_RAYJOB_NAME, accelerator_problems,
-    all_yaml_files, constraints_problems, core_schema_errors, core_schema_problems, crd_schema_errors,
-    dockerfile_copy_sources, dockerfile_global_args, dockerfile_problems, dockerignore_problems, entrypoint_problems,
-    env_of, file_credential_problems, is_ray, kubectl_cron_problems, kuberay_problems, kuberay_rule_problems,
-    kustomization_files, mlflow_problems, mlflow_service, name_problems, of_kind, one, pod_template_errors,
-    pod_templates, ray_version_problems, rayjob_problems, rayjob_specs, reference_problems, render, runtime_env,
-    schedule_problems, search_configs_problems, secret_problems,
+    AUTH_SECRET, DOCKERFILE, DOCKERIGNORE, K8S, K8S_VERSIONS, KUBERAY_SCHEMAS, MAX_RAYJOB_NAME, MLFLOW_CLIENT_LABEL,
+    accelerator_problems, all_yaml_files, constraints_problems, core_schema_errors, core_schema_problems,
+    crd_schema_errors, dockerfile_copy_sources, dockerfile_global_args, dockerfile_problems, dockerignore_problems,
+    entrypoint_problems, env_of, file_credential_problems, is_ray, kubectl_cron_problems, kuberay_problems,
+    kuberay_rule_problems, kustomization_files, mlflow_auth_problems, mlflow_network_policy_problems, mlflow_problems,
+    mlflow_server_container, mlflow_service, name_problems, of_kind, one, pod_template_errors, pod_templates,
+    ray_auth_problems, ray_cluster_specs, ray_version_problems, rayjob_problems, rayjob_specs, reference_problems,
+    render, runtime_env, schedule_problems, search_configs_problems, secret_problems,
 )
 
 
@@ -116,6 +117,19 @@ def test_no_credentials_in_infra_files():
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_mlflow_is_in_cluster_only_and_reachable(variant):
     assert not mlflow_problems(rendered(variant))
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_locked_down_by_default(variant):
+    objs = rendered(variant)
+    assert not mlflow_auth_problems(objs)
+    assert not ray_auth_problems(objs)
+    assert not mlflow_network_policy_problems(objs)
+    # What the checks rely on, stated plainly: basic auth on, token auth on every Ray cluster, no Secret shipped.
+    assert "--app-name basic-auth" in mlflow_server_container(objs)["args"][0]
+    clusters = [cluster for obj in objs for _, cluster in ray_cluster_specs(obj)]
+    assert clusters and all(c["authOptions"] == {"mode": "token", "secretName": AUTH_SECRET} for c in clusters)
+    assert not of_kind(objs, "Secret")
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
@@ -328,6 +342,147 @@ def test_checks_catch_broken_manifests():
     assert kubectl_cron_problems(objs)
 
 
+def _auth_config(objs) -> dict:
+    return one(objs, "ConfigMap", "lofit-mlflow-auth")["data"]
+
+
+def test_auth_checks_catch_broken_manifests():
+    base = rendered("cpu")
+
+    # MLflow without its basic-auth app; the `--app-name=basic-auth` spelling counts as on.
+    objs = copy.deepcopy(base)
+    server = mlflow_server_container(objs)
+    server["args"][0] = server["args"][0].replace("--app-name basic-auth", "")
+    assert any("--app-name basic-auth" in p for p in mlflow_auth_problems(objs))
+    server["args"][0] = server["args"][0].replace("exec mlflow server", "exec mlflow server --app-name=basic-auth")
+    assert not mlflow_auth_problems(objs)
+
+    # The Flask key as a literal: not from the Secret, and a plain-text credential.
+    objs = copy.deepcopy(base)
+    env = mlflow_server_container(objs)["env"]
+    env[:] = [{"name": e["name"], "value": "hunter2"} if e["name"] == "MLFLOW_FLASK_SERVER_SECRET_KEY" else e
+              for e in env]
+    assert mlflow_auth_problems(objs) and secret_problems(objs)
+
+    # The user store off the volume (the packaged relative default), or no auth config at all.
+    objs = copy.deepcopy(base)
+    _auth_config(objs)["basic_auth.ini"] = _auth_config(objs)["basic_auth.ini"].replace(
+        "sqlite:////mlflow/basic_auth.db", "sqlite:///basic_auth.db")
+    assert mlflow_auth_problems(objs)
+    objs = copy.deepcopy(base)
+    mlflow_server_container(objs)["env"] = [e for e in mlflow_server_container(objs)["env"]
+                                            if e["name"] != "MLFLOW_AUTH_CONFIG_PATH"]
+    assert mlflow_auth_problems(objs)
+
+    # A credential reference to lofit-auth that lets the pod start without the Secret.
+    objs = copy.deepcopy(base)
+    env_of(_head_container(objs))["MLFLOW_TRACKING_PASSWORD"]["valueFrom"]["secretKeyRef"]["optional"] = True
+    assert secret_problems(objs)
+
+
+@pytest.mark.parametrize("variant", ["gpu", "gpu-kubectl-cron"])
+def test_ray_auth_check_catches_pods_without_auth(variant):
+    base = rendered(variant)
+
+    # No token auth on the RayJob (and, on the fallback, on the RayJob it clones) or on the RayCronJob.
+    objs = copy.deepcopy(base)
+    del _rayjob(objs)["spec"]["rayClusterSpec"]["authOptions"]
+    assert any("without token auth" in p for p in ray_auth_problems(objs))
+    if of_kind(base, "RayCronJob"):
+        objs = copy.deepcopy(base)
+        del one(objs, "RayCronJob")["spec"]["jobTemplate"]["rayClusterSpec"]["authOptions"]
+        assert ray_auth_problems(objs)
+
+    # The token from a Secret clients are not told about; Kubernetes-delegated auth (RayCluster only).
+    for field, value in (("secretName", "other-secret"), ("mode", "disabled"), ("enableK8sTokenAuth", True)):
+        objs = copy.deepcopy(base)
+        _rayjob(objs)["spec"]["rayClusterSpec"]["authOptions"][field] = value
+        assert ray_auth_problems(objs), field
+
+    # The same by hand (env on head and workers) counts as on; half of it does not.
+    objs = copy.deepcopy(base)
+    cluster = _rayjob(objs)["spec"]["rayClusterSpec"]
+    del cluster["authOptions"]
+    for template in [cluster["headGroupSpec"]["template"]] + [g["template"] for g in cluster["workerGroupSpecs"]]:
+        template["spec"]["containers"][0]["env"] += [
+            {"name": "RAY_AUTH_MODE", "value": "token"},
+            {"name": "RAY_AUTH_TOKEN", "valueFrom": {"secretKeyRef": {"name": AUTH_SECRET, "key": "auth_token"}}}]
+    assert not ray_auth_problems(objs)
+    cluster["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]["env"].pop()
+    assert ray_auth_problems(objs)
+
+    # A worker that switches token auth off again (the operator only adds RAY_AUTH_MODE when absent).
+    objs = copy.deepcopy(base)
+    worker = _rayjob(objs)["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]
+    worker["env"].append({"name": "RAY_AUTH_MODE", "value": "disabled"})
+    assert ray_auth_problems(objs)
+
+    # A Ray pod without the MLflow password, or with one from another key than the server's account.
+    objs = copy.deepcopy(base)
+    worker = _rayjob(objs)["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]
+    worker["env"] = [e for e in worker["env"] if e["name"] != "MLFLOW_TRACKING_PASSWORD"]
+    assert ray_auth_problems(objs)
+    objs = copy.deepcopy(base)
+    env_of(_head_container(objs))["MLFLOW_TRACKING_PASSWORD"]["valueFrom"]["secretKeyRef"]["key"] = "other"
+    assert ray_auth_problems(objs)
+
+    # KubeRay rejects token auth below Ray 2.52.
+    job = copy.deepcopy(_rayjob(base))
+    job["spec"]["rayClusterSpec"]["rayVersion"] = "2.51.0"
+    assert kuberay_rule_problems(job)
+
+
+def _mlflow_policy(objs) -> dict:
+    return one(objs, "NetworkPolicy", "lofit-mlflow")
+
+
+def test_network_policy_check_catches_broader_rules():
+    base = rendered("cpu-kubectl-cron")
+    peer = {"podSelector": {"matchLabels": dict([MLFLOW_CLIENT_LABEL])}}
+    broken = {
+        "every pod of the namespace": lambda p: p["ingress"][0].update({"from": [{"podSelector": {}}]}),
+        "a namespaceSelector": lambda p: p["ingress"][0]["from"].append({"namespaceSelector": {}}),
+        "a namespaceSelector beside the podSelector": lambda p: p["ingress"][0]["from"][0].update(
+            {"namespaceSelector": {}}),
+        "an ipBlock": lambda p: p["ingress"][0]["from"].append({"ipBlock": {"cidr": "0.0.0.0/0"}}),
+        "no from": lambda p: p["ingress"][0].pop("from"),
+        "no ports": lambda p: p["ingress"][0].pop("ports"),
+        "another port": lambda p: p["ingress"][0]["ports"].append({"port": 22, "protocol": "TCP"}),
+        "a port range": lambda p: p["ingress"][0]["ports"][0].update({"endPort": 6000}),
+        "a second, open rule": lambda p: p["ingress"].append({"ports": [{"port": 5000}]}),
+        "a selector without positive requirement": lambda p: p["ingress"][0].update({"from": [{"podSelector": {
+            "matchExpressions": [{"key": "x", "operator": "DoesNotExist"}]}}]}),
+        "a selector on labels no Ray pod template has": lambda p: p["ingress"][0].update({"from": [{"podSelector": {
+            "matchLabels": {"app.kubernetes.io/created-by": "kuberay-operator"}}}]}),
+        "the policy not isolating ingress": lambda p: p.update({"policyTypes": ["Egress"]}),
+        "the policy selecting other pods": lambda p: p.update({"podSelector": {"matchLabels": {"app": "x"}}}),
+    }
+    for what, breaks in broken.items():
+        objs = copy.deepcopy(base)
+        breaks(_mlflow_policy(objs)["spec"])
+        assert mlflow_network_policy_problems(objs), what
+
+    # A second policy that opens MLflow to everyone adds up with the first.
+    objs = copy.deepcopy(base)
+    wide = copy.deepcopy(_mlflow_policy(objs))
+    wide["metadata"]["name"] = "allow-all"
+    wide["spec"]["ingress"] = [{}]
+    assert mlflow_network_policy_problems(objs + [wide])
+
+    # The selector also matches the scheduler CronJob's pod, or a Ray worker lost its label.
+    objs = copy.deepcopy(base)
+    one(objs, "CronJob")["spec"]["jobTemplate"]["spec"]["template"]["metadata"]["labels"].update(
+        dict([MLFLOW_CLIENT_LABEL]))
+    assert any("not Ray pods" in p for p in mlflow_network_policy_problems(objs))
+    objs = copy.deepcopy(base)
+    del _rayjob(objs)["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["metadata"]
+    assert any("does not admit" in p for p in mlflow_network_policy_problems(objs))
+
+    objs = [o for o in copy.deepcopy(base) if o["kind"] != "NetworkPolicy"]
+    assert mlflow_network_policy_problems(objs)
+    assert _mlflow_policy(base)["spec"]["ingress"][0]["from"] == [peer]
+
+
 @pytest.mark.parametrize("version", K8S_VERSIONS[:1])
 def test_schema_checks_catch_broken_fields(version):
     objs = rendered("cpu")
@@ -388,7 +543,7 @@ def test_credential_checks_catch_plain_text_secrets(tmp_path):
     broken.append(("URI in args", objs))
 
     objs = copy.deepcopy(base)
-    one(objs, "ConfigMap")["data"]["MLFLOW_TRACKING_PASSWORD"] = "hunter2"
+    one(objs, "ConfigMap", "lofit-search-config-gpu")["data"]["MLFLOW_TRACKING_PASSWORD"] = "hunter2"
     broken.append(("ConfigMap data", objs))
 
     objs = copy.deepcopy(base)
@@ -486,6 +641,21 @@ def test_lint_command_names_a_planted_password(tmp_path):
     assert any("MLFLOW_TRACKING_PASSWORD has a literal value" in line for line in problems), result.stdout
     assert any("postgresql://user:***@" in line for line in problems), result.stdout
     assert "hunter2" not in result.stdout and "user:pass@" not in result.stdout
+
+
+def test_lint_command_names_a_server_without_basic_auth(tmp_path):
+    shutil.copytree(K8S, tmp_path / "k8s")
+    deployment = tmp_path / "k8s" / "base" / "mlflow-deployment.yaml"
+    text = deployment.read_text()
+    assert "--app-name basic-auth\n" in text
+    deployment.write_text(text.replace("--app-name basic-auth\n", ""))
+    overlay = tmp_path / "k8s" / "overlays" / "gpu"
+
+    result = _lint(str(overlay))
+    assert result.returncode == 1, result.stdout + result.stderr
+    *problems, summary = result.stdout.splitlines()
+    assert summary.startswith("infra.lint: 1 problem in 1 of 1 target"), result.stdout
+    assert "Deployment/lofit-mlflow: the server runs without --app-name basic-auth" in problems[0], result.stdout
 
 
 def test_lint_command_rejects_bad_arguments(tmp_path):

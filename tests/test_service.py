@@ -7,15 +7,17 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
-import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import pytest
 import torch
+from ray_util import free_port, stop_ray_cluster
 
 from lofit_ray import Adapter, tracking
 from lofit_ray.config import ConfigError, load_config
@@ -23,12 +25,6 @@ from lofit_ray.config import ConfigError, load_config
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = REPO / "configs" / "smoke.yaml"
 pytestmark = pytest.mark.slow
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _env(home: Path) -> dict:
@@ -189,17 +185,20 @@ def test_killed_worker_is_restarted_and_learns_the_same(tmp_path):
 
 @pytest.fixture(scope="module")
 def ray_head(tmp_path_factory):
-    """`ray start --head` on loopback with a dashboard for `ray job submit`; stopped afterwards."""
+    """`ray start --head` on loopback with a dashboard for `ray job submit`; afterwards only its own processes
+    are stopped (found by their RAY_TMPDIR), never the other clusters on the machine."""
     home = tmp_path_factory.mktemp("lofit_home")
-    port, dash = _free_port(), _free_port()
-    env = _env(home)
-    subprocess.run(["ray", "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port), "--num-cpus", "2",
-                    "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--disable-usage-stats"],
-                   env=env, check=True, capture_output=True, timeout=180)
+    port, dash = free_port(), free_port()
+    ray_tmp = tempfile.mkdtemp(prefix="lr-", dir="/tmp")  # short: Ray's socket paths must fit 107 characters
+    env = {**_env(home), "RAY_TMPDIR": ray_tmp}
     try:
+        subprocess.run(["ray", "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
+                        "--num-cpus", "2", "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
+                        "--disable-usage-stats"], env=env, check=True, capture_output=True, timeout=180)
         yield {"home": home, "address": f"http://127.0.0.1:{dash}", "env": env}
     finally:
-        subprocess.run(["ray", "stop", "--force"], env=env, capture_output=True, timeout=120)
+        stop_ray_cluster(temp_dir=ray_tmp)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
 def test_ray_job_submit_runs_a_search_that_registers_a_champion(ray_head):
@@ -255,36 +254,89 @@ def test_ray_job_submit_runs_a_search_that_registers_a_champion(ray_head):
     assert parent.info.status == "FINISHED" and "tiny-llama.val_mc2" in parent.data.metrics
 
 
-def test_resume_after_a_killed_driver_keeps_finished_trials(tmp_path):
-    """Kill the driver once a trial has finished; --resume completes the search without redoing it."""
+def _trial_outcomes(uri: str) -> dict:
+    return {r.info.run_id: (r.data.tags["lofit.trial_id"], r.info.status, r.data.tags.get("lofit.outcome"))
+            for r in _runs(uri, "trial")}
+
+
+@pytest.mark.parametrize("point", ["store_created", "registered", "trial_finished"])
+def test_resume_after_a_killed_driver_loses_nothing(tmp_path, point):
+    """SIGKILL the whole search at a named point (lofit_ray.faults): while the MLflow store is created, right
+    after a trial's adapter is registered, and right after a trial finished. --resume then completes the
+    search with exactly one finished run per trial; a trial that had finished is reported back from MLflow,
+    not retrained, and keeps its run and artifacts."""
     uri = f"sqlite:///{tmp_path}/mlflow.db"
+    ray_tmp = tempfile.mkdtemp(prefix="lr-", dir="/tmp")  # short: Ray's socket paths must fit 107 characters
+    env = {**_env(tmp_path), "RAY_TMPDIR": ray_tmp}
     args = [sys.executable, str(REPO / "jobs" / "search.py"), "--config", str(SMOKE), "--tracking-uri", uri,
             "--set", "search.num_trials=3", "--set", "search.asha=false"]
-    proc = subprocess.Popen(args, env=_env(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            cwd=tmp_path, start_new_session=True)
     try:
-        deadline = time.time() + 900
-        while time.time() < deadline and proc.poll() is None:
-            time.sleep(5)
-            if Path(f"{tmp_path}/mlflow.db").exists() and any(
-                    r.info.status == "FINISHED" for r in _runs(uri, "trial")):
-                break
-        assert proc.poll() is None, "the search ended before it could be killed"
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(60)
+        killed = subprocess.run(args, env={**env, "LOFIT_FAULTS": f"driver.kill@at={point}"}, capture_output=True,
+                                text=True, cwd=tmp_path, start_new_session=True, timeout=900)
+        assert killed.returncode == -signal.SIGKILL, killed.stdout[-2000:] + killed.stderr[-2000:]
+        stop_ray_cluster(temp_dir=ray_tmp)
+        before = _trial_outcomes(uri) if point != "store_created" else {}
+        finished_before = {tid: rid for rid, (tid, status, _) in before.items() if status == "FINISHED"}
+        if point == "store_created":
+            assert not (tmp_path / "mlflow.db").exists()  # no half-made store: the next run builds it whole
+        if point == "trial_finished":
+            assert len(finished_before) == 1
+        resumed = subprocess.run([*args, "--resume"], env=env, capture_output=True, text=True, cwd=tmp_path,
+                                 timeout=900)
+        assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-        subprocess.run(["ray", "stop", "--force"], capture_output=True, timeout=120)
-    before = {r.data.tags["lofit.trial_id"]: r.info.run_id for r in _runs(uri, "trial") if r.info.status == "FINISHED"}
-    assert before
-    res = _search(tmp_path, "--tracking-uri", uri, "--set", "search.num_trials=3", "--set", "search.asha=false",
-                  "--resume")
+        stop_ray_cluster(temp_dir=ray_tmp)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    after = _trial_outcomes(uri)
+    finished = {rid: tid for rid, (tid, status, _) in after.items() if status == "FINISHED"}
+    assert sorted(finished.values()) == sorted(set(finished.values())) and len(finished) == 3  # exactly once each
+    assert all(outcome == "completed" for rid, (_, status, outcome) in after.items() if status == "FINISHED")
+    assert all(status != "RUNNING" for _, status, _ in after.values())
+    for tid, rid in finished_before.items():  # kept, not redone: same run, adapter still there
+        assert finished[rid] == tid
+    c = tracking.client(uri)
+    name = tracking.registered_name("tiny-llama", "truthfulqa")
+    versions = c.search_model_versions(f"name='{name}'")
+    for v in versions:  # every registered version still has its complete adapter
+        files = {Path(f.path).name for f in c.list_artifacts(v.run_id, "adapter")}
+        assert {"adapter_config.json", "offsets.safetensors"} <= files, (v.version, files)
+    assert {v.run_id for v in versions} >= set(finished)
+    assert tracking.get_champion(uri, name) is not None
+    assert len(_runs(uri, "search")) == 1  # the same parent run was continued
+    assert not list(tmp_path.glob(".mlflow.db.creating-*"))
+
+
+def test_asha_stops_are_recorded_as_early_stops_when_they_happen(tmp_path):
+    """With ASHA on, a stopped trial's run is closed when Tune stops it (not when the search ends): FINISHED,
+    tagged lofit.outcome=stopped_early, with its timing metrics; completed trials are recorded before their
+    last report (registered adapter, outcome completed)."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    res = _search(tmp_path, "--tracking-uri", uri, "--set", "search.num_trials=4", "--set", "search.asha=true",
+                  "--set", "phase2.epochs=3", "--set", "search.grace_period=1", "--set", "search.reduction_factor=3")
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    after = [r for r in _runs(uri, "trial") if r.info.status == "FINISHED"]
-    ids = [r.data.tags["lofit.trial_id"] for r in after]
-    assert len(ids) == len(set(ids)) >= 3  # every trial finished exactly once (none redone)
-    for trial_id, run_id in before.items():  # the first driver's finished trials were kept, not redone
-        assert {r.info.run_id for r in after if r.data.tags["lofit.trial_id"] == trial_id} == {run_id}
-    assert tracking.get_champion(uri, tracking.registered_name("tiny-llama", "truthfulqa")) is not None
-    assert len([r for r in _runs(uri, "search")]) == 1  # the same parent run was continued
+    trials = _runs(uri, "trial")
+    stopped = [r for r in trials if r.data.tags.get("lofit.outcome") == "stopped_early"]
+    completed = [r for r in trials if r.data.tags.get("lofit.outcome") == "completed"]
+    assert stopped and completed and len(stopped) + len(completed) == 4
+    parent = _runs(uri, "search")[0]
+    for r in stopped:
+        assert r.info.status == "FINISHED" and "stopped early by ASHA after epoch" in r.data.tags["lofit.stop_reason"]
+        assert r.info.end_time < parent.info.end_time - 1000  # closed when stopped, not at the end
+        assert all(r.data.metrics[k] == r.data.metrics[k] for k in ("phase1_s", "phase2_s", "eval_s", "total_s"))
+        assert "lofit.registered_version" not in r.data.tags
+    for r in completed:
+        assert r.info.status == "FINISHED" and r.data.tags["lofit.registered_version"]
+
+
+def test_concurrent_trials_compute_a_shared_ranking_once(tmp_path):
+    """Two trials running at once that need the same phase-1 ranking (a continuous L1 space, so nothing is
+    precomputed) run phase 1 once: one computes it under the claim, the other waits and reads the memo."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    res = _search(tmp_path, "--tracking-uri", uri, "--set", "search.num_trials=2", "--set", "search.max_concurrent=2",
+                  "--set", "search.asha=false", "--set", "scaling.trial_cpus=0.5", "--set", "scaling.trial_threads=1",
+                  "--set", "search.space.l1={low: 1.0e-3, high: 1.0e-3}", "--set", "search.space.k=[2]")
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    trials = [r for r in _runs(uri, "trial") if r.info.status == "FINISHED"]
+    assert len(trials) == 2
+    assert len(_runs(uri, "phase1")) == 1
+    assert sorted(r.data.metrics["memo_hit"] for r in trials) == [0.0, 1.0]

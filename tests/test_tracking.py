@@ -3,16 +3,15 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
 import urllib.parse
 import urllib.request
 from dataclasses import asdict
 from pathlib import Path
 
 import pytest
+from mlflow_server import MlflowServer
 
 os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
 
@@ -384,12 +383,6 @@ def test_cli_heads_without_mlflow_says_which_extra(tmp_path):
 
 # -- a real tracking server over REST ------------------------------------------------------------------
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _get(url: str) -> dict:
     with urllib.request.urlopen(url, timeout=30) as response:
         return json.loads(response.read())
@@ -397,42 +390,12 @@ def _get(url: str) -> dict:
 
 @pytest.fixture
 def mlflow_server(tmp_path):
-    port = _free_port()
-    log = open(tmp_path / "server.log", "wb")
-    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
-         "--artifacts-destination", str(tmp_path / "server-artifacts"), "--host", "127.0.0.1", "--port", str(port),
-         "--workers", "1"],
-        cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
+    server = MlflowServer(tmp_path / "server")
     try:
-        deadline = time.time() + 120
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"mlflow server exited with {proc.returncode}: "
-                                   f"{(tmp_path / 'server.log').read_text()[-3000:]}")
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=5) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.time() > deadline:
-                raise RuntimeError(f"mlflow server not healthy after 120 s: "
-                                   f"{(tmp_path / 'server.log').read_text()[-3000:]}")
-            time.sleep(1)
-        yield {"url": url, "artifacts": tmp_path / "server-artifacts", "cwd": tmp_path}
+        server.wait_healthy(120)
+        yield {"url": server.url, "artifacts": server.artifacts, "cwd": tmp_path}
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, 15)  # the server and the workers it started
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, 9)
-                proc.wait(timeout=10)
-        log.close()
+        server.stop()
 
 
 @pytest.mark.slow
@@ -468,3 +431,55 @@ def test_rest_tracking_server(mlflow_server, tmp_path, monkeypatch):
     tracking.set_champion(uri, name, version)
     local = tracking.download_adapter(f"models:/{name}@champion", uri)
     assert torch.equal(Adapter.from_pretrained(local).offset, make_adapter(hs).offset)
+
+
+# -- several writers at once ---------------------------------------------------------------------------
+
+def _register_many(uri: str, name: str, writer: int, count: int) -> list[str]:
+    """One process of test_concurrent_writers_get_distinct_complete_versions: log and register `count` adapters."""
+    exp = tracking.ensure_experiment("lofit-concurrent", uri)
+    versions = []
+    for i in range(count):
+        hs = make_head_set(seed=10 * writer + i)
+        rid = tracking.start_run(uri, exp, f"writer{writer}-{i}", {"writer": writer, "i": i}, {"lofit.kind": "trial"})
+        tracking.log_adapter(uri, rid, make_adapter(hs, seed=10 * writer + i))
+        versions.append(tracking.register_adapter(uri, name, rid, {"writer": writer, "i": i}))
+        tracking.end_run(uri, rid)
+    return versions
+
+
+def test_concurrent_writers_get_distinct_complete_versions(tmp_path):
+    """Three processes (as two searches and a CLI would) register into one model of one fresh SQLite store at
+    once: every version number is distinct, and every version has its tags and its complete adapter."""
+    import multiprocessing
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    name = "lofit-concurrent-test"
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(3) as pool:
+        results = pool.starmap(_register_many, [(uri, name, w, 3) for w in range(3)])
+    numbers = [int(v) for vs in results for v in vs]
+    assert sorted(numbers) == list(range(1, 10))
+    c = tracking.client(uri)
+    for v in c.search_model_versions(f"name='{name}'"):
+        assert {"writer", "i"} <= set(v.tags)
+        files = {Path(f.path).name for f in c.list_artifacts(v.run_id, "adapter")}
+        assert files == {"adapter_config.json", "offsets.safetensors"}, files
+        adapter = tracking.download_adapter(f"models:/{name}/{v.version}", uri)
+        assert Adapter.from_pretrained(adapter).config.heads  # loads back whole
+
+
+def test_a_half_migrated_store_is_refused_with_the_fix(tmp_path):
+    """A store an interrupted migration left with an _alembic_tmp_ table is refused, naming the table and the fix;
+    a fresh store is created whole (no .creating-* file is left behind)."""
+    import sqlite3
+
+    uri = f"sqlite:///{tmp_path / 'ok.db'}"
+    tracking.ensure_store(uri)
+    assert (tmp_path / "ok.db").is_file() and not list(tmp_path.glob(".ok.db.creating-*"))
+    broken = tmp_path / "half.db"
+    broken.write_bytes((tmp_path / "ok.db").read_bytes())
+    with sqlite3.connect(broken) as conn:
+        conn.execute("create table _alembic_tmp_experiments (id integer)")
+    with pytest.raises(tracking.StoreError, match="_alembic_tmp_experiments.*mlflow db upgrade"):
+        tracking.ensure_store(f"sqlite:///{broken}")

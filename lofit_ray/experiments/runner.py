@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import re
 import time
 import traceback
 from pathlib import Path
@@ -24,7 +23,7 @@ from ..baselines.iti import fit_iti
 from ..config import ReproduceConfig
 from ..evaluate import evaluate, selection_score
 from ..heads import HeadSet, random_ranking
-from ..models import check_spec, load_model
+from ..models import check_spec, load_model, spec_slug
 from ..splits import build_splits
 from ..tasks import get_task
 from ..train import NaNLossError, phase1_key, select_heads, train_offsets
@@ -42,12 +41,8 @@ def default_out_dir(local: Path) -> Path:
     return local
 
 
-def slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(text).name if os.sep in text else text).strip("-")
-
-
 def cell_run_name(cell: dict) -> str:
-    return f"{cell['method']}-{slug(cell['model'])}-{cell['task']}" + (
+    return f"{cell['method']}-{spec_slug(cell['model'])}-{cell['task']}" + (
         f"-k{cell['k']}" if cell["k"] is not None else "") + (f"-s{cell['seed']}" if cell["seed"] is not None else "")
 
 
@@ -141,7 +136,7 @@ class Runner:
                 offsets.detach()
 
     def ranking_path(self, model: str, task_name: str, seed: int) -> Path:
-        return self.out_dir / HEADS_DIR / f"{slug(model)}__{task_name}__seed{seed}.json"
+        return self.out_dir / HEADS_DIR / f"{spec_slug(model)}__{task_name}__seed{seed}.json"
 
     def ranking(self, task_name: str, seed: int):
         """Phase 1 for (model, task, seed): computed once, saved under <out-dir>/heads/ (reused by --resume)."""

@@ -44,8 +44,12 @@ def read_examples(path) -> list[dict]:
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise TaskDataError(f"{path}: not valid UTF-8 JSON ({e}); expected a JSON list of CLUTRR records.") from e
+    except (ValueError, RecursionError) as e:  # bad JSON or UTF-8, a 5000-digit number, arrays nested 1000 deep
+        reason = "nested too deeply" if isinstance(e, RecursionError) else str(e).split(";")[0]
+        raise TaskDataError(f"{path}: not valid UTF-8 JSON ({reason}); expected a JSON list of CLUTRR "
+                            f"records.") from None
+    except OSError as e:
+        raise TaskDataError(f"{path}: cannot read it ({e.strerror or e}).") from None
     if not isinstance(data, list):
         raise TaskDataError(f"{path}: expected a JSON list of CLUTRR records, got {type(data).__name__}.")
     for i, rec in enumerate(data):
@@ -64,7 +68,7 @@ def _names(query: str, original_spacing: bool, where: str) -> tuple[str, str]:
     else:
         try:
             parts = [str(p).strip() for p in ast.literal_eval(query)]
-        except (ValueError, SyntaxError, TypeError):
+        except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
             parts = []
     if len(parts) != 2:
         raise TaskDataError(f"{where}: query {query!r} is not a pair of names like \"('Alice', 'Bob')\".")

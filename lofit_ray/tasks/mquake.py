@@ -41,6 +41,8 @@ def read_cases(path) -> list[dict]:
             ) from e
         if not all(isinstance(x, str) for x in fields):
             raise TaskDataError(f"{path}:{lineno}: MQuAKE prompt fields and new_answer must be strings.")
+        if not isinstance(case.get("new_answer_alias") or [], list):
+            raise TaskDataError(f"{path}:{lineno}: MQuAKE new_answer_alias must be a list of strings.")
         cases.append(dict(case, _line=lineno))
     return cases
 

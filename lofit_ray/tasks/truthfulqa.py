@@ -83,6 +83,8 @@ def read_rows(path) -> list[dict]:
         return _read_rows(path)
     except (UnicodeDecodeError, csv.Error) as e:
         raise TaskDataError(f"{path}: cannot read as a UTF-8 TruthfulQA CSV: {e}") from e
+    except OSError as e:
+        raise TaskDataError(f"{path}: cannot read it ({e.strerror or e}).") from None
 
 
 def _read_rows(path) -> list[dict]:

@@ -1,0 +1,58 @@
+"""A real `mlflow server` for tests (SQLite backend, proxied artifacts) on 127.0.0.1, stopped with its
+process group: the server and the workers it started, nothing else."""
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from ray_util import free_port
+
+
+class MlflowServer:
+    def __init__(self, root: Path):
+        self.root, self.port = Path(root), free_port()
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.artifacts = self.root / "artifacts"
+        env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
+        env.pop("MLFLOW_TRACKING_URI", None)
+        self._log = open(self.root / "server.log", "wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
+             "--artifacts-destination", str(self.artifacts), "--host", "127.0.0.1", "--port", str(self.port),
+             "--workers", "1"], cwd=self.root, stdout=self._log, stderr=subprocess.STDOUT, env=env,
+            start_new_session=True)
+        self.pid = self.proc.pid
+
+    def wait_healthy(self, timeout: float = 180.0) -> None:
+        """Until /health answers (about 40 s on 2 cores); a server that exits or never answers fails with its log."""
+        deadline = time.time() + timeout
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"mlflow server exited with {self.proc.returncode}: {self.log_tail()}")
+            with contextlib.suppress(OSError):
+                with urllib.request.urlopen(f"{self.url}/health", timeout=5) as response:
+                    if response.status == 200:
+                        return
+            if time.time() > deadline:
+                raise RuntimeError(f"mlflow server not healthy after {timeout:.0f} s: {self.log_tail()}")
+            time.sleep(1)
+
+    def log_tail(self) -> str:
+        return (self.root / "server.log").read_text(errors="replace")[-3000:]
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.pid, signal.SIGKILL)
+                self.proc.wait(timeout=10)
+        self._log.close()
