@@ -1,6 +1,6 @@
 """Find and stop ONE Ray cluster by its temp dir or GCS port, never every cluster on the machine.
 
-`ray stop --force` kills every Ray process of the user, including a cluster someone started by hand
+A machine-wide `ray stop` (forced) kills every Ray process of the user, including a cluster someone started by hand
 with `ray start`. Tests stop what they started instead:
 
     stop_ray_cluster(temp_dir="/tmp/lofit-test.x/ray")   # a `ray start --temp-dir` / $RAY_TMPDIR/ray cluster

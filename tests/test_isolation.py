@@ -3,7 +3,7 @@
 A throwaway cluster stands in for one a user started by hand (`ray start --head`, the user's RAY_ADDRESS
 pointing at it). The session's environment (conftest.isolated_env) must make an address-less `ray.init()`
 start its own local cluster instead of attaching, the session's cleanup (ray_util.stop_ray_cluster on the
-session's temp dir, what replaced `ray stop --force`) must stop what the session left running and nothing
+session's temp dir, what replaced the machine-wide forced `ray stop`) must stop what the session left running and nothing
 else, and at the end the throwaway is stopped by its own temp dir only.
 """
 from __future__ import annotations
