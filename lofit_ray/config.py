@@ -270,7 +270,8 @@ class ScalingConfig:
                                                factory=dict)
     use_gpu: bool = _help("one GPU per Ray Train worker and per trial", False)
     trial_cpus: float = _help("CPUs of the trial process (phase 2 and evaluation run there)", 1.0)
-    trial_threads: int | None = _help("torch threads in a trial; default CPU cores / max_concurrent", None)
+    trial_threads: int | None = _help("torch threads in a trial; default the CPUs Ray assigned it (trial_cpus, "
+                                      "at least 1), so concurrent trials never oversubscribe the cores", None)
     max_failures: int = _help("Ray Train retries a killed worker this many times", 1)
 
     def __post_init__(self):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -18,6 +19,13 @@ class DeepSpeedStepper:
 
     def __init__(self, module: torch.nn.Module, lr: float, zero_stage: int, micro_batch: int, bf16: bool = False):
         import deepspeed
+
+        # DeepSpeed JIT-loads its CPU comm op with whichever `ninja` is first on PATH. The venv's ninja (used
+        # by scripts/install.sh, which prebuilds the op) and the system's write incompatible build logs, so
+        # each would rebuild the op (about 40 s) after the other: always use this environment's.
+        bin_dir = os.path.dirname(sys.executable)
+        if os.environ.get("PATH", "").split(os.pathsep)[0] != bin_dir:
+            os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
 
         config = {
             "train_micro_batch_size_per_gpu": micro_batch,
@@ -30,12 +38,26 @@ class DeepSpeedStepper:
         }
         params = [p for p in module.parameters() if p.requires_grad]
         self.engine, *_ = deepspeed.initialize(model=module, model_parameters=params, config=config)
+        # ZeRO-3 leaves A partitioned (size 0) until the engine's own forward gathers it; LoFiT reads A in
+        # o_proj hooks and never calls that forward. A is small, so DeepSpeed keeps it persistent once
+        # gathered: gather it here.
+        persistent = [p for p in module.parameters() if getattr(p, "ds_persist", False)]
+        if zero_stage == 3 and persistent:
+            persistent[0].all_gather(persistent)
 
     def backward(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss)
 
     def step(self) -> None:
         self.engine.step()
+
+
+def assigned_threads() -> int:
+    """torch threads for the current Ray task or actor: the CPUs Ray assigned it (at least 1), so work placed
+    side by side by Ray never runs more threads than the cores it was given."""
+    import ray
+
+    return max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1)))
 
 
 class Outbox:
@@ -53,7 +75,7 @@ class Outbox:
 
 
 def phase1_train_func(config: dict) -> None:
-    """Ray Train worker entry point. config: {"jobs": [...], "outbox", "zero_stage", "deepspeed", "threads",
+    """Ray Train worker entry point. config: {"jobs": [...], "outbox", "zero_stage", "deepspeed",
     "use_gpu"}.
 
     Each job (search.phase1_job): {"model", "dtype", "task": {...}, "training": {...}, "phase1": {...}, "key",
@@ -63,7 +85,7 @@ def phase1_train_func(config: dict) -> None:
 
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    torch.set_num_threads(int(config.get("threads", 1)))  # oversubscribed threads make steps ~6x slower
+    torch.set_num_threads(assigned_threads())  # oversubscribed threads make steps ~6x slower
     from .config import Phase1Config, TrainingConfig
     from .models import load_model
     from .train import select_heads
@@ -112,7 +134,7 @@ def run_phase1(jobs: list[dict], *, num_workers: int, cpus_per_worker: float, us
     trainer = TorchTrainer(
         phase1_train_func,
         train_loop_config={"jobs": jobs, "outbox": outbox, "zero_stage": zero_stage, "deepspeed": use_deepspeed,
-                           "use_gpu": use_gpu, "threads": max(1, int(cpus_per_worker))},
+                           "use_gpu": use_gpu},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": cpus_per_worker, **({"GPU": 1} if use_gpu else {}),

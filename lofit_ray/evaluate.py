@@ -1,19 +1,22 @@
 """Scoring: multiple choice by summed answer log-probs (MC1/MC2), generation by exact match.
 
 MC items of one task share a long prompt (TruthfulQA: instruction + 6-shot primer).
-Its key/value cache is computed once and each question's choices run as one
-batch on top of it, instead of re-reading the primer for every choice.
+Its key/value cache is computed once; then each question runs as one packed row,
+its own tokens followed by all its choices, so no token is computed twice
+(jobs/bench_core.py measures this against the FLOP floor). Generation stops each
+prompt as soon as its exact-match score is settled.
 """
 from __future__ import annotations
 
 import copy
 import math
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
 from . import batching, losses
-from .batching import Sequence
 
 
 def _common_prefix(token_lists: list[list[int]]) -> int:
@@ -25,32 +28,120 @@ def _common_prefix(token_lists: list[list[int]]) -> int:
     return max(n, 0)
 
 
-def mc_scores(loaded, items, share_prefix: bool = True, progress: bool = False) -> list[list[float]]:
-    """Summed log-prob of each choice's tokens after its item's prefix: one list per item."""
+def _repeat_rows(cache, n: int):
+    """A new cache holding `n` copies of `cache`'s single row; `cache` stays valid (its layers rebind
+    their tensors on repeat and on append, never write into them)."""
+    out = copy.copy(cache)
+    out.layers = [copy.copy(layer) for layer in cache.layers]
+    out.batch_repeat_interleave(n)
+    return out
+
+
+@dataclass
+class _Packed:
+    """One question as one row: its own tokens, then every choice, each choice seeing only the question."""
+
+    ids: list[int]
+    positions: list[int]  # position ids: every choice restarts right after the question
+    segment: list[int]  # -1: the question's own tokens, c: choice c
+    targets: list[tuple[int, int, int]]  # (choice, state index, token id): state index predicts token id
+
+
+def _pack(own: list[int], choices: list[list[int]], start: int) -> _Packed:
+    ids, positions, segment, targets = list(own), [start + t for t in range(len(own))], [-1] * len(own), []
+    for c, tokens in enumerate(choices):
+        before = len(own) - 1  # the question's last state predicts the choice's first token
+        for j, token in enumerate(tokens):
+            targets.append((c, before, token))
+            before = len(ids)
+            ids.append(token)
+            positions.append(start + len(own) + j)
+            segment.append(c)
+    return _Packed(ids, positions, segment, targets)
+
+
+def _packed_mask(packed: list[_Packed], shared: int, width: int, config, dtype) -> torch.Tensor | dict:
+    """Additive attention mask [rows, 1, width, shared + width]: the shared prefix, then causal within the
+    question and within each choice, choices never seeing each other (pad queries see the prefix only).
+    Models with sliding-window layers get {layer type: mask}, the window applied by position."""
+    segment = torch.full((len(packed), width), -2)
+    positions = torch.zeros((len(packed), width), dtype=torch.long)
+    for r, p in enumerate(packed):
+        segment[r, : len(p.ids)] = torch.tensor(p.segment)
+        positions[r, : len(p.ids)] = torch.tensor(p.positions)
+    t = torch.arange(width)
+    q_seg, k_seg = segment[:, :, None], segment[:, None, :]
+    own = (t[None, :, None] >= t[None, None, :]) & (k_seg >= -1) & (q_seg >= -1) & ((k_seg == -1) | (k_seg == q_seg))
+    allowed = torch.cat([torch.ones((len(packed), width, shared), dtype=torch.bool), own], 2)
+    key_pos = torch.cat([torch.arange(shared).expand(len(packed), -1), positions], 1)
+    window = _sliding_window(config)
+    if window is None:
+        masks = {"full_attention": allowed}
+    else:
+        sliding = allowed & (positions[:, :, None] - key_pos[:, None, :] < window)
+        masks = {"full_attention": allowed, "sliding_attention": sliding} if getattr(config, "layer_types", None) \
+            else {"sliding_attention": sliding}  # no layer types (Mistral): every layer slides
+    floats = {name: torch.zeros(m.shape, dtype=dtype).masked_fill(~m, torch.finfo(dtype).min)[:, None]
+              for name, m in masks.items()}
+    return floats if len(floats) > 1 else next(iter(floats.values()))
+
+
+def _sliding_window(config) -> int | None:
+    """The sliding window of a model whose layers (some or all) use one, else None."""
+    window = getattr(config, "sliding_window", None)
+    types = getattr(config, "layer_types", None)
+    return None if types is not None and "sliding_attention" not in types else window
+
+
+def mc_scores(loaded, items, share_prefix: bool = True, progress: bool = False,
+              tokens_per_batch: int = 1024) -> list[list[float]]:
+    """Summed log-prob of each choice's tokens after its item's prefix: one list per item.
+
+    Every token runs once: the prefix all items share (TruthfulQA's instruction + 6-shot primer) once
+    per call, then each question as one packed row, its own tokens followed by all its choices, with a
+    mask that lets each choice see the prefix, the question and itself, and positions that restart
+    after the question for every choice. Rows of similar length are batched up to `tokens_per_batch`.
+    """
     tok, model = loaded.tokenizer, loaded.model
+    decoder = model.get_decoder()
     device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
     pad = tok.pad_token_id or 0
     prefixes = [tok(item.prefix, add_special_tokens=True)["input_ids"] for item in items]
     shared = _common_prefix(prefixes) if share_prefix and len(items) > 1 else 0
-    cache = None
+    if shared >= (_sliding_window(model.config) or shared + 1):
+        shared = 0  # a sliding-window cache would keep only the prefix's last tokens: run it with each row
+    packed = [_pack(prefix[shared:], [tok(c, add_special_tokens=False)["input_ids"] for c in item.choices], shared)
+              for prefix, item in zip(prefixes, items)]
+    groups = batching.by_token_budget([len(p.ids) for p in packed], tokens_per_batch)
+    if progress:
+        from tqdm import tqdm
+        groups = tqdm(groups, desc="MC scoring", unit="batch")
+    scores: list = [None] * len(items)
     with torch.no_grad():
+        shared_cache = None
         if shared:
-            ids = torch.tensor([prefixes[0][:shared]], device=device)
-            cache = model.get_decoder()(input_ids=ids, use_cache=True).cache
-        iterator = zip(items, prefixes)
-        if progress:
-            from tqdm import tqdm
-            iterator = tqdm(iterator, total=len(items), desc="MC scoring", unit="q")
-        scores = []
-        for item, prefix in iterator:
-            own = prefix[shared:]
-            seqs = [Sequence(own + tok(c, add_special_tokens=False)["input_ids"], len(own)) for c in item.choices]
-            batch = batching.collate(seqs, pad).to(device)
-            past = None
-            if cache is not None:
-                past = copy.deepcopy(cache)
-                past.batch_repeat_interleave(len(seqs))
-            scores.append(losses.answer_logprobs(model, batch, past_key_values=past).tolist())
+            shared_cache = decoder(input_ids=torch.tensor([prefixes[0][:shared]], device=device), use_cache=True).cache
+        for group in groups:
+            rows = [packed[i] for i in group]
+            width = max(len(p.ids) for p in rows)
+            ids = torch.full((len(rows), width), pad, dtype=torch.long)
+            positions = torch.zeros((len(rows), width), dtype=torch.long)
+            for r, p in enumerate(rows):
+                ids[r, : len(p.ids)] = torch.tensor(p.ids)
+                positions[r, : len(p.ids)] = torch.tensor(p.positions)
+            mask = _packed_mask(rows, shared, width, model.config, dtype)
+            mask = {k: m.to(device) for k, m in mask.items()} if isinstance(mask, dict) else mask.to(device)
+            hidden = decoder(input_ids=ids.to(device), attention_mask=mask, position_ids=positions.to(device),
+                             cache=_repeat_rows(shared_cache, len(rows)) if shared_cache else None,
+                             use_cache=shared_cache is not None).last_hidden_state
+            where = [(r, c, state, token) for r, p in enumerate(rows) for c, state, token in p.targets]
+            r_idx, c_idx, s_idx, targets = (torch.tensor(x, dtype=torch.long) for x in zip(*where))
+            logp = losses.token_logprobs(model, hidden[r_idx.to(device), s_idx.to(device)], targets.to(device))
+            for r, i in enumerate(group):
+                per_choice = torch.zeros(len(items[i].choices)).index_add(
+                    0, c_idx[r_idx == r], logp.float().cpu()[r_idx == r])
+                scores[i] = per_choice.tolist()
     return scores
 
 
@@ -67,19 +158,40 @@ def mc_metrics(items, scores: list[list[float]]) -> dict:
     return {"mc1": mc1 / n, "mc2": mc2 / n}
 
 
-def generate(loaded, prompts: list[str], max_new_tokens: int, batch_size: int = 8) -> list[str]:
-    """Greedy generations, left-padded batches; returns only the new text."""
+def generate(loaded, prompts: list[str], max_new_tokens: int, batch_size: int = 8,
+             settled: Callable[[int, str], bool] | None = None) -> list[str]:
+    """Greedy generations, left-padded batches of similar prompt length; returns only the new text.
+
+    settled(i, text_so_far) -> True stops prompt i there (its score can no longer change); a batch
+    ends when all its rows are settled, hit EOS or reach max_new_tokens.
+    """
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
     tok, model = loaded.tokenizer, loaded.model
     device = next(model.parameters()).device
+    order = sorted(range(len(prompts)), key=lambda i: len(tok(prompts[i])["input_ids"]))
     side, tok.padding_side = tok.padding_side, "left"
-    out = []
+    out: list[str] = [""] * len(prompts)
+
+    class Settled(StoppingCriteria):
+        def __init__(self, rows: list[int], width: int):
+            self.rows, self.width = rows, width
+
+        def __call__(self, input_ids, scores, **kwargs) -> torch.Tensor:
+            texts = tok.batch_decode(input_ids[:, self.width:], skip_special_tokens=True)
+            return torch.tensor([settled(i, t) for i, t in zip(self.rows, texts)], device=input_ids.device)
+
     try:
         with torch.no_grad():
-            for i in range(0, len(prompts), batch_size):
-                enc = tok(prompts[i: i + batch_size], return_tensors="pt", padding=True).to(device)
-                gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+            for start in range(0, len(order), batch_size):
+                rows = order[start: start + batch_size]
+                enc = tok([prompts[i] for i in rows], return_tensors="pt", padding=True).to(device)
+                width = enc["input_ids"].shape[1]
+                stop = StoppingCriteriaList([Settled(rows, width)]) if settled else None
+                gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, stopping_criteria=stop,
                                      pad_token_id=tok.pad_token_id, top_p=None, top_k=None, temperature=None)
-                out += tok.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+                for i, text in zip(rows, tok.batch_decode(gen[:, width:], skip_special_tokens=True)):
+                    out[i] = text
     finally:
         tok.padding_side = side
     return out
@@ -87,7 +199,7 @@ def generate(loaded, prompts: list[str], max_new_tokens: int, batch_size: int = 
 
 def evaluate(loaded, items, batch_size: int = 8, progress: bool = False) -> dict:
     """Metrics for a list of MCQuestion or GenerationItem, with n and wall time."""
-    from .tasks import match_item
+    from .tasks import match_item, match_settled
 
     if not items:
         raise ValueError("no evaluation items: the evaluation split is empty")
@@ -95,14 +207,13 @@ def evaluate(loaded, items, batch_size: int = 8, progress: bool = False) -> dict
     if hasattr(items[0], "choices"):
         metrics = mc_metrics(items, mc_scores(loaded, items, progress=progress))
     else:
-        texts = []
-        groups: dict[int, list[int]] = {}
-        for i, item in enumerate(items):
-            groups.setdefault(item.max_new_tokens, []).append(i)
         texts = [""] * len(items)
-        for max_new, idx in groups.items():
-            for j, text in zip(idx, generate(loaded, [items[j].prompt for j in idx], max_new, batch_size)):
-                texts[j] = text
+        for max_new in sorted({item.max_new_tokens for item in items}):
+            idx = [i for i, item in enumerate(items) if item.max_new_tokens == max_new]
+            generated = generate(loaded, [items[i].prompt for i in idx], max_new, batch_size,
+                                 settled=lambda j, text, idx=idx: match_settled(text, items[idx[j]]))
+            for i, text in zip(idx, generated):
+                texts[i] = text
         matches = [match_item(t, item) for t, item in zip(texts, items)]
         metrics = {"em": sum(s for s, _ in matches) / len(items), "em_lenient": sum(l for _, l in matches) / len(items)}
     metrics.update(n=len(items), seconds=round(time.time() - start, 2))

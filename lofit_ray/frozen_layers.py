@@ -63,9 +63,9 @@ def capture(model, seqs: list, start: int, pad_id: int, batch_size: int = 8) -> 
 
 
 def embeds_batch(batch: Batch, hidden: list[torch.Tensor]) -> torch.Tensor:
-    """Right-pad cached hidden states to the batch's width: [B, T, hidden]."""
-    B, T = batch.input_ids.shape
-    embeds = hidden[0].new_zeros(B, T, hidden[0].shape[-1])
-    for row, h in enumerate(hidden):
-        embeds[row, : h.shape[0]] = h
+    """Place each sequence's cached hidden states where the batch holds its tokens: [R, T, hidden]."""
+    R, T = batch.input_ids.shape
+    embeds = hidden[0].new_zeros(R, T, hidden[0].shape[-1])
+    for (row, start, length), h in zip(batch.slots, hidden):
+        embeds[row, start: start + length] = h
     return embeds

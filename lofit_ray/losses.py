@@ -15,26 +15,33 @@ from .batching import Batch
 
 
 def answer_logprobs(model, batch: Batch, past_key_values=None, inputs_embeds=None) -> torch.Tensor:
-    """Sum of log p(answer token) per sequence: [B].
+    """Sum of log p(answer token) per input sequence: [batch.num_sequences].
 
     With `past_key_values` (a shared prefix already run), the batch holds only the tokens after
-    it; right padding needs no mask then, since padding only ever follows real tokens.
-    With `inputs_embeds` (hidden states cached by lofit_ray.frozen_layers), the decoder starts there.
+    it; right padding needs no mask then, since padding only ever follows real tokens. A packed batch
+    (batching.pack) passes its position ids and no mask. With `inputs_embeds` (hidden states cached by
+    lofit_ray.frozen_layers), the decoder starts there.
     """
     mask = None if past_key_values is not None else batch.attention_mask
     inputs = {"inputs_embeds": inputs_embeds} if inputs_embeds is not None else {"input_ids": batch.input_ids}
-    hidden = model.get_decoder()(**inputs, attention_mask=mask,
+    hidden = model.get_decoder()(**inputs, attention_mask=mask, position_ids=batch.position_ids,
                                  cache=past_key_values, use_cache=past_key_values is not None,
                                  ).last_hidden_state
     # Position t predicts token t+1: gather hidden states just before each answer token.
-    target_mask = batch.answer_mask[:, 1:]
-    rows, cols = target_mask.nonzero(as_tuple=True)
-    logits = model.get_output_embeddings()(hidden[rows, cols])
+    rows, cols = batch.answer_mask[:, 1:].nonzero(as_tuple=True)
+    token_logp = token_logprobs(model, hidden[rows, cols], batch.input_ids[rows, cols + 1])
+    owner = batch.sequence[rows, cols + 1]
+    return torch.zeros(batch.num_sequences, device=token_logp.device, dtype=token_logp.dtype).index_add(
+        0, owner, token_logp)
+
+
+def token_logprobs(model, states: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log p(target | state) for [N, hidden] final hidden states: the LM head on those N rows only."""
+    logits = model.get_output_embeddings()(states)
     softcap = getattr(model.config, "final_logit_softcapping", None)
     if softcap:
         logits = torch.tanh(logits / softcap) * softcap
-    token_logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, batch.input_ids[rows, cols + 1, None])[:, 0]
-    return torch.zeros(batch.input_ids.shape[0], device=token_logp.device).index_add(0, rows, token_logp)
+    return torch.log_softmax(logits.float(), dim=-1).gather(-1, targets[:, None])[:, 0]
 
 
 def sft_loss(model, batch: Batch) -> torch.Tensor:

@@ -29,6 +29,7 @@ import torch
 from . import batching, faults, tracking
 from .adapter import Adapter
 from .config import ConfigError, Phase1Config, Phase2Config, SearchJobConfig, Space, from_dict, to_dict
+from .distributed import assigned_threads
 from .evaluate import evaluate, selection_score
 from .heads import HeadSet
 from .models import check_spec, load_model, spec_slug
@@ -167,7 +168,7 @@ def trial_fn(config: dict) -> None:
     ctx = config["ctx"]
     cfg = from_dict(SearchJobConfig, ctx["run_config"])
     cost_aware = cfg.search.cost_aware
-    torch.set_num_threads(max(1, int(ctx.get("threads", 1))))
+    torch.set_num_threads(cfg.scaling.trial_threads or assigned_threads())
     params = {name: config[name] for name in SEARCHED}
     uri, model = ctx["tracking_uri"], ctx["model"]
     trial_id = tune.get_context().get_trial_id()
@@ -220,7 +221,8 @@ def trial_fn(config: dict) -> None:
         # Record everything before the last report: Tune stops the trial as soon as it sees the final
         # epoch, and code after that report would never run.
         version = _finish_trial(uri, ctx, run_id, trial_id, adapter, params, last["metrics"],
-                                {**timing, "total_s": time.time() - start, "memo_hit": int(memo_hit)})
+                                {**timing, "total_s": time.time() - start, "memo_hit": int(memo_hit),
+                                 "torch_threads": torch.get_num_threads()})
         recorded = True
         tune.report({**last["report"], "version": version, "total_s": time.time() - start})
     except Exception as exc:
@@ -308,6 +310,27 @@ def check_inputs(cfg: SearchJobConfig) -> None:
                               f"keep K within 1..{total} (about 3-10% of heads)")
 
 
+def check_resources(cfg: SearchJobConfig, cluster_cpus: float) -> str | None:
+    """A plan Ray could never place waits forever instead of failing: say so first (the message names the
+    fields), or None when it fits. Phase 1 runs inside a trial unless cost-aware mode precomputes it (l1 and
+    phase-1 lr given as lists); then that trial holds its CPUs while phase 1's workers need theirs."""
+    sc, space = cfg.scaling, cfg.search.space
+    phase1 = sc.num_workers * sc.cpus_per_worker
+    if phase1 > cluster_cpus:
+        return (f"scaling.num_workers x scaling.cpus_per_worker = {phase1:g} CPUs for phase 1, but the Ray cluster "
+                f"has {cluster_cpus:g}; lower either")
+    if sc.trial_cpus > cluster_cpus:
+        return f"scaling.trial_cpus: {sc.trial_cpus:g} is more than the Ray cluster's {cluster_cpus:g} CPUs; lower it"
+    precomputed = cfg.search.cost_aware and space.l1.values is not None and space.phase1_lr.values is not None
+    running = min(cfg.search.max_concurrent, int(cluster_cpus // sc.trial_cpus))
+    if not precomputed and running * sc.trial_cpus + phase1 > cluster_cpus:
+        return (f"scaling.trial_cpus: {running} trial(s) x {sc.trial_cpus:g} CPUs leave less than the {phase1:g} "
+                f"CPUs phase 1 needs on this {cluster_cpus:g}-CPU cluster, and phase 1 runs inside trials here; give "
+                f"search.space.l1 and search.space.phase1_lr as lists (phase 1 is then precomputed), or lower "
+                f"scaling.trial_cpus or search.max_concurrent")
+    return None
+
+
 def run_search(cfg: SearchJobConfig, resume: bool = False) -> dict:
     """Run the whole search (all models); returns a summary with champions and report-split metrics."""
     import ray
@@ -317,6 +340,16 @@ def run_search(cfg: SearchJobConfig, resume: bool = False) -> dict:
     uri = tracking.resolve_tracking_uri(cfg.mlflow.tracking_uri)
     storage = Path(cfg.storage_path or tracking.lofit_home() / "ray_results").expanduser().resolve()
     storage.mkdir(parents=True, exist_ok=True)
+    local = not ray.is_initialized() and not os.environ.get("RAY_ADDRESS")  # a cluster we start: its size is fixed
+    if not ray.is_initialized():
+        ray.init(runtime_env={"env_vars": {"MLFLOW_DISABLE_TELEMETRY": "true", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+                                           "LOFIT_HOME": str(tracking.lofit_home()),
+                                           **({} if cfg.scaling.use_gpu else {"DS_ACCELERATOR": "cpu"})}})
+    problem = check_resources(cfg, ray.cluster_resources().get("CPU", 0))
+    if problem and local:
+        raise ConfigError(problem)
+    if problem:  # an autoscaling cluster may still grow to fit
+        print(f"[lofit-ray] warning: {problem}", flush=True)
     experiment_id = tracking.ensure_experiment(cfg.mlflow.experiment, uri, cfg.mlflow.artifact_root)
     state_path = _state_file(storage, cfg)
     state = json.loads(state_path.read_text()) if resume and state_path.is_file() else {}
@@ -330,16 +363,11 @@ def run_search(cfg: SearchJobConfig, resume: bool = False) -> dict:
         if closed:
             print(f"[lofit-ray] closed {len(closed)} run(s) the stopped driver left open", flush=True)
     print(f"[lofit-ray] MLflow: {uri} (experiment '{cfg.mlflow.experiment}', parent run {parent})", flush=True)
-    if not ray.is_initialized():
-        ray.init(runtime_env={"env_vars": {"MLFLOW_DISABLE_TELEMETRY": "true", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
-                                           "LOFIT_HOME": str(tracking.lofit_home()),
-                                           **({} if cfg.scaling.use_gpu else {"DS_ACCELERATOR": "cpu"})}})
     claims_name = f"lofit-phase1-claims-{parent}"
     claims = ray.remote(num_cpus=0)(Phase1Claims).options(name=claims_name, get_if_exists=True).remote()
     ctx = {"tracking_uri": uri, "experiment_id": experiment_id, "parent_run_id": parent,
            "phase1_claims": claims_name, "driver_pgid": os.getpgid(0),
-           "storage_path": str(storage), "run_config": to_dict(cfg),
-           "threads": cfg.scaling.trial_threads or max(1, int((os.cpu_count() or 1) / cfg.search.max_concurrent))}
+           "storage_path": str(storage), "run_config": to_dict(cfg)}
     summary = {"name": cfg.name, "tracking_uri": uri, "experiment_id": experiment_id, "parent_run_id": parent,
                "models": {}}
     try:

@@ -46,6 +46,9 @@ def code_version() -> str:
 CACHE_VERSION = code_version()
 
 
+REFERENCE_TOKENS = 1024  # padded tokens per forward when computing DPO reference log-probs (no gradients)
+
+
 class NaNLossError(FloatingPointError):
     """The loss stopped being finite; the message gives the step and the fix."""
 
@@ -81,18 +84,18 @@ def reference_logprobs(loaded: LoadedModel, encoded: list, training: TrainingCon
             / f"{losses.data_key(loaded.fingerprint, encoded, training.max_length)}.pt")
     if use_cache and path.is_file():
         return torch.load(path)
-    out = []
     device = next(loaded.model.parameters()).device
-    chunks = range(0, len(encoded), training.batch_size)
+    # No gradients here, so batches can be large: pairs sorted by length, about REFERENCE_TOKENS per forward.
+    chunks = batching.by_token_budget([max(len(c.ids), len(r.ids)) for c, r in encoded], REFERENCE_TOKENS // 2)
     if progress:
         from tqdm import tqdm
         chunks = tqdm(chunks, desc="reference log-probs", unit="batch")
+    ref = torch.zeros(len(encoded), 2)
     with torch.no_grad(), (base_model() if base_model is not None else contextlib.nullcontext()):
-        for i in chunks:
-            part = encoded[i: i + training.batch_size]
-            logp = losses.answer_logprobs(loaded.model, batching.batch_items(part, pad_id(loaded)).to(device))
-            out.append(torch.stack([logp[: len(part)], logp[len(part):]], dim=1).cpu())
-    ref = torch.cat(out)
+        for chunk in chunks:
+            logp = losses.answer_logprobs(loaded.model, batching.batch_items([encoded[i] for i in chunk],
+                                                                             pad_id(loaded)).to(device)).cpu()
+            ref[chunk] = torch.stack([logp[: len(chunk)], logp[len(chunk):]], dim=1)
     if use_cache:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".tmp{id(ref)}")
@@ -167,7 +170,7 @@ def train_loop(
         for step in range(steps):
             global_idx = order[step * batch_size: (step + 1) * batch_size]
             idx = global_idx[rank * per_rank: (rank + 1) * per_rank]
-            batch = batching.batch_items([encoded[i] for i in idx], pad_id(loaded)).to(device)
+            batch = batching.batch_items([encoded[i] for i in idx], pad_id(loaded), packed=True).to(device)
             if cached is not None:
                 rows = [cached[i] for i in idx]
                 rows = [c for c, _ in rows] + [r for _, r in rows] if is_dpo else rows

@@ -207,12 +207,37 @@ def test_unknown_architecture_is_named():
 
 # -- evaluation -------------------------------------------------------------------------
 
-def test_mc_scoring_with_shared_prefix_cache_equals_full_prompts(tiny):
-    items = get_task("truthfulqa").eval_items(limit=4)
-    cached = mc_scores(tiny, items, share_prefix=True)
-    full = mc_scores(tiny, items, share_prefix=False)
-    for a, b in zip(cached, full):
-        torch.testing.assert_close(torch.tensor(a), torch.tensor(b), atol=2e-3, rtol=1e-4)
+def _one_choice_at_a_time(loaded, items) -> list[list[float]]:
+    """The plain definition of MC scoring: prefix + choice as one sequence, no cache, no batching."""
+    tok, scores = loaded.tokenizer, []
+    for item in items:
+        prefix = tok(item.prefix, add_special_tokens=True)["input_ids"]
+        row = []
+        for choice in item.choices:
+            ids = prefix + tok(choice, add_special_tokens=False)["input_ids"]
+            with torch.no_grad():
+                logp = torch.log_softmax(loaded.model(torch.tensor([ids])).logits[0].float(), dim=-1)
+            row.append(logp[torch.arange(len(prefix) - 1, len(ids) - 1), torch.tensor(ids[len(prefix):])].sum().item())
+        scores.append(row)
+    return scores
+
+
+@pytest.mark.parametrize("spec,window", [("tiny-llama", None), ("tiny-gemma3-wide", None), ("tiny-gemma3-wide", 24)])
+def test_packed_mc_scoring_equals_one_choice_at_a_time(spec, window):
+    """Shared-prefix cache, questions packed with all their choices, batches of mixed lengths: the same
+    scores (1e-4 on MC1/MC2) as scoring each choice alone. window=24 puts Gemma-3's sliding window inside
+    the prompts, so the packed mask must apply it by position."""
+    loaded = load_model(spec)
+    if window:
+        loaded.model.config.sliding_window = window
+    items = get_task("truthfulqa").eval_items(limit=9)
+    expected = _one_choice_at_a_time(loaded, items)
+    for share_prefix, tokens_per_batch in ((True, 1024), (True, 40), (False, 300)):
+        got = mc_scores(loaded, items, share_prefix=share_prefix, tokens_per_batch=tokens_per_batch)
+        for a, b in zip(got, expected):
+            torch.testing.assert_close(torch.tensor(a), torch.tensor(b), atol=1e-4, rtol=1e-5)
+        for name, value in mc_metrics(items, got).items():
+            assert value == pytest.approx(mc_metrics(items, expected)[name], abs=1e-4)
 
 
 def test_mc_metrics_follow_the_truthfulqa_definitions():
@@ -341,3 +366,55 @@ def test_skipping_frozen_layers_trains_the_same_offsets(family):
     torch.testing.assert_close(trained[0][0], trained[1][0], atol=1e-6, rtol=0)
     assert trained[0][1] == pytest.approx(trained[1][1], abs=1e-5)
     assert len(list(o_projs(loaded.model))) == 4  # the decoder got its full layer list back
+
+
+def test_generation_batched_by_length_and_stopped_early_scores_like_one_prompt_at_a_time(smollm2):
+    """MQuAKE items on the real model: length-sorted batches that stop each row once its match is settled
+    give every item the same (strict, lenient) match as unbatched generation to max_new_tokens."""
+    from lofit_ray.evaluate import generate
+    from lofit_ray.tasks import match_item, match_settled
+
+    items = get_task("mquake").eval_items(limit=8)
+    prompts = [item.prompt for item in items]
+    full = [generate(smollm2, [p], items[0].max_new_tokens, batch_size=1)[0] for p in prompts]
+    fast = generate(smollm2, prompts, items[0].max_new_tokens, batch_size=4,
+                    settled=lambda i, text: match_settled(text, items[i]))
+    assert [match_item(t, item) for t, item in zip(fast, items)] == [match_item(t, item) for t, item in zip(full, items)]
+    def tokens(texts):
+        return sum(len(smollm2.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts)
+
+    assert tokens(fast) < tokens(full)  # rows did stop early
+
+
+@pytest.mark.parametrize("spec", ["tiny-llama", "tiny-gemma3-wide"])
+def test_packed_training_batches_give_the_padded_log_probs_and_gradients(spec):
+    """batching.pack (several sequences per row, attention kept within each) against one right-padded
+    sequence per row: the same per-sequence log-probs and the same offset gradients, with and without the
+    frozen layers below the heads cached (the path phase 2 takes)."""
+    from lofit_ray import batching, frozen_layers
+    from lofit_ray.losses import answer_logprobs
+
+    loaded = load_model(spec)
+    examples = get_task("truthfulqa").train_examples(limit=6)
+    encoded = batching.encode_examples(loaded.tokenizer, examples, 64)
+    padded, packed = (batching.batch_items(encoded, 0, packed=p) for p in (False, True))
+    assert packed.input_ids.numel() < padded.input_ids.numel()  # fewer pad tokens
+    layout = loaded.layout
+    offsets = HeadOffsets(layout, offset_heads=[(1, 0), (layout.num_layers - 1, 1)], seed=0).attach(loaded.model)
+    try:
+        results = []
+        for batch in (padded, packed):
+            logp = answer_logprobs(loaded.model, batch)
+            logp.sum().backward()
+            results.append((logp.detach(), offsets.offset.grad.clone()))
+            offsets.offset.grad = None
+        torch.testing.assert_close(results[1][0], results[0][0], atol=1e-4, rtol=1e-5)
+        torch.testing.assert_close(results[1][1], results[0][1], atol=1e-4, rtol=1e-4)
+        flat = [s for pair in encoded for s in pair]
+        hidden = frozen_layers.capture(loaded.model, flat, 1, 0)
+        rows = [hidden[2 * i] for i in range(len(encoded))] + [hidden[2 * i + 1] for i in range(len(encoded))]
+        with frozen_layers.tail_only(loaded.model, 1):
+            tail = answer_logprobs(loaded.model, packed, inputs_embeds=frozen_layers.embeds_batch(packed, rows))
+        torch.testing.assert_close(tail.detach(), results[0][0], atol=1e-4, rtol=1e-5)
+    finally:
+        offsets.detach()

@@ -77,6 +77,24 @@ def test_bad_inputs_stop_the_search_before_mlflow_and_ray(tmp_path, env, extra, 
     assert not (tmp_path / "mlflow.db").exists() and "Started a local Ray" not in proc.stderr + proc.stdout
 
 
+@pytest.mark.parametrize("overrides,cluster,message", [
+    ({}, 2, None),
+    ({"scaling.trial_cpus": 2.0}, 2, None),  # phase 1 is precomputed (l1 and phase-1 lr are lists)
+    ({"scaling.trial_cpus": 2.0, "search.space.l1": {"low": 1e-4, "high": 1e-3, "log": True}}, 2,
+     "scaling.trial_cpus: 1 trial(s) x 2 CPUs leave less than"),
+    ({"search.max_concurrent": 2, "search.space.l1": {"low": 1e-4, "high": 1e-3}}, 2, "search.max_concurrent"),
+    ({"search.max_concurrent": 2, "search.space.l1": {"low": 1e-4, "high": 1e-3}}, 3, None),
+    ({"scaling.trial_cpus": 4.0}, 2, "scaling.trial_cpus: 4 is more than the Ray cluster's 2 CPUs"),
+    ({"scaling.num_workers": 4, "scaling.cpus_per_worker": 1.0, "training.batch_size": 8}, 2,
+     "scaling.num_workers x scaling.cpus_per_worker = 4 CPUs"),
+])
+def test_a_plan_ray_could_never_place_is_named_before_it_hangs(overrides, cluster, message):
+    from lofit_ray.search import check_resources
+
+    problem = check_resources(load_config(SMOKE, overrides), cluster)
+    assert problem is None if message is None else message in problem, problem
+
+
 def test_every_shipped_config_loads():
     for path in sorted((REPO / "configs").glob("*.yaml")):
         if not path.name.startswith("reproduce"):  # reproduce*.yaml: schema ReproduceConfig (test_reproduce)
@@ -109,7 +127,7 @@ def worker_scores(out: dict) -> torch.Tensor:
     return HeadSet(**out["head_set"]).score_grid()
 
 
-def phase1_on_two_workers(job: dict, tmp_path: Path, name: str, during=None) -> list[dict]:
+def phase1_on_two_workers(job: dict, tmp_path: Path, name: str, during=None, zero_stage: int = 2) -> list[dict]:
     """run_phase1 on a fresh local Ray (2 DeepSpeed workers, gloo); ``during(stop)`` runs in a thread meanwhile."""
     import threading
 
@@ -123,7 +141,7 @@ def phase1_on_two_workers(job: dict, tmp_path: Path, name: str, during=None) -> 
     try:
         if thread:
             thread.start()
-        return run_phase1([job], num_workers=2, cpus_per_worker=0.49, use_gpu=False, zero_stage=2,
+        return run_phase1([job], num_workers=2, cpus_per_worker=0.49, use_gpu=False, zero_stage=zero_stage,
                           use_deepspeed=True, storage_path=str(tmp_path), name=name, max_failures=1)
     finally:
         stop.set()
@@ -132,11 +150,13 @@ def phase1_on_two_workers(job: dict, tmp_path: Path, name: str, during=None) -> 
         ray.shutdown()
 
 
-def test_two_deepspeed_workers_match_a_single_process_run(tmp_path):
-    """Phase 1 on 2 Ray Train workers (DeepSpeed ZeRO-2, gloo) learns exactly what one process learns."""
+@pytest.mark.parametrize("zero_stage", [2, 3])
+def test_two_deepspeed_workers_match_a_single_process_run(tmp_path, zero_stage):
+    """Phase 1 on 2 Ray Train workers (DeepSpeed, gloo) learns exactly what one process learns. ZeRO-3
+    partitions A, which only the engine's own forward would gather; the hooks read it, so the stepper must."""
     job = {"model": "tiny-llama", "task": {"name": "mquake", "splits": {"limit_train": 8}},
            "training": dict(batch_size=4, max_length=64, seed=3), "phase1": dict(epochs=1, lr=1e-2, l1=1e-3)}
-    out = phase1_on_two_workers(job, tmp_path, "grad-check")
+    out = phase1_on_two_workers(job, tmp_path, f"grad-check-zero{zero_stage}", zero_stage=zero_stage)
     torch.testing.assert_close(worker_scores(out[0]), single_process_scores(job), atol=1e-6, rtol=0)
     assert out[0]["head_set"]["hparams"]["workers"] == 2
 
@@ -234,6 +254,8 @@ def test_ray_job_submit_runs_a_search_that_registers_a_champion(ray_head):
     # memoization: one phase-1 run (the grid has one l1 x lr point) served every trial
     assert len(_runs(uri, "phase1")) == 1
     assert all(r.data.metrics.get("memo_hit") == 1.0 for r in finished)
+    # torch threads in each trial = the CPUs Ray gave it (scaling.trial_cpus: 1 in smoke.yaml)
+    assert all(r.data.metrics["torch_threads"] == 1.0 for r in finished)
     # the champion's adapter loads back onto the model and changes it
     adapter = Adapter.from_pretrained(tracking.download_adapter(f"models:/{name}@champion", uri))
     assert len(adapter.config.heads) == int(champion.tags["k"])

@@ -281,3 +281,32 @@ def test_tasks_package_needs_no_torch():
         "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# -- stopping generation early never changes the score ----------------------------------------------
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+from lofit_ray.tasks import GenerationItem, match_item, match_settled  # noqa: E402
+
+_TEXT = st.text(alphabet=st.sampled_from(list("Pa ris.\n\"'DC,x")), max_size=14)
+
+
+@settings(max_examples=400, deadline=None)
+@given(prefix=_TEXT, suffix=_TEXT, answers=st.lists(st.sampled_from(["Paris", "paris.", "Washington, D.C.", "a"]),
+                                                   min_size=1, max_size=2),
+       stops=st.sampled_from([["\n"], ["\n", "."]]))
+def test_a_settled_generation_scores_the_same_whatever_follows(prefix, suffix, answers, stops):
+    """evaluate.generate stops a row once match_settled says so; any text the model would have added
+    after that point must leave (strict, lenient) unchanged."""
+    item = GenerationItem(prompt="Q:", answers=answers, meta={"stops": stops})
+    if match_settled(prefix, item):
+        assert match_item(prefix + suffix, item) == match_item(prefix, item)
+
+
+def test_a_typical_answer_settles_one_token_after_its_newline():
+    item = GenerationItem(prompt="Q:", answers=["Paris"], meta={"stops": ["\n"]})
+    assert not match_settled(" Paris", item)  # EOS next would make the strict match true
+    assert not match_settled(" Paris\n", item)
+    assert match_settled(" Paris\nQ", item)
+    assert match_item(" Paris\nQ", item) == (False, True)

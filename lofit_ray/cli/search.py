@@ -67,7 +67,7 @@ def cmd_search(args) -> int:
 
     try:
         summary = run_search(cfg, resume=args.resume)
-    except (TaskDataError, ModelSpecError, ConfigError) as exc:  # check_inputs, before MLflow or Ray is touched
+    except (TaskDataError, ModelSpecError, ConfigError) as exc:  # inputs and the Ray plan, before MLflow is touched
         print(f"search: {exc}", file=sys.stderr)
         return 2
     text = json.dumps(summary, indent=1, default=str)

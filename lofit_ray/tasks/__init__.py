@@ -140,3 +140,16 @@ def exact_match(generated: str, answers: list[str], stops: Iterable[str] = ("\n"
 def match_item(generated: str, item: GenerationItem) -> tuple[bool, bool]:
     """exact_match with the item's own stop strings (item.meta["stops"], e.g. CLUTRR cuts at '.')."""
     return exact_match(generated, item.answers, stops=item.meta.get("stops", ("\n",)))
+
+
+def match_settled(generated: str, item: GenerationItem) -> bool:
+    """True once no further text can change match_item's result, so generation may stop here.
+
+    Lenient match is fixed once a stop string follows the (left-stripped) start; strict match is fixed
+    (false) once the stripped text is no longer the start of any accepted answer.
+    """
+    stops = item.meta.get("stops", ("\n",))
+    text = generated.strip()
+    lenient_fixed = any(stop in generated.lstrip() for stop in stops)
+    strict_fixed = bool(text) and not any(a.strip().startswith(text) for a in item.answers)
+    return lenient_fixed and strict_fixed
