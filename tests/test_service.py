@@ -362,3 +362,5 @@ def test_concurrent_trials_compute_a_shared_ranking_once(tmp_path):
     assert len(trials) == 2
     assert len(_runs(uri, "phase1")) == 1
     assert sorted(r.data.metrics["memo_hit"] for r in trials) == [0.0, 1.0]
+    # the local Ray this search started runs its trials at nice 0, not Ray's default 15 (starved beside any load)
+    assert all(r.data.metrics["niceness"] == 0.0 for r in trials)
