@@ -120,6 +120,16 @@ def time_steps(step, steps: int, warmup: int, sync) -> tuple[float, float]:
     return statistics.median(times), loss
 
 
+def training_step(stepper, loss_fn):
+    """One timed unit: loss, backward, optimizer step, and the loss as a float (the sync point train_loop has)."""
+    def step():
+        loss = loss_fn()
+        stepper.backward(loss)
+        stepper.step()
+        return loss.item()
+    return step
+
+
 @contextlib.contextmanager
 def phase1(loaded, batch: Batch, hook: str = "vectorized", zero_stage: int | None = None, bf16: bool = False):
     model, cfg = loaded.model, Phase1Config()
@@ -137,13 +147,8 @@ def phase1(loaded, batch: Batch, hook: str = "vectorized", zero_stage: int | Non
             from lofit_ray.distributed import DeepSpeedStepper
             stepper = DeepSpeedStepper(offsets, cfg.lr, zero_stage, batch.input_ids.shape[0], bf16=bf16)
         answers = batch.answer_mask[:, 1:].sum().clamp(min=1)
-
-        def step():
-            loss = -answer_logprobs(model, batch).sum() / answers + cfg.l1 * l1_penalty(offsets.scale)
-            stepper.backward(loss)
-            stepper.step()
-            return loss.item()
-        yield step
+        yield training_step(stepper, lambda: -answer_logprobs(model, batch).sum() / answers
+                            + cfg.l1 * l1_penalty(offsets.scale))
     finally:
         offsets.detach()
         for handle in handles:
@@ -160,13 +165,10 @@ def phase2(loaded, batch: Batch, heads: list):
         hidden = torch.stack(capture(model, seqs, start, 0, len(seqs)))  # what train_loop caches once
         stepper, answers = TorchStepper([offsets.offset], Phase2Config().lr), batch.answer_mask[:, 1:].sum()
 
-        def step():
+        def loss():
             with tail_only(model, start):
-                loss = -answer_logprobs(model, batch, inputs_embeds=hidden).sum() / answers
-            stepper.backward(loss)
-            stepper.step()
-            return loss.item()
-        yield step
+                return -answer_logprobs(model, batch, inputs_embeds=hidden).sum() / answers
+        yield training_step(stepper, loss)
     finally:
         offsets.detach()
 
