@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from . import batching, frozen_layers, losses
+from . import batching, faults, frozen_layers, losses
 from .adapter import Adapter
 from .config import Phase1Config, Phase2Config, TrainingConfig
 from .heads import HeadSet, rank_by_norm
@@ -205,6 +205,7 @@ def train_loop(
         history.append(stats)
         if on_epoch:
             on_epoch(epoch + 1, stats)
+        faults.kill_point("worker.kill", rank=rank, epoch=epoch + 1)
     return history
 
 

@@ -261,27 +261,16 @@ def test_record_backfills_a_new_mlflow_store(tiny_run, tmp_path):
 
 @pytest.mark.slow
 def test_killed_run_resumes_without_duplicates(tmp_path):
-    """SIGKILL the job after a few cells, then --resume: every cell exactly once, no run left RUNNING."""
+    """SIGKILL the job right after its 6th cell is recorded (fault point reproduce.kill), then --resume:
+    every cell exactly once, no run left RUNNING."""
     cmd = [sys.executable, str(SCRIPT), "--config", str(TINY), "--out-dir", str(tmp_path),
            "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db"]
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    killed = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "LOFIT_FAULTS": "reproduce.kill@cells=6"})
+    assert killed.returncode == -signal.SIGKILL, killed.stdout[-2000:] + killed.stderr[-2000:]
     record = tmp_path / "reproduce.json"
-    done_before = 0
-    try:
-        deadline = time.time() + 300
-        while time.time() < deadline and proc.poll() is None:
-            try:
-                done_before = len(json.loads(record.read_text())["cells"])
-            except (OSError, ValueError, KeyError):
-                done_before = 0
-            if done_before >= 6:
-                break
-            time.sleep(0.2)
-    finally:
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
-    assert done_before >= 6
+    done_before = len(json.loads(record.read_text())["cells"])
+    assert done_before == 6
     resumed = run_job(tmp_path, "--resume")
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     doc = json.loads(record.read_text())

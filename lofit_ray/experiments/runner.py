@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from .. import tracking
+from .. import faults, tracking
 from ..baselines import lora
 from ..baselines.iti import fit_iti
 from ..config import ReproduceConfig
@@ -504,6 +504,7 @@ class Runner:
                 self.load(model)
                 for i, (cell, setting) in enumerate(todo, 1):
                     ok = self.run_cell(cell, setting, parent, f"[{model} {i}/{len(todo)}]")
+                    faults.kill_point("reproduce.kill", cells=len(doc["cells"]))
                     ran += ok
                     failed += not ok
                 self.loaded = None
