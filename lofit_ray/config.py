@@ -173,7 +173,7 @@ class MLflowConfig:
     artifact_root: str | None = _help("artifact location of a new experiment; default beside the SQLite store", None)
 
 
-SELECTION_METRICS = ("mc1", "mc2", "em", "em_lenient", "score")
+SELECTION_METRICS = ("auto", "mc1", "mc2", "em", "em_lenient", "answer_logprob", "score")
 
 
 # -- the search job ---------------------------------------------------------------------------
@@ -244,16 +244,21 @@ class SearchConfig:
     num_trials: int = _help("trials Optuna proposes", 4)
     max_concurrent: int = _help("trials running at once", 1)
     seed: int = _help("Optuna's seed", 0)
-    metric: str = _help("selection metric: score (mean of MC1 and MC2; EM + 1e-3 lenient EM), mc1, mc2, em, "
-                        "em_lenient", "score")
+    metric: str = _help("selection metric: auto (MC2 for multiple choice, the reference answer's log-prob per "
+                        "token for generation: continuous, so a small selection split still ranks trials), "
+                        "score (mean of MC1 and MC2; EM + 1e-3 lenient EM), mc1, mc2, em, em_lenient, "
+                        "answer_logprob", "auto")
     asha: bool = _help("stop weak trials early (ASHA on the per-epoch selection metric)", True)
     grace_period: int = _help("ASHA: epochs every trial gets", 1)
     reduction_factor: int = _help("ASHA: keep 1 in this many at each rung", 2)
     space: SearchSpaceConfig = _help("what is searched", factory=SearchSpaceConfig)
     cost_aware: bool = _help("memoize phase 1, share reference log-probs, reuse loaded models", True)
+    controls: int = _help("random-heads controls after the search: the champion's K and settings on this many "
+                          "random head sets (seeds 0..N-1), scored on the report split beside it; 0 = none", 3)
 
     def __post_init__(self):
         _at_least(self.num_trials, 1, "search.num_trials")
+        _at_least(self.controls, 0, "search.controls")
         _at_least(self.max_concurrent, 1, "search.max_concurrent")
         if self.metric not in SELECTION_METRICS:
             raise ConfigError(f"search.metric: '{self.metric}' is not one of {', '.join(SELECTION_METRICS)}")

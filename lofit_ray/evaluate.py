@@ -9,6 +9,7 @@ prompt as soon as its exact-match score is settled.
 from __future__ import annotations
 
 import copy
+import hashlib
 import math
 import time
 from collections.abc import Callable
@@ -145,17 +146,33 @@ def mc_scores(loaded, items, share_prefix: bool = True, progress: bool = False,
     return scores
 
 
+def mc_item_metrics(item, scores: list[float]) -> tuple[float, float]:
+    """(MC1, MC2) of one question. MC1: the best answer outscores every incorrect one.
+    MC2: the probability mass on correct answers."""
+    wrong = [x for x, lab in zip(scores, item.labels) if not lab]
+    mc1 = float(scores[item.best_index()] > max(wrong)) if wrong else 1.0
+    top = max(scores)
+    mass = [math.exp(x - top) for x in scores]
+    return mc1, sum(m for m, lab in zip(mass, item.labels) if lab) / sum(mass)
+
+
 def mc_metrics(items, scores: list[list[float]]) -> dict:
-    """MC1: the best answer outscores every incorrect one. MC2: probability mass on correct answers."""
-    mc1 = mc2 = 0.0
-    for item, s in zip(items, scores):
-        wrong = [x for x, lab in zip(s, item.labels) if not lab]
-        mc1 += float(s[item.best_index()] > max(wrong)) if wrong else 1.0
-        top = max(s)
-        mass = [math.exp(x - top) for x in s]
-        mc2 += sum(m for m, lab in zip(mass, item.labels) if lab) / sum(mass)
-    n = len(items)
-    return {"mc1": mc1 / n, "mc2": mc2 / n}
+    """MC1 and MC2 averaged over questions."""
+    per_item = [mc_item_metrics(item, s) for item, s in zip(items, scores)]
+    return {"mc1": sum(m1 for m1, _ in per_item) / len(items), "mc2": sum(m2 for _, m2 in per_item) / len(items)}
+
+
+def answer_logprobs(loaded, items) -> list[float]:
+    """Mean log-prob per token of each generation item's reference answer after its prompt: a continuous
+    score of the same skill exact match counts, with far less noise on a small split."""
+    from .tasks.base import MCQuestion
+
+    tok = loaded.tokenizer
+    refs = [item.reference or item.answers[0] for item in items]
+    as_mc = [MCQuestion(question=item.prompt, choices=[ref], labels=[1], prefix=item.prompt)
+             for item, ref in zip(items, refs)]
+    sums = mc_scores(loaded, as_mc)
+    return [s[0] / max(len(tok(ref, add_special_tokens=False)["input_ids"]), 1) for s, ref in zip(sums, refs)]
 
 
 def generate(loaded, prompts: list[str], max_new_tokens: int, batch_size: int = 8,
@@ -197,15 +214,29 @@ def generate(loaded, prompts: list[str], max_new_tokens: int, batch_size: int = 
     return out
 
 
-def evaluate(loaded, items, batch_size: int = 8, progress: bool = False) -> dict:
-    """Metrics for a list of MCQuestion or GenerationItem, with n and wall time."""
+def item_id(index: int, item) -> str:
+    """A per-item record's key: position and a hash of what is asked, so two evaluations pair up only
+    when they scored the same items in the same order."""
+    from .splits import asked
+
+    return f"{index}-{hashlib.sha256(asked(item).encode()).hexdigest()[:10]}"
+
+
+def evaluate_items(loaded, items, batch_size: int = 8, progress: bool = False) -> tuple[dict, list[dict]]:
+    """(metrics, one row per item). Metrics are the means of the rows' metric columns, with n and wall
+    time; rows carry what each item was scored on and its own MC1/MC2 or EM/lenient EM/answer log-prob."""
     from .tasks import match_item, match_settled
 
     if not items:
         raise ValueError("no evaluation items: the evaluation split is empty")
     start = time.time()
     if hasattr(items[0], "choices"):
-        metrics = mc_metrics(items, mc_scores(loaded, items, progress=progress))
+        scores = mc_scores(loaded, items, progress=progress)
+        rows = []
+        for i, (item, s) in enumerate(zip(items, scores)):
+            mc1, mc2 = mc_item_metrics(item, s)
+            rows.append({"id": item_id(i, item), "question": item.question, "choices": item.choices,
+                         "labels": item.labels, "choice_logprobs": s, "mc1": mc1, "mc2": mc2})
     else:
         texts = [""] * len(items)
         for max_new in sorted({item.max_new_tokens for item in items}):
@@ -214,18 +245,33 @@ def evaluate(loaded, items, batch_size: int = 8, progress: bool = False) -> dict
                                  settled=lambda j, text, idx=idx: match_settled(text, items[idx[j]]))
             for i, text in zip(idx, generated):
                 texts[i] = text
-        matches = [match_item(t, item) for t, item in zip(texts, items)]
-        metrics = {"em": sum(s for s, _ in matches) / len(items), "em_lenient": sum(l for _, l in matches) / len(items)}
+        logprobs = answer_logprobs(loaded, items)
+        rows = []
+        for i, (item, text, lp) in enumerate(zip(items, texts, logprobs)):
+            strict, lenient = match_item(text, item)
+            rows.append({"id": item_id(i, item), "prompt": item.prompt, "answers": item.answers, "generated": text,
+                         "em": float(strict), "em_lenient": float(lenient), "answer_logprob": lp})
+    columns = [c for c in ("mc1", "mc2", "em", "em_lenient", "answer_logprob") if c in rows[0]]
+    metrics = {c: sum(r[c] for r in rows) / len(rows) for c in columns}
     metrics.update(n=len(items), seconds=round(time.time() - start, 2))
-    return metrics
+    return metrics, rows
 
 
-def selection_score(metrics: dict, metric: str = "score") -> float:
+def evaluate(loaded, items, batch_size: int = 8, progress: bool = False) -> dict:
+    """Metrics for a list of MCQuestion or GenerationItem, with n and wall time (evaluate_items keeps the rows)."""
+    return evaluate_items(loaded, items, batch_size, progress)[0]
+
+
+def selection_score(metrics: dict, metric: str = "auto") -> float:
     """The one number hyperparameters are chosen by, on the selection split (search, reproduce, ITI).
 
-    "score" (the default): mean of MC1 and MC2 for multiple choice; EM + 1e-3 x lenient EM for
-    generation (lenient EM breaks ties). Any other name picks that metric alone.
+    "auto" (the default): MC2 for multiple choice, the reference answer's mean log-prob per token for
+    generation; both are continuous, so a selection split of a few dozen items still ranks trials
+    (MC1 and EM move in steps of 1/n). "score": mean of MC1 and MC2, or EM + 1e-3 x lenient EM.
+    Any other name picks that metric alone.
     """
+    if metric == "auto":
+        return metrics["mc2"] if "mc2" in metrics else metrics["answer_logprob"]
     if metric != "score":
         return metrics[metric]
     if "mc1" in metrics:

@@ -30,6 +30,11 @@ def data_hash(items: list) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
+def selection_fingerprint(select_items: list, metric: str) -> str:
+    """What makes two selection scores comparable: the same selection items and the same metric."""
+    return hashlib.sha256(f"{data_hash(select_items)}|{metric}".encode()).hexdigest()[:16]
+
+
 def carve(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
     """(train indices, selection indices), seeded, disjoint, covering range(n)."""
     order = list(range(n))

@@ -50,6 +50,8 @@ MODEL_TAG = "lofit.model"
 TASK_TAG = "lofit.task"
 METHOD_TAG = "lofit.method"
 CHAMPION = "champion"
+SELECT_FP_TAG = "lofit.select_fp"  # on a model version: the selection split + metric its sel_metric came from
+ITEMS_DIR = "items"  # per-item records of a run's evaluations: items/<name>.jsonl
 HEADS_DIR = "heads"
 HEAD_SET_FILE = "head_set.json"
 HEATMAP_FILE = "heatmap.png"
@@ -472,6 +474,64 @@ def finished_trial_run(tracking_uri: str, experiment_id: str, parent_run_id: str
             else None}
 
 
+# -- per-item records -------------------------------------------------------------------------------
+
+def log_item_rows(tracking_uri: str, run_id: str, rows: list[dict], name: str) -> None:
+    """items/<name>.jsonl, the record `lofit-ray compare` pairs item by item, and items/<name>.table.json,
+    the same rows as an MLflow table the UI shows (list cells as JSON text)."""
+    from .evidence import write_rows
+
+    c = client(tracking_uri)
+    tmp = Path(tempfile.mkdtemp(prefix="lofit-items-"))
+    try:
+        _retry(c.log_artifact, run_id, str(write_rows(tmp / f"{name}.jsonl", rows)), ITEMS_DIR)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    columns = list(rows[0]) if rows else []
+    table = {col: [json.dumps(r.get(col)) if isinstance(r.get(col), (list, dict)) else r.get(col) for r in rows]
+             for col in columns}
+    _retry(c.log_table, run_id, table, f"{ITEMS_DIR}/{name}.table.json")
+
+
+def load_item_rows(tracking_uri: str, ref: str) -> tuple[list[dict], str]:
+    """(rows, where) of a recorded evaluation. ref: RUN_ID, runs:/RUN_ID, models:/NAME@ALIAS or
+    models:/NAME/VERSION (the version's run), each optionally #RECORD (default: the run's only record,
+    else `report`)."""
+    from .evidence import read_rows
+
+    c = client(tracking_uri)
+    target, _, record = ref.partition("#")
+    run_id = target[len("runs:/"):].strip("/") if target.startswith("runs:/") else target
+    if target.startswith("models:/"):
+        run_id = _resolve_models_uri(c, target).run_id
+    _get_run(c, run_id)
+    names = sorted(f.path.rsplit("/", 1)[-1][: -len(".jsonl")] for f in c.list_artifacts(run_id, ITEMS_DIR)
+                   if f.path.endswith(".jsonl"))
+    if not names:
+        raise ValueError(f"{ref}: run {run_id} holds no per-item records ({ITEMS_DIR}/*.jsonl); they are written "
+                         f"by searches and by `lofit-ray eval --out`")
+    record = record or (names[0] if len(names) == 1 else "report")
+    if record not in names:
+        raise ValueError(f"{ref}: run {run_id} has no record {record!r}; it has {', '.join(names)} "
+                         f"(pick one with {target}#NAME)")
+    tmp = Path(tempfile.mkdtemp(prefix="lofit-items-"))
+    try:
+        path = c.download_artifacts(run_id, f"{ITEMS_DIR}/{record}.jsonl", str(tmp))
+        return read_rows(path), f"run {run_id} #{record}"
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def finished_child_run(tracking_uri: str, parent_run_id: str, tag: str, value: str) -> str | None:
+    """The id of a FINISHED child run of ``parent_run_id`` tagged ``tag`` = ``value``, or None (for resume)."""
+    c = client(tracking_uri)
+    experiment_id = _get_run(c, parent_run_id).info.experiment_id
+    runs = c.search_runs([experiment_id], filter_string=f"tags.`{tag}` = '{value}' and tags.`{PARENT_RUN_TAG}` = "
+                                                        f"'{parent_run_id}' and attributes.status = 'FINISHED'",
+                         max_results=1)
+    return runs[0].info.run_id if runs else None
+
+
 # -- adapters and the registry ----------------------------------------------------------------------
 
 def log_adapter(tracking_uri: str, run_id: str, adapter: "Adapter") -> str:
@@ -534,8 +594,12 @@ def _model_version(c: MlflowClient, name: str, version: str):
                          f"(see `lofit-ray heads list`)") from exc
 
 
-def best_version(tracking_uri: str, name: str, tag: str = "sel_metric") -> tuple[str, str] | None:
-    """(version, run_id) of the registered version with the highest numeric ``tag``, or None."""
+def best_version(tracking_uri: str, name: str, tag: str = "sel_metric",
+                 select_fingerprint: str | None = None) -> tuple[str, str] | None:
+    """(version, run_id) of the registered version with the highest numeric ``tag``, or None.
+
+    With ``select_fingerprint``, only versions scored on that same selection split and metric (tag
+    lofit.select_fp) compete: a score on another split or metric is not comparable, however high."""
     c = client(tracking_uri)
     try:
         versions = c.search_model_versions(f"name='{name}'")
@@ -543,6 +607,8 @@ def best_version(tracking_uri: str, name: str, tag: str = "sel_metric") -> tuple
         return None
     best = None
     for v in versions:
+        if select_fingerprint is not None and v.tags.get(SELECT_FP_TAG) != select_fingerprint:
+            continue
         try:
             score = float(v.tags.get(tag, "nan"))
         except ValueError:

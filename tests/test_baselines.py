@@ -132,7 +132,7 @@ def test_fit_iti_adapter_selects_alpha_saves_and_acts_only_on_its_heads(tiny, tm
     assert [g["alpha"] for g in info["alpha_grid"]] == [0.5, 8.0]
     best = max(info["alpha_grid"], key=lambda g: g["score"])
     assert info["alpha"] == best["alpha"] and adapter.config.hparams["alpha"] == best["alpha"]
-    assert info["base"]["n"] == 3 and all(g["score"] == (g["mc1"] + g["mc2"]) / 2 for g in info["alpha_grid"])
+    assert info["base"]["n"] == 3 and all(g["score"] == g["mc2"] for g in info["alpha_grid"])
     # heads = top-K of the probe ranking, offsets = alpha * sigma * unit direction
     assert adapter.config.method == "iti" and info["head_set"].method == "iti"
     heads = [tuple(h) for h in adapter.config.heads]

@@ -283,6 +283,21 @@ def test_cli_select_tune_eval_export_end_to_end(tmp_path):
     cli("eval", *common, "--limit", "3", "--adapter", str(tmp_path / "ad"), "--out", str(tmp_path / "m.json"))
     metrics = json.loads((tmp_path / "m.json").read_text())
     assert metrics["n"] == 3 and 0 <= metrics["mc2"] <= 1 and metrics["wall_seconds"] > 0
+    assert metrics["mc2_ci_low"] <= metrics["mc2"] <= metrics["mc2_ci_high"]
+    rows = [json.loads(line) for line in (tmp_path / "m.items.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 and sum(r["mc2"] for r in rows) / 3 == pytest.approx(metrics["mc2"])
+    assert all(len(r["choice_logprobs"]) == len(r["choices"]) == len(r["labels"]) for r in rows)
+    out = cli("eval", *common, "--limit", "3", "--out", str(tmp_path / "zero.json"))
+    assert "mc2" in out and "[" in out and "95% intervals" in out
+    out = cli("compare", str(tmp_path / "m.json"), str(tmp_path / "zero.json"), "--out", str(tmp_path / "c.json"))
+    paired = json.loads((tmp_path / "c.json").read_text())["paired"]
+    zero = json.loads((tmp_path / "zero.json").read_text())
+    assert paired["mc2"]["diff"] == pytest.approx(metrics["mc2"] - zero["mc2"]) and "p=" in out
+    bad = _cli("compare", str(tmp_path / "m.json"), str(tmp_path / "nothing.json"))
+    assert bad.returncode == 2 and "nothing.json: no such file" in bad.stderr
+    cli("eval", *common, "--limit", "2", "--out", str(tmp_path / "two.json"))
+    bad = _cli("compare", str(tmp_path / "m.json"), str(tmp_path / "two.json"))
+    assert bad.returncode == 2 and "did not score the same items" in bad.stderr
     cli("export", "--model", "tiny-llama", "--adapter", str(tmp_path / "ad"), "--out", str(tmp_path / "merged"))
     assert (tmp_path / "merged" / "config.json").is_file()
     bad = _cli("select", *common, "--k", "99")

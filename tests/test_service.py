@@ -246,6 +246,30 @@ def test_ray_job_submit_runs_a_search_that_registers_a_champion(ray_head):
     assert {Path(f.path).name for f in heatmap} == {"head_set.json", "heatmap.png"}
     parent = [r for r in _runs(uri, "search")][0]
     assert parent.info.status == "FINISHED" and "tiny-llama.val_mc2" in parent.data.metrics
+    # evidence: every version carries its selection fingerprint, every trial its selection rows, and the
+    # report pairs the champion with the 0-shot model and with random-heads controls (search.controls: 2)
+    from lofit_ray.search import get_splits, task_spec
+    from lofit_ray.splits import selection_fingerprint
+
+    cfg = load_config(REPO / "configs/smoke.yaml")
+    fp = selection_fingerprint(get_splits(task_spec(cfg), cache=False)[1].select, cfg.search.metric)
+    assert all(v.tags[tracking.SELECT_FP_TAG] == fp for v in versions)
+    assert all(len(tracking.load_item_rows(uri, f"{r.info.run_id}#select")[0]) == 8 for r in finished)
+    m = parent.data.metrics
+    for key in ("val_mc2", "val_mc2_ci_low", "val_mc2_ci_high", "val_zero_shot_mc2_ci_low", "val_random_mc2",
+                "vs_zero_shot_mc2_diff", "vs_zero_shot_mc2_p_value", "vs_random_mc2_diff", "vs_random_mc2_p_value"):
+        assert f"tiny-llama.{key}" in m, key
+    assert m["tiny-llama.val_mc2_ci_low"] <= m["tiny-llama.val_mc2"] <= m["tiny-llama.val_mc2_ci_high"]
+    controls = _runs(uri, "control")
+    assert len(controls) == 2 and all(r.info.status == "FINISHED" for r in controls)
+    assert {r.data.params["k"] for r in controls} == {champion.tags["k"]}
+    assert {r.data.params["phase2_lr"] for r in controls} == {str(hp["phase2"]["lr"])}
+    champion_rows = tracking.load_item_rows(uri, f"models:/{name}@champion#report")[0]
+    zero_rows = tracking.load_item_rows(uri, f"{parent.info.run_id}#report_zero_shot-tiny-llama")[0]
+    assert len(champion_rows) == len(zero_rows) == 8
+    assert sum(r["mc2"] for r in champion_rows) / 8 == pytest.approx(m["tiny-llama.val_mc2"])
+    assert {Path(f.path).name for f in c.list_artifacts(parent.info.run_id, "report")} == {"tiny-llama_report.png"}
+    assert "champion - random heads" in res.stdout and "champion - 0-shot" in res.stdout
 
 
 def _trial_outcomes(uri: str) -> dict:

@@ -483,3 +483,51 @@ def test_a_half_migrated_store_is_refused_with_the_fix(tmp_path):
         conn.execute("create table _alembic_tmp_experiments (id integer)")
     with pytest.raises(tracking.StoreError, match="_alembic_tmp_experiments.*mlflow db upgrade"):
         tracking.ensure_store(f"sqlite:///{broken}")
+
+
+# -- evidence: champions among comparable versions, per-item records ---------------------------------
+
+def test_champion_is_never_chosen_across_incomparable_selection_splits(tmp_path):
+    """Versions scored on another selection split or metric never win, however high their score: the
+    search asks only among versions carrying its own selection fingerprint."""
+    from lofit_ray.splits import selection_fingerprint
+
+    uri = tracking.resolve_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = tracking.ensure_experiment("fp", uri)
+    name = tracking.registered_name("tiny-llama", "truthfulqa")
+    ours = selection_fingerprint([{"q": i} for i in range(8)], "mc2")
+    other_split = selection_fingerprint([{"q": i} for i in range(4)], "mc2")
+    other_metric = selection_fingerprint([{"q": i} for i in range(8)], "score")
+    assert len({ours, other_split, other_metric}) == 3
+    versions = {}
+    for label, fp, score in (("ours-low", ours, 0.40), ("other-split", other_split, 0.99), ("ours-high", ours, 0.45),
+                             ("other-metric", other_metric, 0.90), ("untagged", None, 0.95)):
+        rid = tracking.start_run(uri, exp, label, {}, {})
+        tracking.log_adapter(uri, rid, make_adapter(make_head_set(0)))
+        tracking.end_run(uri, rid)
+        tags = {"sel_metric": score, **({tracking.SELECT_FP_TAG: fp} if fp else {})}
+        versions[label] = tracking.register_adapter(uri, name, rid, tags)
+    assert tracking.best_version(uri, name, select_fingerprint=ours)[0] == str(versions["ours-high"])
+    assert tracking.best_version(uri, name, select_fingerprint=other_split)[0] == str(versions["other-split"])
+    assert tracking.best_version(uri, name, select_fingerprint="no-such-split") is None
+    assert tracking.best_version(uri, name)[0] == str(versions["other-split"])  # unfiltered: what used to happen
+
+
+def test_item_rows_round_trip_through_mlflow(store, tmp_path):
+    rows = [{"id": f"{i}-abc", "question": f"q{i}", "choices": ["a", "b"], "labels": [1, 0],
+             "choice_logprobs": [-1.0, -2.0 + i], "mc1": float(i < 1), "mc2": 0.7} for i in range(3)]
+    run = tracking.start_run(store["uri"], store["exp"], "items", {}, {})
+    tracking.log_item_rows(store["uri"], run, rows, "report")
+    tracking.log_item_rows(store["uri"], run, rows[:2], "select")
+    got, where = tracking.load_item_rows(store["uri"], f"{run}#report")
+    assert got == rows and "#report" in where
+    assert tracking.load_item_rows(store["uri"], run)[0] == rows  # default: report
+    with pytest.raises(ValueError, match="has no record 'nope'; it has report, select"):
+        tracking.load_item_rows(store["uri"], f"{run}#nope")
+    with pytest.raises(ValueError, match="no per-item records"):
+        tracking.load_item_rows(store["uri"], store["wide_run"])
+    artifacts = {f.path for f in tracking.client(store["uri"]).list_artifacts(run, tracking.ITEMS_DIR)}
+    assert f"{tracking.ITEMS_DIR}/report.table.json" in artifacts  # the MLflow table the UI shows
+    table = json.loads(Path(tracking.client(store["uri"]).download_artifacts(
+        run, f"{tracking.ITEMS_DIR}/report.table.json", str(tmp_path))).read_text())
+    assert table["columns"][:2] == ["id", "question"] and len(table["data"]) == 3

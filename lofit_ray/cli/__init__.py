@@ -4,6 +4,7 @@
     lofit-ray select  --model smollm2-135m --task truthfulqa --out heads.json [--k 16] [--random]
     lofit-ray train   --model smollm2-135m --task truthfulqa --heads heads.json --k 16 --out adapter/
     lofit-ray eval    --model smollm2-135m --task truthfulqa [--adapter adapter/ | models:/NAME@champion]
+    lofit-ray compare A B                            (paired difference of two recorded evaluations)
     lofit-ray export  --model smollm2-135m --adapter adapter/ --out merged/
     lofit-ray search  [--config configs/smoke.yaml] [--set KEY=VALUE] [--resume]   (Ray + MLflow)
     lofit-ray heads   list | show | compare | promote   (reads MLflow)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from ..config import ConfigError, TaskConfig, TrainingConfig
 
-SCORE_KEYS = ("mc1", "mc2", "em", "em_lenient")
+SCORE_KEYS = ("mc1", "mc2", "em", "em_lenient", "answer_logprob")
 
 
 class MissingExtra(ImportError):
@@ -212,6 +212,16 @@ def format_scores(metrics: dict | None) -> str:
     if not metrics:
         return ""
     return " ".join(f"{k}={v:.3f}" for k, v in metrics.items() if k in SCORE_KEYS)
+
+
+def format_intervals(metrics: dict) -> str:
+    """`mc1 0.171 [0.098, 0.256] mc2 ...`: each score with its interval when the metrics carry one."""
+    parts = []
+    for k in SCORE_KEYS:
+        if k in metrics:
+            ci = f" [{metrics[k + '_ci_low']:.3f}, {metrics[k + '_ci_high']:.3f}]" if k + "_ci_low" in metrics else ""
+            parts.append(f"{k} {metrics[k]:.3f}{ci}")
+    return " ".join(parts)
 
 
 def write_json(path: str | None, data: dict) -> None:

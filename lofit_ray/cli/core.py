@@ -13,12 +13,13 @@ from __future__ import annotations
 import ipaddress
 import sys
 import time
+from pathlib import Path
 from dataclasses import asdict
 
 from ..config import Phase1Config, Phase2Config, TrainingConfig
 from .common import (EVAL_SPLIT_HELP, TRACKING_URI_HELP, TRAIN_SPLIT_HELP, add_eval_batch_size, add_model_command,
-                     check_k, config_from_args, format_scores, load, require, resolve_adapter, task_from_args,
-                     write_json)
+                     check_k, config_from_args, format_intervals, format_scores, load, require, resolve_adapter,
+                     task_from_args, write_json)
 
 
 def _heads(pairs) -> str:
@@ -91,7 +92,8 @@ def cmd_train(args):
 
 
 def cmd_eval(args):
-    from ..evaluate import evaluate
+    from ..evaluate import evaluate_items
+    from ..evidence import with_intervals, write_rows
 
     start = time.time()
     loaded = load(args)
@@ -102,12 +104,46 @@ def cmd_eval(args):
         adapter = resolve_adapter(args.adapter)
         adapter.attach(loaded.model, loaded.fingerprint)
         label = f"adapter {args.adapter} ({len(adapter.config.heads)} heads)"
-    metrics = evaluate(loaded, items, batch_size=args.batch_size, progress=True)
+    metrics, rows = evaluate_items(loaded, items, batch_size=args.batch_size, progress=True)
+    metrics.update(with_intervals(rows))
     metrics.update(model=args.model, task=task.name, adapter=args.adapter, split=args.split or "val",
                    wall_seconds=round(time.time() - start, 1))
-    write_json(args.out, metrics)
-    print(f"{task.name} {label} on {args.model}: {format_scores(metrics)} (n={metrics['n']}, "
-          f"{metrics['wall_seconds']}s){' -> ' + args.out if args.out else ''}")
+    written = ""
+    if args.out:
+        write_json(args.out, metrics)
+        written = f" -> {args.out}, {write_rows(items_path(args.out), rows)}"
+    print(f"{task.name} {label} on {args.model}: {format_intervals(metrics)} (n={metrics['n']}, 95% intervals, "
+          f"{metrics['wall_seconds']}s){written}")
+
+
+def items_path(out: str) -> Path:
+    """Where `eval --out metrics.json` puts its per-item rows: metrics.items.jsonl beside it."""
+    out = Path(out)
+    return out.with_name(out.name.removesuffix(".json") + ".items.jsonl")
+
+
+def cmd_compare(args):
+    from ..evidence import compare_rows, describe, read_rows, verdict
+
+    def rows_of(ref: str) -> tuple[list[dict], str]:
+        path = Path(ref)
+        if path.suffix == ".json" and items_path(ref).is_file():
+            path = items_path(ref)
+        if path.is_file():
+            return read_rows(path), str(path)
+        if ref.endswith((".json", ".jsonl")):
+            raise FileNotFoundError(f"{ref}: no such file; write one with `lofit-ray eval --out {ref}`")
+        from .. import tracking
+
+        return tracking.load_item_rows(tracking.resolve_tracking_uri(args.tracking_uri), ref)
+
+    (a, where_a), (b, where_b) = rows_of(args.a), rows_of(args.b)
+    result = compare_rows(a, b, seed=args.seed)
+    print(f"A = {where_a}\nB = {where_b}\nA - B over the same {len(a)} items, 95% paired bootstrap "
+          f"(10,000 resamples, seed {args.seed}):")
+    for col, diff in result.items():
+        print(f"  {describe(col, diff)}  {verdict(diff)}")
+    write_json(args.out, {"a": where_a, "b": where_b, "paired": result})
 
 
 def cmd_export(args):
@@ -171,7 +207,17 @@ def add_parsers(sub) -> None:
                           cmd_eval, EVAL_SPLIT_HELP)
     p.add_argument("--adapter", default=None, help="adapter directory or models:/NAME@ALIAS")
     add_eval_batch_size(p)
-    p.add_argument("--out", default=None)
+    p.add_argument("--out", default=None, help="metrics JSON; the per-item rows go beside it (NAME.items.jsonl)")
+
+    p = sub.add_parser("compare", help="paired difference of two recorded evaluations of the same items, "
+                       "with its 95% interval and p-value")
+    p.add_argument("a", help="`eval --out` file (.json or .items.jsonl), MLflow run id or models:/NAME@ALIAS, "
+                             "each optionally #RECORD (e.g. RUN_ID#report_zero_shot-smollm2-135m)")
+    p.add_argument("b", help="the same kinds as A")
+    p.add_argument("--tracking-uri", default=None, help=TRACKING_URI_HELP)
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    p.add_argument("--out", default=None, help="also write the result as JSON")
+    p.set_defaults(func=cmd_compare)
 
     p = add_model_command(sub, "export", "merge an adapter into o_proj biases and save a plain transformers model",
                           cmd_export)

@@ -52,6 +52,7 @@ class GenerationItem:
     answers: list[str]  # any of these counts as an exact match
     max_new_tokens: int = 16
     meta: dict = field(default_factory=dict)
+    reference: str = ""  # the completion training uses (scored as answer_logprob); "" = answers[0]
 
 
 def data_dir(configured: str | os.PathLike | None = None) -> Path:

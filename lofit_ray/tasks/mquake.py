@@ -78,7 +78,8 @@ class MQuAKETask(Task):
     def eval_items(self, path=None, limit=None, data_dir=None) -> list[GenerationItem]:
         path = self._path(path, "val", data_dir)
         items = [GenerationItem(prompt=prompt_for(c), answers=answers_for(c), max_new_tokens=MAX_NEW_TOKENS,
-                                meta={"case_id": c.get("case_id"), "line": c["_line"], "stops": ["\n"]})
+                                meta={"case_id": c.get("case_id"), "line": c["_line"], "stops": ["\n"]},
+                                reference=self.answer_sep + c["new_answer"])
                  for c in read_cases(path)]
         return limit_items(items, limit, path)
 
