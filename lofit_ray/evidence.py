@@ -49,7 +49,7 @@ def paired(a, b, resamples: int = RESAMPLES, seed: int = 0, confidence: float = 
     diffs = _resample_means(a - b, resamples, seed)
     alpha = (1 - confidence) / 2
     low, high = np.quantile(diffs, [alpha, 1 - alpha])
-    far = min(np.sum(diffs <= 0), np.sum(diffs >= 0)) if np.any(diffs != 0) else resamples
+    far = int(min(np.sum(diffs <= 0), np.sum(diffs >= 0))) if np.any(diffs != 0) else resamples
     p = min(1.0, 2 * (far + 1) / (resamples + 1))
     return {"diff": float((a - b).mean()), "ci_low": float(low), "ci_high": float(high), "p_value": p,
             "n": len(a)}

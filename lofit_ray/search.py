@@ -163,11 +163,10 @@ def precompute_phase1(cfg: SearchJobConfig, ctx: dict) -> int:
 
 # -- one trial ------------------------------------------------------------------------------
 
-def trial_fn(config: dict) -> None:
+def trial_fn(config: dict, ctx: dict) -> None:
     """A Tune function trainable: phase 1 (memoized) -> phase 2 with per-epoch evaluation -> registry."""
     from ray import tune
 
-    ctx = config["ctx"]
     cfg = from_dict(SearchJobConfig, ctx["run_config"])
     cost_aware = cfg.search.cost_aware
     torch.set_num_threads(cfg.scaling.trial_threads or assigned_threads())
@@ -211,7 +210,8 @@ def trial_fn(config: dict) -> None:
             metrics = {f"sel_{name}": scores[name] for name in METRIC_COLUMNS if name in scores}
             metrics.update(sel_metric=selection_score(scores, cfg.search.metric), train_loss=stats["loss"])
             tracking.log_metrics(uri, run_id, metrics, step=epoch)
-            last.update(metrics=metrics, rows=rows, report={**metrics, **timing, "epoch": epoch, "memo_hit": int(memo_hit),
+            tracking.log_item_rows(uri, run_id, rows, "select")  # the latest epoch's, kept if ASHA stops here
+            last.update(metrics=metrics, report={**metrics, **timing, "epoch": epoch, "memo_hit": int(memo_hit),
                                                  "mlflow_run_id": run_id})
             if epoch < phase2.epochs:  # the last report comes after the trial is recorded (below)
                 tune.report({**last["report"], "total_s": time.time() - start})
@@ -222,7 +222,6 @@ def trial_fn(config: dict) -> None:
                                 reference=reference, on_epoch=on_epoch)
         # Record everything before the last report: Tune stops the trial as soon as it sees the final
         # epoch, and code after that report would never run.
-        tracking.log_item_rows(uri, run_id, last["rows"], "select")
         version = _finish_trial(uri, ctx, run_id, trial_id, adapter, params, last["metrics"],
                                 {**timing, "total_s": time.time() - start, "memo_hit": int(memo_hit),
                                  "torch_threads": torch.get_num_threads(), "niceness": os.nice(0)})
@@ -410,8 +409,9 @@ def _search_one_model(cfg: SearchJobConfig, model: str, ctx: dict, storage: Path
     name = tracking.registered_name(model, cfg.task.name)
     select_fp = selection_fingerprint(get_splits(task_spec(cfg))[1].select, cfg.search.metric)
     trial_ctx = {**ctx, "model": model, "registered_name": name, "select_fingerprint": select_fp}
-    trainable = tune.with_resources(trial_fn, {"cpu": cfg.scaling.trial_cpus,
-                                               **({"gpu": 1} if cfg.scaling.use_gpu else {})})
+    # ctx goes in through the object store, not the param space: Tune would print it with every trial
+    trainable = tune.with_resources(tune.with_parameters(trial_fn, ctx=trial_ctx),
+                                    {"cpu": cfg.scaling.trial_cpus, **({"gpu": 1} if cfg.scaling.use_gpu else {})})
     run_name = f"{cfg.name}-{spec_slug(model)}"
     path = storage / run_name
     space = cfg.search.space
@@ -426,7 +426,7 @@ def _search_one_model(cfg: SearchJobConfig, model: str, ctx: dict, storage: Path
                                       grace_period=cfg.search.grace_period, reduction_factor=cfg.search.reduction_factor)
         tuner = tune.Tuner(
             trainable,
-            param_space={**{n: _tune_domain(getattr(space, n), integer=n == "k") for n in SEARCHED}, "ctx": trial_ctx},
+            param_space={**{n: _tune_domain(getattr(space, n), integer=n == "k") for n in SEARCHED}},
             tune_config=tune.TuneConfig(metric="sel_metric", mode="max", search_alg=searcher, scheduler=scheduler,
                                         num_samples=cfg.search.num_trials, max_concurrent_trials=cfg.search.max_concurrent,
                                         reuse_actors=cfg.search.cost_aware),
@@ -451,7 +451,8 @@ def _search_one_model(cfg: SearchJobConfig, model: str, ctx: dict, storage: Path
     tracking.set_champion(uri, name, version)
     out.update(champion_version=version, champion_run_id=run_id)
     out["report"] = _report(cfg, model, uri, name, run_id, ctx["parent_run_id"])
-    print(report_text(model, name, version, out["report"]), flush=True)
+    out["report_text"] = report_text(model, name, version, out["report"])
+    print(out["report_text"], flush=True)
     return out
 
 

@@ -75,11 +75,29 @@ def cmd_search(args) -> int:
     if out:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(text)
-    print(text)
+    print(end_of_search(summary) if out else text)
     print(f"[lofit-ray] search '{cfg.name}' done in {summary['wall_s']}s; results in MLflow at {summary['tracking_uri']} "
           f"(parent run {summary['parent_run_id']}){'; summary ' + str(out) if out else ''}. "
           f"Browse: lofit-ray ui  |  lofit-ray heads list")
     return 0
+
+
+def end_of_search(summary: dict) -> str:
+    """What a person reads when the search ends: per model its trials, then the champion's report
+    (the full summary is in the JSON file)."""
+    lines = []
+    for model, result in summary["models"].items():
+        champion = result.get("champion_run_id")
+        lines.append(f"\n{model}: {len(result['trials'])} trials, selection metric {result['metric']}")
+        lines.append(f"  {'trial':<10}{'K':>4}{'phase2_lr':>11}{'epochs':>8}{'sel_metric':>12}")
+        for t in sorted(result["trials"], key=lambda t: -(t["sel_metric"] if t["sel_metric"] is not None else -1e9)):
+            mark = "  <- champion" if champion and t["mlflow_run_id"] == champion else (
+                "  failed" if t["error"] else "")
+            sel = f"{t['sel_metric']:.4f}" if t["sel_metric"] is not None else "-"
+            lines.append(f"  {str(t['trial_id']):<10}{int(t['config']['k']):>4}{t['config']['phase2_lr']:>11.3g}"
+                         f"{t['epochs'] or '-':>8}{sel:>12}{mark}")
+        lines.append(result.get("report_text") or f"  {result.get('error', 'no report')}")
+    return "\n".join(lines)
 
 
 def add_parsers(sub) -> None:
