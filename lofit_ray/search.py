@@ -594,7 +594,7 @@ def _log_report_plot(uri: str, parent: str, slug: str, report: dict) -> None:
     cols = [c for c in METRIC_COLUMNS if c in intervals["champion"]]
     fig, axes = plt.subplots(1, len(cols), figsize=(3.2 * len(cols), 3.2), squeeze=False)
     for ax, col in zip(axes[0], cols):
-        labels = list(intervals)
+        labels = [m for m in ("champion", "zero-shot", "random heads") if m in intervals]
         means = [intervals[m][col] for m in labels]
         err = [[mu - intervals[m][f"{col}_ci_low"] for m, mu in zip(labels, means)],
                [intervals[m][f"{col}_ci_high"] - mu for m, mu in zip(labels, means)]]

@@ -50,6 +50,7 @@ MODEL_TAG = "lofit.model"
 TASK_TAG = "lofit.task"
 METHOD_TAG = "lofit.method"
 CHAMPION = "champion"
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"  # read by the MLflow 3 UI to choose its mode
 SELECT_FP_TAG = "lofit.select_fp"  # on a model version: the selection split + metric its sel_metric came from
 ITEMS_DIR = "items"  # per-item records of a run's evaluations: items/<name>.jsonl
 HEADS_DIR = "heads"
@@ -219,7 +220,9 @@ def ensure_experiment(name: str, tracking_uri: str, artifact_root: str | None = 
         if location is None:
             location = default_artifact_location(name, tracking_uri)
         try:
-            return _retry(c.create_experiment, name, artifact_location=location)
+            # tagged as model training: MLflow 3's UI would otherwise open it in GenAI mode ("Evaluations")
+            return _retry(c.create_experiment, name, artifact_location=location,
+                          tags={EXPERIMENT_KIND_TAG: "custom_model_development"})
         except MlflowException as exc:  # another worker created it first
             exp = c.get_experiment_by_name(name)
             if exp is None:

@@ -494,6 +494,8 @@ def test_champion_is_never_chosen_across_incomparable_selection_splits(tmp_path)
 
     uri = tracking.resolve_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
     exp = tracking.ensure_experiment("fp", uri)
+    # tagged so that MLflow 3's UI opens it as model training, not in GenAI mode
+    assert tracking.client(uri).get_experiment(exp).tags[tracking.EXPERIMENT_KIND_TAG] == "custom_model_development"
     name = tracking.registered_name("tiny-llama", "truthfulqa")
     ours = selection_fingerprint([{"q": i} for i in range(8)], "mc2")
     other_split = selection_fingerprint([{"q": i} for i in range(4)], "mc2")
