@@ -56,19 +56,23 @@ def run(config: str, cost_aware: bool, extra: list[str]) -> dict:
             "report": m.get("report", {}).get("champion"), **parts}
     n_trials = sum(v["trials"] for v in out["models"].values())
     accounted = sum(v[k] for v in out["models"].values() for k in ("phase1_s", "phase2_s", "eval_s"))
-    out.update(trials=n_trials, trials_per_hour=3600 * n_trials / wall, precompute_phase1_s=summary.get("precompute_s", 0),
-               overhead_s=wall - accounted - summary.get("precompute_s", 0))
+    precompute = summary.get("precompute_s") or 0.0
+    out.update(trials=n_trials, trials_per_hour=3600 * n_trials / wall, precompute_phase1_s=precompute,
+               overhead_s=wall - accounted - precompute)
     return out
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--config", default=str(REPO / "configs" / "smoke.yaml"))
-    parser.add_argument("--set", action="append", default=[], help="extra config overrides for both runs")
+    parser.add_argument("--set", action="append", default=None,
+                        help="config overrides for both runs (default: search.controls=0: the random-heads controls "
+                             "score the champion after the search and are no trials)")
     parser.add_argument("--naive-set", action="append", default=None,
                         help="overrides for the naive run only (default: phase2.skip_frozen_layers=false)")
     parser.add_argument("--out", default=str(REPO / "jobs" / "results" / "bench_search.json"))
     args = parser.parse_args(argv)
+    args.set = args.set if args.set is not None else ["search.controls=0"]
     extra = [a for kv in args.set for a in ("--set", kv)]
     naive = args.naive_set if args.naive_set is not None else ["phase2.skip_frozen_layers=false"]
     on = run(args.config, True, extra)

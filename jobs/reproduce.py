@@ -72,7 +72,7 @@ def main(argv=None) -> int:
     out_dir = Path(args.out_dir).expanduser().resolve() if args.out_dir else default_out_dir(DEFAULT_OUT)
     if args.render:
         doc = json.loads((out_dir / JSON_NAME).read_text())
-        write_atomic(out_dir / MD_NAME, render_markdown(doc))
+        write_atomic(out_dir / MD_NAME, render_markdown(doc, out_dir))
         print(out_dir / MD_NAME)
         return 0
     from lofit_ray.models import ModelSpecError

@@ -77,6 +77,12 @@ def test_every_cell_recorded_with_metrics(tiny_run):
         assert all(0.0 <= c["metrics"][n] <= 1.0 for n in names), c
         assert c["n"] == 4 and c["split"] == "val"
         assert c["wall_seconds"] >= 0 and c["mlflow_run_id"]
+        # the per-item report scores are kept beside the record, and give each metric its interval
+        rows = [json.loads(line) for line in (out / c["items"]).read_text().splitlines()]
+        assert len(rows) == 4 and set(rows[0]) == {"id", *names, *(["answer_logprob"] if "em" in names else [])}
+        for n in names:
+            assert sum(r[n] for r in rows) / 4 == pytest.approx(c["metrics"][n])
+            assert c["intervals"][f"{n}_ci_low"] <= c["metrics"][n] <= c["intervals"][f"{n}_ci_high"]
         if c["method"] == "zero_shot":
             assert c["trainable_params"] == 0
         elif c["method"] == "lora":
@@ -134,6 +140,8 @@ def test_markdown_table(tiny_run):
     rows = [[x.strip() for x in line.split("|")[1:-1]] for line in section.splitlines()
             if line.startswith("| tiny-llama |")]
     assert len(rows) == len(TASKS) * len(KS)
+    from lofit_ray.evidence import compare_rows, read_rows, verdict
+
     ahead = 0
     for model, task, k, _, *deltas in rows:
         metric = "mc1" if task == "truthfulqa" else "em"
@@ -141,8 +149,12 @@ def test_markdown_table(tiny_run):
         for method, delta in zip(("zero_shot", "iti", "random_heads", "transfer_heads", "lora"), deltas):
             other = by_id[f"{model}|{task}|{method}|" + ("k=-|seed=-" if method == "zero_shot" else
                                                          "k=-|seed=0" if method == "lora" else f"k={k}|seed=0")]
-            assert float(delta.split(" / ")[0]) == pytest.approx(lofit - other["metrics"][metric], abs=6e-4)
-            ahead += lofit - other["metrics"][metric] > 1e-9
+            assert float(delta.split(" / ")[0].split(" (p=")[0]) == pytest.approx(lofit - other["metrics"][metric],
+                                                                                 abs=6e-4)
+            assert "(p=" in delta  # paired over the items the record keeps
+            paired = compare_rows(read_rows(out / by_id[f"{model}|{task}|lofit|k={k}|seed=0"]["items"]),
+                                  read_rows(out / other["items"]))
+            ahead += verdict(paired[metric]) == "ahead"
     tally = section.split("ahead / tied / behind: ")[1].split("\n")[0]
     counts = [tuple(map(int, part.split()[-5::2])) for part in tally.rstrip(".").split("; ")]
     assert all(sum(c) == len(rows) for c in counts) and sum(c[0] for c in counts) == ahead

@@ -62,11 +62,14 @@ def lora_loaded(loaded, peft_model):
     return dataclasses.replace(loaded, model=inner_model(peft_model))
 
 
-def evaluate_lora(loaded, peft_model, items, batch_size: int = 8, progress: bool = False) -> dict:
-    """`lofit_ray.evaluate.evaluate` with the LoRA adapter on."""
-    from ..evaluate import evaluate
+def evaluate_lora(loaded, peft_model, items, batch_size: int = 8, progress: bool = False,
+                  rows: bool = False) -> dict:
+    """`lofit_ray.evaluate.evaluate` with the LoRA adapter on; rows=True adds the per-item rows under "rows"."""
+    from ..evaluate import evaluate_items
 
-    return evaluate(lora_loaded(loaded, peft_model), items, batch_size=batch_size, progress=progress)
+    metrics, item_rows = evaluate_items(lora_loaded(loaded, peft_model), items, batch_size=batch_size,
+                                        progress=progress)
+    return {**metrics, "rows": item_rows} if rows else metrics
 
 
 def count_trainable(model: torch.nn.Module) -> int:

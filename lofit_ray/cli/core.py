@@ -177,7 +177,9 @@ def cmd_ui(args):
         print(f"warning: --host {args.host} serves the MLflow UI beyond this machine: anyone who can reach port "
               f"{args.port} can read every run and artifact and change the registry (MLflow has no login here); "
               f"keep the default 127.0.0.1 and use an SSH tunnel unless the network is trusted", file=sys.stderr)
-    print(f"MLflow UI for {uri} at http://{args.host}:{args.port} (Ctrl-C to stop)", flush=True)
+    # MLflow 3 opens in GenAI mode ("Evaluations") unless the link asks for model training
+    print(f"MLflow UI for {uri} at http://{args.host}:{args.port}/#/experiments?workflowType=machine_learning "
+          f"(Ctrl-C to stop)", flush=True)
     subprocess.run([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", args.host,
                     "--port", str(args.port), "--workers", "1"], check=False)
 

@@ -17,6 +17,7 @@ from .cells import METHODS
 
 JSON_NAME = "reproduce.json"
 MD_NAME = "reproduce.md"
+ITEMS_DIR = "items"  # per-cell report rows, beside the record
 METRICS = {"mc": ("mc1", "mc2"), "generation": ("em", "em_lenient")}
 METRIC_LABEL = {"mc1": "MC1", "mc2": "MC2", "em": "EM", "em_lenient": "EM (lenient)"}
 CHOSEN = ("phase2_lr", "alpha", "lr")  # the hparams keys chosen on the selection split
@@ -89,11 +90,21 @@ class Results:
         self.doc["failed"].append({**cell, "error": error, "at": now()})
         self.save()
 
+    def save_rows(self, cell_id: str, rows: list[dict]) -> str:
+        """A cell's per-item report scores (id + metric columns: small enough to commit with the record)
+        under items/; returns the path relative to the record, which the tables pair item by item."""
+        from ..evidence import metric_columns, write_rows
+
+        name = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in cell_id) + ".jsonl"
+        cols = metric_columns(rows)
+        write_rows(self.out_dir / ITEMS_DIR / name, [{"id": r["id"], **{c: r[c] for c in cols}} for r in rows])
+        return f"{ITEMS_DIR}/{name}"
+
     def save(self) -> None:
         self.doc["updated"] = now()
         self.out_dir.mkdir(parents=True, exist_ok=True)
         write_atomic(self.json_path, json.dumps(self.doc, indent=1, default=str))
-        write_atomic(self.md_path, render_markdown(self.doc))
+        write_atomic(self.md_path, render_markdown(self.doc, self.out_dir))
 
 
 def _fmt(values: list[float]) -> str:
@@ -129,8 +140,29 @@ def _lofit_settings(cfg: dict) -> dict:
             "phase2_lr_choice": grid.get("phase2_lr_choice")}
 
 
-def render_markdown(doc: dict) -> str:
-    """The results table: one section per task, a row per model x method x K, mean ± std over seeds."""
+def _seed_rows(recs: list[dict], base: Path | None) -> list[dict] | None:
+    """The cells' per-item report rows averaged over their seeds, or None when any cell has none on disk."""
+    from ..evidence import mean_rows, read_rows
+
+    if base is None or not all(r.get("items") and (base / r["items"]).is_file() for r in recs):
+        return None
+    return mean_rows([read_rows(base / r["items"]) for r in recs])
+
+
+def _fmt_ci(values: list[float], rows: list[dict] | None, name: str) -> str:
+    """mean ± std over seeds, then the 95% interval over items of the seed-averaged scores."""
+    from ..evidence import interval
+
+    text = _fmt(values)
+    if rows:
+        ci = interval([r[name] for r in rows])
+        text += f" [{ci['ci_low']:.3f}, {ci['ci_high']:.3f}]"
+    return text
+
+
+def render_markdown(doc: dict, base: Path | None = None) -> str:
+    """The results table: one section per task, a row per model x method x K, mean ± std over seeds and,
+    where the cells' per-item rows are under `base`, the 95% interval over items."""
     cfg = doc.get("config", {})
     hw = doc.get("hardware", {})
     lines = [f"# LoFiT reproduction: {doc.get('name', 'reproduce')}", ""]
@@ -166,9 +198,11 @@ def render_markdown(doc: dict) -> str:
                      f"report = '{s['report']}', n={s['n_report']}")
     seeds = sorted({c["seed"] for c in doc.get("cells", []) if c.get("seed") is not None}) or cfg.get("seeds", [])
     lo = _lofit_settings(cfg)
-    lines.append(f"- Seeds {', '.join(map(str, seeds))}: ± is the sample std over seeds (no ± with one seed). "
-                 f"Each cell is scored once on the report split; hyperparameters are chosen on the selection split "
-                 f"by mean(MC1, MC2) (TruthfulQA) or EM + 0.001 x EM-lenient (generation tasks).")
+    lines.append(f"- Seeds {', '.join(map(str, seeds))}: ± is the sample std over seeds (no ± with one seed); "
+                 f"[low, high] is the 95% bootstrap interval over items (10,000 resamples) of the seed-averaged "
+                 f"per-item scores, where the record has them. Each cell is scored once on the report split; "
+                 f"hyperparameters are chosen on the selection split by the selection score of the record's code "
+                 f"(now MC2, or the reference answer's log-prob for generation tasks).")
     lines.append(f"- LoFiT: phase 1 {lo.get('phase1_epochs')} epochs, lr {lo.get('phase1_lr')}, L1 {lo.get('l1')} "
                  f"(one ranking per model x task x seed, shared across K and by transfer_heads; its own time is the "
                  f"'phase 1 s' column; 'wall s' is all a cell ran, so the cell that first needs a ranking (or the "
@@ -213,7 +247,8 @@ def render_markdown(doc: dict) -> str:
         for (model, method, k), recs in sorted(groups.items(), key=lambda kv: (
                 model_order.get(kv[0][0], 99), order.get(kv[0][1], 99), kv[0][2] or 0)):
             recs = sorted(recs, key=lambda r: (r["seed"] is None, r["seed"]))
-            vals = [_fmt([r["metrics"][n] for r in recs]) for n in names]
+            item_rows = _seed_rows(recs, base)
+            vals = [_fmt_ci([r["metrics"][n] for r in recs], item_rows, n) for n in names]
             params = _num(recs[0].get("trainable_params"))
             if recs[0].get("phase1_params"):
                 params += f" [{_num(recs[0]['phase1_params'])}]"
@@ -227,48 +262,64 @@ def render_markdown(doc: dict) -> str:
                          + f" | {'/'.join(map(str, ns))} | {seeds_txt} | {params} | {wall:.1f} | "
                          + (f"{sum(p1) / len(p1):.1f}" if p1 else "-") + f" | {_chosen(recs)} |")
         lines.append("")
-    lines.extend(render_comparisons(cells, list(doc.get("models", {})), doc.get("task_order") or []))
+    lines.extend(render_comparisons(cells, list(doc.get("models", {})), doc.get("task_order") or [], base))
     return "\n".join(lines) + "\n"
 
 
-def render_comparisons(cells: list[dict], models: list[str], tasks: list[str]) -> list[str]:
+def render_comparisons(cells: list[dict], models: list[str], tasks: list[str], base: Path | None = None) -> list[str]:
     """LoFiT minus each baseline, per model x task x K (means over seeds), and how often LoFiT is ahead.
 
     Computed from the cells so the claims in prose can be checked against the record. The tally uses the
     first metric (MC1 on TruthfulQA, strict EM on the generation tasks); zero-shot and LoRA have no K, so
-    their one value is compared with LoFiT at every K.
+    their one value is compared with LoFiT at every K. Where both methods' per-item rows are under `base`,
+    the difference is paired item by item (seed-averaged rows) and ahead / tied / behind is p < 0.05;
+    otherwise a difference counts as ahead or behind whatever its size.
     """
-    def mean_of(model, task, method, k) -> dict | None:
-        recs = [c for c in cells if (c["model"], c["task"], c["method"]) == (model, task, method)
+    from ..evidence import compare_rows, verdict
+
+    def group(model, task, method, k) -> list[dict]:
+        return [c for c in cells if (c["model"], c["task"], c["method"]) == (model, task, method)
                 and (method in ("zero_shot", "lora") or c["k"] == k)]
-        if not recs:
-            return None
+
+    def mean_of(recs) -> dict:
         return {"seeds": len(recs), **{m: statistics.fmean(r["metrics"][m] for r in recs) for m in recs[0]["metrics"]}}
 
-    rows, tally = [], {b: [0, 0, 0] for b in BASELINES}  # ahead, tied, behind
+    rows, tally, paired_all = [], {b: [0, 0, 0] for b in BASELINES}, True  # ahead, tied, behind
     for model in models:
         for task in tasks:
             for k in sorted({c["k"] for c in cells if (c["model"], c["task"], c["method"]) == (model, task, "lofit")}):
-                lofit = mean_of(model, task, "lofit", k)
+                lofit_recs = group(model, task, "lofit", k)
+                lofit, lofit_rows = mean_of(lofit_recs), _seed_rows(lofit_recs, base)
                 names = METRICS["mc" if "mc1" in lofit else "generation"][:2 if "mc1" in lofit else 1]
                 cols = []
                 for b in BASELINES:
-                    other = mean_of(model, task, b, k)
-                    if other is None:
+                    recs = group(model, task, b, k)
+                    if not recs:
                         cols.append("-")
                         continue
+                    other, other_rows = mean_of(recs), _seed_rows(recs, base)
                     deltas = [lofit[n] - other[n] for n in names]
-                    cols.append(" / ".join(f"{d:+.3f}" for d in deltas))
-                    tally[b][0 if deltas[0] > TIE else 1 if deltas[0] >= -TIE else 2] += 1
+                    if lofit_rows and other_rows:
+                        paired = compare_rows(lofit_rows, other_rows)
+                        cols.append(" / ".join(f"{paired[n]['diff']:+.3f} (p={paired[n]['p_value']:.2g})"
+                                               for n in names))
+                        tally[b][("ahead", "tie", "behind").index(verdict(paired[names[0]]))] += 1
+                    else:
+                        paired_all = False
+                        cols.append(" / ".join(f"{d:+.3f}" for d in deltas))
+                        tally[b][0 if deltas[0] > TIE else 1 if deltas[0] >= -TIE else 2] += 1
                 value = " / ".join(f"{lofit[n]:.3f}" for n in names)
                 rows.append(f"| {model} | {task} | {k} | {value} ({lofit['seeds']} seed{'s' * (lofit['seeds'] > 1)}) | "
                             + " | ".join(cols) + " |")
     if not rows:
         return []
+    how = ("paired item by item over the seed-averaged report scores, with the p-value of no difference (paired "
+           "bootstrap, 10,000 resamples); ahead / behind means p < 0.05, anything else is a tie" if paired_all else
+           "At n = 82-100 one standard error of a single MC1 or EM is about 0.05, so gaps under that are noise; "
+           "this record has no per-item rows, so the tally counts any nonzero gap")
     lines = ["## LoFiT minus each baseline", "",
-             "Means over the seeds each method has; MC1 / MC2 on TruthfulQA, strict EM on MQuAKE and CLUTRR. "
-             "At n = 82-100 one standard error of a single MC1 or EM is about 0.05, so gaps under that are noise.", "",
-             "| model | task | K | LoFiT | vs " + " | vs ".join(BASELINES) + " |", "|" + "---|" * (4 + len(BASELINES))]
+             f"Means over the seeds each method has; MC1 / MC2 on TruthfulQA, strict EM on MQuAKE and CLUTRR; {how}.",
+             "", "| model | task | K | LoFiT | vs " + " | vs ".join(BASELINES) + " |", "|" + "---|" * (4 + len(BASELINES))]
     lines += rows
     lines.append("")
     total = len(rows)

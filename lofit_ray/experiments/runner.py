@@ -21,7 +21,8 @@ from .. import faults, tracking
 from ..baselines import lora
 from ..baselines.iti import fit_iti
 from ..config import ReproduceConfig
-from ..evaluate import evaluate, selection_score
+from ..evaluate import evaluate_items, selection_score
+from ..evidence import with_intervals
 from ..heads import HeadSet, random_ranking
 from ..models import check_spec, load_model, spec_slug
 from ..splits import build_splits
@@ -127,10 +128,12 @@ class Runner:
         """The shared training settings with the cell's seed."""
         return dataclasses.replace(self.cfg.training, seed=seed)
 
-    def score(self, items, adapter=None) -> dict:
+    def score(self, items, adapter=None, rows: bool = False) -> dict:
+        """Metrics of `items` (with `adapter` attached); rows=True adds the per-item rows under "rows"."""
         offsets = adapter.attach(self.loaded.model) if adapter is not None else None
         try:
-            return evaluate(self.loaded, items, batch_size=self.cfg.eval_batch_size)
+            metrics, item_rows = evaluate_items(self.loaded, items, batch_size=self.cfg.eval_batch_size)
+            return {**metrics, "rows": item_rows} if rows else metrics
         finally:
             if offsets is not None:
                 offsets.detach()
@@ -201,7 +204,7 @@ class Runner:
         if per_task and prior is None:
             choices[key] = {"phase2_lr": entry["phase2_lr"], "by": cell["id"], "grid_values": list(grid_cfg.phase2_lr),
                             "grid": grid}
-        report = self.score(s.report, adapter)
+        report = self.score(s.report, adapter, rows=True)
         hparams = {"phase2_lr": entry["phase2_lr"], "phase2_epochs": phase2.epochs}
         if prior:
             hparams["phase2_lr_chosen_by"] = prior["by"]
@@ -210,7 +213,7 @@ class Runner:
     # -- methods ---------------------------------------------------------------------------------
     def run_zero_shot(self, cell: dict) -> dict:
         _, s = self.splits(cell["task"])
-        return {"metrics": self.score(s.report), "trainable_params": 0, "hparams": {}}
+        return {"metrics": self.score(s.report, rows=True), "trainable_params": 0, "hparams": {}}
 
     def run_lofit(self, cell: dict) -> dict:
         entry = self.ranking(cell["task"], cell["seed"])
@@ -254,7 +257,7 @@ class Runner:
         adapter, info = fit_iti(self.loaded, task.name, cell["k"], selection_items=s.select, alphas=iti.alphas,
                                 statements=statements, batch_size=self.cfg.eval_batch_size,
                                 val_fraction=iti.val_fraction, seed=cell["seed"], score_base=False)
-        report = self.score(s.report, adapter)
+        report = self.score(s.report, adapter, rows=True)
         grid = [{"alpha": g["alpha"], "score": g["score"], **metric_part(g)} for g in info["alpha_grid"]]
         return {"metrics": report, "trainable_params": adapter.num_parameters,
                 "hparams": {"alpha": info["alpha"], "n_statements": info["n_statements"]},
@@ -273,7 +276,7 @@ class Runner:
                                                    dataclasses.replace(la, lr=lr))
                 entry = {"lr": lr, "final_loss": info["final_loss"]}
                 if len(lrs) == 1:  # nothing to choose: score the report split right away
-                    report = lora.evaluate_lora(loaded, peft_model, s.report, batch_size=batch_size)
+                    report = lora.evaluate_lora(loaded, peft_model, s.report, batch_size=batch_size, rows=True)
                     info_best, best = info, entry
                 else:
                     sel = lora.evaluate_lora(loaded, peft_model, s.select, batch_size=batch_size)
@@ -296,7 +299,7 @@ class Runner:
                     params = dict(peft_model.named_parameters())
                     for name, value in state.items():
                         params[name].copy_(value)
-                report = lora.evaluate_lora(loaded, peft_model, s.report, batch_size=batch_size)
+                report = lora.evaluate_lora(loaded, peft_model, s.report, batch_size=batch_size, rows=True)
             finally:
                 peft_model.unload()
         return {"metrics": report, "trainable_params": info_best["trainable_parameters"],
@@ -317,12 +320,14 @@ class Runner:
             out = getattr(self, f"run_{cell['method']}")(cell)
             wall = round(time.time() - start, 2)
             metrics = out["metrics"]
+            item_rows = metrics.pop("rows")
             artifacts = out.pop("artifacts", {})
             record = {k: cell[k] for k in ("id", "model", "task", "method", "k", "seed")}
             record.update(setting=setting, split=self.cfg.tasks[cell["task"]].report,
                           metrics=metric_part(metrics), n=metrics["n"], eval_seconds=metrics["seconds"],
                           trainable_params=out["trainable_params"], wall_seconds=wall, hparams=out["hparams"],
-                          selection=out.get("selection", []), mlflow_run_id=run_id, finished_at=now())
+                          selection=out.get("selection", []), mlflow_run_id=run_id, finished_at=now(),
+                          intervals=with_intervals(item_rows), items=self.results.save_rows(cell["id"], item_rows))
             for key in ("heads", "phase1_seconds", "phase1_reused", "phase1_params", "probe_accuracy",
                         "total_params"):
                 if key in out:
