@@ -8,7 +8,7 @@ Per model, one Tuner runs trials of `trial_fn`:
      split every epoch and reporting to Tune (ASHA stops weak trials early);
   3. a finished trial logs its adapter and registers it as a model version.
 When the search ends, the best version gets the `champion` alias and is scored once on the
-held-out report split, next to the 0-shot model.
+held-out report split, next to the 0-shot model and random-heads controls (lofit_ray/report.py).
 
 Cost-aware mode (search.cost_aware) adds the sharing: phase-1 rankings precomputed for the whole
 discrete phase-1 grid in one Ray Train job (all models at once) and memoized, DPO reference
@@ -24,7 +24,6 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from . import batching, faults, tracking
@@ -33,7 +32,7 @@ from .config import ConfigError, Phase1Config, Phase2Config, SearchJobConfig, Sp
 from .distributed import assigned_threads
 from .evaluate import evaluate_items, selection_score
 from .evidence import METRIC_COLUMNS
-from .heads import HeadSet, random_ranking
+from .heads import HeadSet
 from .models import check_spec, load_model, spec_slug
 from .offsets import detach_all
 from .splits import build_splits, selection_fingerprint
@@ -450,7 +449,9 @@ def _search_one_model(cfg: SearchJobConfig, model: str, ctx: dict, storage: Path
     version, run_id = champion
     tracking.set_champion(uri, name, version)
     out.update(champion_version=version, champion_run_id=run_id)
-    out["report"] = _report(cfg, model, uri, name, run_id, ctx["parent_run_id"])
+    from .report import report_text, score_report
+
+    out["report"] = score_report(cfg, model, uri, name, run_id, ctx["parent_run_id"])
     out["report_text"] = report_text(model, name, version, out["report"])
     print(out["report_text"], flush=True)
     return out
@@ -471,141 +472,3 @@ def _close_stopped_trials(uri: str, epochs: int):
                                            reason=f"stopped early by ASHA after epoch {result['epoch']} of {epochs}")
 
     return CloseStoppedTrials()
-
-
-def _report(cfg: SearchJobConfig, model: str, uri: str, name: str, run_id: str, parent: str) -> dict:
-    """Score the champion once on the held-out report split beside the 0-shot model and the random-heads
-    controls, every metric with its 95% interval and every difference paired item by item."""
-    from . import evidence
-
-    loaded = get_model(model, cfg.dtype)
-    task, splits = get_splits(task_spec(cfg))
-    slug = spec_slug(model)
-    rows = {}
-    zero, rows["zero-shot"] = evaluate_items(loaded, splits.report)
-    adapter = Adapter.from_pretrained(tracking.download_adapter(f"models:/{name}@{tracking.CHAMPION}", uri))
-    offsets = adapter.attach(loaded.model, loaded.fingerprint)
-    try:
-        champ, rows["champion"] = evaluate_items(loaded, splits.report)
-    finally:
-        offsets.detach()
-    tracking.log_item_rows(uri, run_id, rows["champion"], "report")
-    tracking.log_item_rows(uri, parent, rows["zero-shot"], f"report_zero_shot-{slug}")
-    controls = [_random_control(cfg, loaded, splits, adapter, seed, uri, parent, run_id)
-                for seed in range(cfg.search.controls)]
-    if controls:
-        rows["random heads"] = evidence.mean_rows(controls)
-    columns = evidence.metric_columns(rows["champion"])
-    report = {"split": cfg.task.report, "n": champ["n"], "k": len(adapter.config.heads), "controls": len(controls),
-              "champion": champ, "zero_shot": zero,
-              "intervals": {label: evidence.with_intervals(r) for label, r in rows.items()},
-              "vs_zero_shot": evidence.compare_rows(rows["champion"], rows["zero-shot"])}
-    if controls:
-        report["vs_random"] = evidence.compare_rows(rows["champion"], rows["random heads"])
-        report["random_seed_sd"] = {c: float(np.std([np.mean([r[c] for r in seed_rows]) for seed_rows in controls],
-                                                     ddof=1)) if len(controls) > 1 else None for c in columns}
-    tracking.log_metrics(uri, run_id, {f"val_{k}": v for k, v in report["intervals"]["champion"].items()})
-    logged = {f"{slug}.val_{k}": v for k, v in report["intervals"]["champion"].items()}
-    logged |= {f"{slug}.val_zero_shot_{k}": v for k, v in report["intervals"]["zero-shot"].items()}
-    logged |= {f"{slug}.val_random_{k}": v for k, v in report["intervals"].get("random heads", {}).items()}
-    for against in ("vs_zero_shot", "vs_random"):
-        for col, diff in report.get(against, {}).items():
-            logged |= {f"{slug}.{against}_{col}_{part}": diff[part] for part in ("diff", "ci_low", "ci_high", "p_value")}
-    tracking.log_metrics(uri, parent, {k: v for k, v in logged.items() if v is not None})
-    _log_report_plot(uri, parent, slug, report)
-    return report
-
-
-def _random_control(cfg: SearchJobConfig, loaded, splits, champion: Adapter, seed: int, uri: str, parent: str,
-                    key: str) -> list[dict]:
-    """Per-item report rows of one random-heads control: `seed`'s random K heads, trained exactly like the
-    champion (its K, training and phase-2 settings). A child run of the search keeps them, so --resume
-    reuses a finished control."""
-    from .config import TrainingConfig
-
-    slug, control_key = spec_slug(loaded.spec), f"{key}/random/{seed}"
-    done = tracking.finished_child_run(uri, parent, "lofit.control_key", control_key)
-    if done:
-        return tracking.load_item_rows(uri, f"{done}#report")[0]
-    hp = champion.config.hparams
-    training, phase2 = TrainingConfig(**hp["training"]), Phase2Config(**hp["phase2"])
-    experiment_id = tracking.client(uri).get_run(parent).info.experiment_id
-    run_id = tracking.start_run(uri, experiment_id, f"control-random-{slug}-seed{seed}",
-                                params={"k": len(champion.config.heads), "seed": seed, "phase2_lr": phase2.lr,
-                                        "phase2_epochs": phase2.epochs},
-                                tags={"lofit.kind": "control", "lofit.control_key": control_key,
-                                      tracking.MODEL_TAG: loaded.spec, tracking.TASK_TAG: cfg.task.name,
-                                      tracking.METHOD_TAG: "random"}, parent_run_id=parent)
-    try:
-        head_set = HeadSet(model=loaded.spec, fingerprint=loaded.fingerprint, layout=asdict(loaded.layout),
-                           ranking=random_ranking(loaded.layout, seed), k=len(champion.config.heads), method="random",
-                           task=cfg.task.name, seed=seed)
-        adapter = train_offsets(loaded, head_set, None, splits.train, training, phase2, task=cfg.task.name)
-        offsets = adapter.attach(loaded.model, loaded.fingerprint)
-        try:
-            metrics, rows = evaluate_items(loaded, splits.report)
-        finally:
-            offsets.detach()
-        tracking.log_head_set(uri, run_id, head_set)
-        tracking.log_item_rows(uri, run_id, rows, "report")
-        tracking.log_metrics(uri, run_id, {f"val_{k}": v for k, v in metrics.items() if k in METRIC_COLUMNS})
-        tracking.end_run(uri, run_id)
-    except BaseException as exc:
-        tracking.end_run(uri, run_id, "FAILED", reason=f"{type(exc).__name__}: {exc}")
-        raise
-    return rows
-
-
-def report_text(model: str, name: str, version: str, report: dict) -> str:
-    """The search's closing lines for one model: each method with its intervals, then the paired differences."""
-    from .evidence import describe, verdict
-
-    def line(label: str, cis: dict) -> str:
-        cols = [c for c in METRIC_COLUMNS if c in cis]
-        return f"  {label:<14}" + "  ".join(describe(c, {"mean": cis[c], "ci_low": cis[f"{c}_ci_low"],
-                                                         "ci_high": cis[f"{c}_ci_high"]}) for c in cols)
-
-    out = [f"[lofit-ray] {model}: champion {name} v{version} (K={report['k']}); report split "
-           f"{report['split']}, n={report['n']}, 95% intervals over items (paired bootstrap, 10,000 resamples)"]
-    labels = {"champion": "champion", "zero-shot": "0-shot", "random heads": "random heads"}
-    for key, label in labels.items():
-        if key in report["intervals"]:
-            out.append(line(label, report["intervals"][key]))
-    if report.get("controls"):
-        sd = ", ".join(f"{c} {v:.3f}" for c, v in report["random_seed_sd"].items() if v is not None)
-        out.append(f"                (random heads: mean of {report['controls']} seeds at K={report['k']}"
-                   + (f"; seed-to-seed sd {sd})" if sd else ")"))
-    for key, label in (("vs_zero_shot", "champion - 0-shot"), ("vs_random", "champion - random heads")):
-        for col, diff in report.get(key, {}).items():
-            out.append(f"  {label:<24} {describe(col, diff)}  {verdict(diff)}")
-    return "\n".join(out)
-
-
-def _log_report_plot(uri: str, parent: str, slug: str, report: dict) -> None:
-    """report/<model>_report.png on the parent run: a bar per method and metric with its 95% interval."""
-    import tempfile
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    intervals = report["intervals"]
-    cols = [c for c in METRIC_COLUMNS if c in intervals["champion"]]
-    fig, axes = plt.subplots(1, len(cols), figsize=(3.2 * len(cols), 3.2), squeeze=False)
-    for ax, col in zip(axes[0], cols):
-        labels = [m for m in ("champion", "zero-shot", "random heads") if m in intervals]
-        means = [intervals[m][col] for m in labels]
-        err = [[mu - intervals[m][f"{col}_ci_low"] for m, mu in zip(labels, means)],
-               [intervals[m][f"{col}_ci_high"] - mu for m, mu in zip(labels, means)]]
-        ax.bar(labels, means, yerr=err, capsize=4, color=["#4c72b0", "#999999", "#dd8452"][: len(labels)])
-        ax.set_title(col)
-        ax.tick_params(axis="x", labelrotation=20)
-    fig.suptitle(f"{slug}: report split {report['split']} (n={report['n']}, K={report['k']}), 95% intervals",
-                 fontsize=9)
-    fig.tight_layout()
-    with tempfile.TemporaryDirectory(prefix="lofit-report-") as tmp:
-        path = Path(tmp) / f"{slug}_report.png"
-        fig.savefig(path, dpi=110)
-        tracking.client(uri).log_artifact(parent, str(path), "report")
-    plt.close(fig)
