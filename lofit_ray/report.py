@@ -9,9 +9,9 @@ from pathlib import Path
 
 import numpy as np
 
-from . import tracking
+from . import evidence, tracking
 from .adapter import Adapter
-from .config import Phase2Config, SearchJobConfig
+from .config import Phase2Config, SearchJobConfig, TrainingConfig
 from .evaluate import evaluate_items
 from .evidence import METRIC_COLUMNS
 from .heads import HeadSet, random_ranking
@@ -23,10 +23,8 @@ from .train import train_offsets
 def score_report(cfg: SearchJobConfig, model: str, uri: str, name: str, run_id: str, parent: str) -> dict:
     """Score the champion once on the held-out report split beside the 0-shot model and the random-heads
     controls, every metric with its 95% interval and every difference paired item by item."""
-    from . import evidence
-
     loaded = get_model(model, cfg.dtype)
-    task, splits = get_splits(task_spec(cfg))
+    _, splits = get_splits(task_spec(cfg))
     slug = spec_slug(model)
     rows = {}
     zero, rows["zero-shot"] = evaluate_items(loaded, splits.report)
@@ -68,8 +66,6 @@ def _random_control(cfg: SearchJobConfig, loaded, splits, champion: Adapter, see
     """Per-item report rows of one random-heads control: `seed`'s random K heads, trained exactly like the
     champion (its K, training and phase-2 settings). A child run of the search keeps them, so --resume
     reuses a finished control."""
-    from .config import TrainingConfig
-
     slug, control_key = spec_slug(loaded.spec), f"{key}/random/{seed}"
     done = tracking.finished_child_run(uri, parent, "lofit.control_key", control_key)
     if done:
