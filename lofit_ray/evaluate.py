@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from . import batching, losses
+from .evidence import metric_columns
 
 
 def _common_prefix(token_lists: list[list[int]]) -> int:
@@ -251,8 +252,7 @@ def evaluate_items(loaded, items, batch_size: int = 8, progress: bool = False) -
             strict, lenient = match_item(text, item)
             rows.append({"id": item_id(i, item), "prompt": item.prompt, "answers": item.answers, "generated": text,
                          "em": float(strict), "em_lenient": float(lenient), "answer_logprob": lp})
-    columns = [c for c in ("mc1", "mc2", "em", "em_lenient", "answer_logprob") if c in rows[0]]
-    metrics = {c: sum(r[c] for r in rows) / len(rows) for c in columns}
+    metrics = {c: sum(r[c] for r in rows) / len(rows) for c in metric_columns(rows)}
     metrics.update(n=len(items), seconds=round(time.time() - start, 2))
     return metrics, rows
 

@@ -16,8 +16,9 @@ import typing
 from pathlib import Path
 
 from ..config import ConfigError, TaskConfig, TrainingConfig
+from ..evidence import METRIC_COLUMNS
 
-SCORE_KEYS = ("mc1", "mc2", "em", "em_lenient", "answer_logprob")
+SCORE_KEYS = METRIC_COLUMNS  # the metrics a summary line shows
 
 
 class MissingExtra(ImportError):
