@@ -209,6 +209,14 @@ class Space:
     def all_values(self) -> list[float]:
         return list(self.values) if self.values is not None else [self.low, self.high]
 
+    def suggest(self, trial, name: str):
+        """This space's value for an Optuna trial (the reproduction's searches; Ray Tune's come from search.py)."""
+        if self.values is not None:
+            return trial.suggest_categorical(name, list(self.values))
+        if self.integer:
+            return trial.suggest_int(name, int(self.low), int(self.high), log=self.log)
+        return trial.suggest_float(name, self.low, self.high, log=self.log)
+
 
 @dataclass
 class SearchSpaceConfig:
@@ -515,7 +523,6 @@ def from_dict(schema, data: dict):
 REPRODUCE_TASKS = ("truthfulqa", "mquake", "clutrr")
 # every method of the comparison, in the order cells run and the tables list them
 REPRODUCE_METHODS = ("zero_shot", "iti", "random_heads", "transfer_heads", "lofit", "lora")
-LR_CHOICES = ("per_cell", "per_task")
 
 
 def _listed_once(values: list, where: str, example: str) -> None:
@@ -526,31 +533,106 @@ def _listed_once(values: list, where: str, example: str) -> None:
         raise ConfigError(f"{where}: {dup[0]!r} is listed twice; list each value once")
 
 
+def _positive_space(space: Space, where: str) -> None:
+    space.check(where)
+    if space.bounds()[0] <= 0:
+        raise ConfigError(f"{where}: {space.bounds()[0]:g} is not positive; give values > 0")
+
+
 @dataclass
-class ReproduceGridConfig:
-    """What each cell chooses on the selection split (ITI's alphas are iti.alphas)."""
+class LofitSpace:
+    """LoFiT's search: phase 1 (lr, L1; discrete values share rankings) and phase 2's lr."""
 
-    SECTION: typing.ClassVar[str] = "grid"
+    SECTION: typing.ClassVar[str] = "search.spaces.lofit"
 
-    phase2_lr: list[float] = _help("phase-2 learning rates tried (in place of phase2.lr) by lofit, random_heads "
-                                   "and transfer_heads; the best on the selection split wins",
-                                   factory=lambda: [5e-3, 1e-2, 2e-2])
-    phase2_lr_choice: str = _help("per_cell: every phase-2 cell tries the whole grid; per_task: the first phase-2 "
-                                  "cell of a model x task (lofit, first seed, smallest K) chooses and every later "
-                                  "one of that model x task trains once with its lr (cheaper; only the heads "
-                                  "differ)", "per_cell")
-    lora_lr: list[float] = _help("LoRA learning rates tried (in place of lora.lr); one value: no selection step",
-                                 factory=lambda: [5e-4])
+    phase1_lr: Space = _help("phase1.lr per trial", factory=lambda: Space(values=[5e-3, 2e-2]))
+    l1: Space = _help("phase1.l1 per trial", factory=lambda: Space(values=[1e-4, 1e-3]))
+    phase2_lr: Space = _help("phase2.lr per trial", factory=lambda: Space(low=3e-3, high=1e-1, log=True))
 
     def __post_init__(self):
-        _listed_once(self.phase2_lr, "grid.phase2_lr", "[5.0e-3, 1.0e-2]")
-        if self.phase2_lr_choice not in LR_CHOICES:
-            raise ConfigError(f"grid.phase2_lr_choice: {self.phase2_lr_choice!r} is not one of {', '.join(LR_CHOICES)}")
-        for i, lr in enumerate(self.phase2_lr):
-            _positive(lr, f"grid.phase2_lr[{i}]")
-        _listed_once(self.lora_lr, "grid.lora_lr", "[5.0e-4]")
-        for i, lr in enumerate(self.lora_lr):
-            _positive(lr, f"grid.lora_lr[{i}]")
+        _positive_space(self.phase1_lr, "search.spaces.lofit.phase1_lr")
+        self.l1.check("search.spaces.lofit.l1")
+        if self.l1.bounds()[0] < 0:
+            raise ConfigError(f"search.spaces.lofit.l1: {self.l1.bounds()[0]:g} is negative; L1 weights are >= 0")
+        _positive_space(self.phase2_lr, "search.spaces.lofit.phase2_lr")
+
+
+@dataclass
+class OffsetSpace:
+    """random_heads / transfer_heads: the heads are given, so only phase 2's lr is searched."""
+
+    SECTION: typing.ClassVar[str] = "search.spaces.random_heads"
+
+    phase2_lr: Space = _help("phase2.lr per trial", factory=lambda: Space(low=3e-3, high=1e-1, log=True))
+
+    def __post_init__(self):
+        _positive_space(self.phase2_lr, "search.spaces.random_heads.phase2_lr")
+
+
+@dataclass
+class ItiSpace:
+    """ITI: the intervention strength (probes are fitted once per model x task x K x seed)."""
+
+    SECTION: typing.ClassVar[str] = "search.spaces.iti"
+
+    alpha: Space = _help("intervention strength per trial", factory=lambda: Space(low=0.5, high=30.0, log=True))
+
+    def __post_init__(self):
+        _positive_space(self.alpha, "search.spaces.iti.alpha")
+
+
+@dataclass
+class LoraSpace:
+    """LoRA: lora.lr and lora.rank per trial (lora.alpha stays fixed, so the scale alpha / rank moves with rank)."""
+
+    SECTION: typing.ClassVar[str] = "search.spaces.lora"
+
+    lr: Space = _help("lora.lr per trial", factory=lambda: Space(low=1e-4, high=3e-3, log=True))
+    rank: Space = _help("lora.rank per trial", factory=lambda: Space(values=[4, 8, 16]))
+
+    def __post_init__(self):
+        _positive_space(self.lr, "search.spaces.lora.lr")
+        _positive_space(self.rank, "search.spaces.lora.rank")
+        if any(v != int(v) for v in self.rank.all_values()):
+            raise ConfigError(f"search.spaces.lora.rank: ranks are integers (got {self.rank.all_values()})")
+
+
+@dataclass
+class MethodSpaces:
+    """What each method's search tunes. Epochs are searched by every trained method too: a trial trains up to
+    phase2.epochs (lora.epochs for LoRA) and is scored on the selection split after each epoch; the best epoch
+    is its epoch count (the learning rate is constant, so stopping there equals training that many epochs)."""
+
+    SECTION: typing.ClassVar[str] = "search.spaces"
+
+    lofit: LofitSpace = _help("LoFiT: phase1_lr, l1, phase2_lr (+ epochs)", factory=LofitSpace)
+    random_heads: OffsetSpace = _help("random heads: phase2_lr (+ epochs)", factory=OffsetSpace)
+    transfer_heads: OffsetSpace = _help("another task's heads: phase2_lr (+ epochs)", factory=OffsetSpace)
+    iti: ItiSpace = _help("ITI: alpha", factory=ItiSpace)
+    lora: LoraSpace = _help("LoRA: lr, rank (+ epochs)", factory=LoraSpace)
+
+
+@dataclass
+class ReproduceSearchConfig:
+    """One search per model x task x method x K, all of the same size on the same selection split: Optuna TPE
+    proposes, ASHA (Optuna's successive-halving pruner) stops weak trials after an epoch, the selection metric
+    picks. The chosen setting is then trained once per seed and scored once on the report split."""
+
+    SECTION: typing.ClassVar[str] = "search"
+
+    num_trials: int = _help("trials per search: the same for every method", 6)
+    seed: int = _help("seed of the sampler and of the training inside trials (cells then retrain with `seeds`)", 0)
+    metric: str = _help("selection metric (see the search job's search.metric): auto = MC2, or the reference "
+                        "answer's log-prob per token on generation tasks", "auto")
+    asha: bool = _help("stop weak trials early (successive halving on the per-epoch selection metric)", True)
+    reduction_factor: int = _help("ASHA: keep 1 in this many at each rung", 2)
+    spaces: MethodSpaces = _help("what each method searches", factory=MethodSpaces)
+
+    def __post_init__(self):
+        _at_least(self.num_trials, 1, "search.num_trials")
+        _at_least(self.reduction_factor, 2, "search.reduction_factor")
+        if self.metric not in SELECTION_METRICS:
+            raise ConfigError(f"search.metric: '{self.metric}' is not one of {', '.join(SELECTION_METRICS)}")
 
 
 @dataclass
@@ -581,13 +663,14 @@ class ReproduceConfig:
     training: TrainingConfig = _help("batching and DPO beta of every training loop; its seed is replaced by each "
                                      "cell's seed", factory=TrainingConfig)
     eval_batch_size: int = _help("batch size of every evaluation", 8)
-    phase1: Phase1Config = _help("phase 1: one ranking per model x task x seed, shared across K and by "
-                                 "transfer_heads", factory=Phase1Config)
-    phase2: Phase2Config = _help("phase 2 of lofit, random_heads and transfer_heads; grid.phase2_lr sets lr",
-                                 factory=Phase2Config)
-    grid: ReproduceGridConfig = _help("learning rates chosen on the selection split", factory=ReproduceGridConfig)
-    iti: ItiConfig = _help("the ITI baseline; alpha chosen on the selection split per cell", factory=ItiConfig)
-    lora: LoraConfig = _help("the LoRA baseline; grid.lora_lr sets lr", factory=LoraConfig)
+    phase1: Phase1Config = _help("phase 1 (epochs; lr and l1 are searched, and are what transfer_heads' source "
+                                 "ranking uses when lofit is not run)", factory=Phase1Config)
+    phase2: Phase2Config = _help("phase 2 of lofit, random_heads and transfer_heads: epochs is the most a trial "
+                                 "trains; lr is searched", factory=Phase2Config)
+    search: ReproduceSearchConfig = _help("the per-method searches", factory=ReproduceSearchConfig)
+    iti: ItiConfig = _help("the ITI baseline (val_fraction; alpha is searched)", factory=ItiConfig)
+    lora: LoraConfig = _help("the LoRA baseline: epochs is the most a trial trains; lr and rank are searched",
+                             factory=LoraConfig)
     mlflow: ReproduceMLflowConfig = _help("MLflow: a parent run per job, a nested run per cell",
                                           factory=ReproduceMLflowConfig)
 
@@ -629,7 +712,6 @@ class ReproduceConfig:
             raise ConfigError("methods: transfer_heads needs at least two tasks (heads come from a different "
                               "task); add a task or drop transfer_heads")
         _at_least(self.eval_batch_size, 1, "eval_batch_size")
-        _listed_once(self.iti.alphas, "iti.alphas", "[1.0, 5.0, 15.0]")
 
     def transfer_source(self, task: str) -> str:
         """The task whose phase-1 heads `task`'s transfer_heads cells train: `transfer`, else the next task."""

@@ -85,30 +85,43 @@ def test_every_cell_recorded_with_metrics(tiny_run):
             assert c["intervals"][f"{n}_ci_low"] <= c["metrics"][n] <= c["intervals"][f"{n}_ci_high"]
         if c["method"] == "zero_shot":
             assert c["trainable_params"] == 0
-        elif c["method"] == "lora":
-            assert c["trainable_params"] > 0 and c["hparams"]["lr"] in (5e-4, 2e-3) and len(c["selection"]) == 2
+            continue
+        # every other cell trains the setting its method's search chose, and names that search's best score
+        found = doc["searches"][f"tiny-llama|{c['task']}|{c['method']}|k={'-' if c['k'] is None else c['k']}"]
+        assert c["hparams"] == found["chosen"] and c["selection"]["score"] == found["score"]
+        assert c["search_seconds"] == found["seconds"] > 0
+        if c["method"] == "lora":
+            assert c["trainable_params"] > 0 and 5e-4 <= c["hparams"]["lr"] <= 2e-3
+            assert c["hparams"]["rank"] in (2, 4) and c["hparams"]["epochs"] in (1, 2)
         else:
             assert c["trainable_params"] == c["k"] * HEAD_DIM
             assert len(c["heads"]) == c["k"]
         if c["method"] in ("lofit", "random_heads", "transfer_heads"):
-            assert c["hparams"]["phase2_lr"] in (1e-2, 3e-2)
-            assert [g["phase2_lr"] for g in c["selection"]] == [1e-2, 3e-2]
-            assert all("score" in g for g in c["selection"])
+            assert 1e-2 <= c["hparams"]["phase2_lr"] <= 3e-2 and c["hparams"]["epochs"] in (1, 2)
+        if c["method"] == "lofit":
+            assert c["hparams"]["phase1_lr"] == 1e-2 and c["hparams"]["l1"] in (1e-3, 1e-2)
+            ranking = json.loads((out / c["ranking_file"]).read_text())["head_set"]
+            assert [h[:2] for h in ranking["ranking"][:c["k"]]] == c["heads"]  # the top K of its phase-1 ranking
         if c["method"] == "iti":
-            assert c["hparams"]["alpha"] in (1.0, 5.0) and c["hparams"]["n_statements"] > 0
+            assert 1.0 <= c["hparams"]["alpha"] <= 5.0 and c["n_statements"] > 0
     by_id = {c["id"]: c for c in doc["cells"]}
-    # transfer_heads trains on the heads phase 1 chose for the other task, at the same K and seed
+    # transfer_heads trains on the heads LoFiT's phase 1 chose for the other task, at the same K and seed
     for task, source in (("truthfulqa", "mquake"), ("mquake", "truthfulqa")):
         assert doc["transfer"][task] == source
         assert by_id[f"tiny-llama|{task}|transfer_heads|k=2|seed=0"]["heads"] == \
             by_id[f"tiny-llama|{source}|lofit|k=2|seed=0"]["heads"]
-        assert by_id[f"tiny-llama|{task}|transfer_heads|k=2|seed=0"]["hparams"]["heads_from"] == source
-    # phase 1 ran once per (model, task, seed); the K=1 heads are the top of the same ranking
-    assert sorted(doc["phase1"]) == ["tiny-llama|mquake|seed=0", "tiny-llama|truthfulqa|seed=0"]
-    for task in TASKS:
-        k1 = by_id[f"tiny-llama|{task}|lofit|k=1|seed=0"]["heads"]
-        k2 = by_id[f"tiny-llama|{task}|lofit|k=2|seed=0"]["heads"]
-        assert k2[:1] == k1
+        assert by_id[f"tiny-llama|{task}|transfer_heads|k=2|seed=0"]["heads_from"] == source
+    # every method x K got a search of the same size, and the chosen setting is its best complete trial
+    assert len(doc["searches"]) == len(TASKS) * (1 + 4 * len(KS))
+    for sid, found in doc["searches"].items():
+        counted = [t for t in found["trials"] if t["state"] in ("complete", "pruned")]
+        assert len(counted) == 2, sid
+        best = max((t for t in found["trials"] if t["state"] == "complete"), key=lambda t: (t["value"], -t["number"]))
+        assert found["score"] == best["value"] and found["best_trial"] == best["number"]
+        assert {k: v for k, v in found["chosen"].items() if k != "epochs"} == best["params"]
+        if "|iti|" not in sid:  # trained methods: the best epoch on the selection split is the epoch count
+            assert found["chosen"]["epochs"] == 1 + best["scores"].index(max(best["scores"]))
+        assert (out / found["journal"]).is_file()
     # the carve and the hardware are stated
     for task in TASKS:
         split = doc["splits"][task]
@@ -298,48 +311,46 @@ def test_killed_run_resumes_without_duplicates(tmp_path):
 
 
 @pytest.mark.slow
-def test_phase2_lr_chosen_once_per_task(tmp_path):
-    """per_task: the first phase-2 cell (LoFiT, smallest K) runs the lr grid on the selection split; the other
-    phase-2 cells of that model x task train once with its choice, also after --resume."""
-    args = ("--set", "grid.phase2_lr_choice=per_task", "--set", "methods=[lofit,random_heads,transfer_heads]")
-    proc = run_job(tmp_path, *args, "--set", "k_fractions=[0.07]")
+def test_killed_search_resumes_with_its_finished_trials(tmp_path):
+    """SIGKILL the job right after the first search's first trial (fault point reproduce.kill@trials=1): the
+    Optuna journal keeps that trial, so --resume runs only the second one, and a new K searches afresh."""
+    args = ("--set", "methods=[lofit]", "--set", "k_fractions=[0.07]")
+    killed = subprocess.run([sys.executable, str(SCRIPT), "--config", str(TINY), "--out-dir", str(tmp_path),
+                             "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db", *args],
+                            cwd=REPO, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "LOFIT_FAULTS": "reproduce.kill@trials=1"})
+    assert killed.returncode == -signal.SIGKILL, killed.stdout[-2000:] + killed.stderr[-2000:]
+    sid = "tiny-llama|truthfulqa|lofit|k=1"
+    assert f"search {sid} trial 0: complete" in killed.stdout
+    first = killed.stdout.split(f"search {sid} trial 0: complete ")[1].split(" [")[0]
+    proc = run_job(tmp_path, *args, "--resume")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert f"search {sid} trial 0" not in proc.stdout and f"search {sid} trial 1" in proc.stdout
     doc = json.loads((tmp_path / "reproduce.json").read_text())
-    for task in TASKS:
-        choice = doc["phase2_lr_chosen"][f"tiny-llama|{task}"]
-        assert choice["by"] == f"tiny-llama|{task}|lofit|k=1|seed=0"
-        assert [g["phase2_lr"] for g in choice["grid"]] == [1e-2, 3e-2] and all("score" in g for g in choice["grid"])
-        best = max(choice["grid"], key=lambda g: g["score"])["score"]
-        assert choice["phase2_lr"] == next(g["phase2_lr"] for g in choice["grid"] if g["score"] >= best - 1e-9)
-        cells = [c for c in doc["cells"] if c["task"] == task]
-        assert len(cells) == 3 and {c["hparams"]["phase2_lr"] for c in cells} == {choice["phase2_lr"]}
-        first = next(c for c in cells if c["id"] == choice["by"])
-        assert len(first["selection"]) == 2 and "phase2_lr_chosen_by" not in first["hparams"]
-        for c in cells:
-            if c is not first:
-                assert c["selection"] == [] and c["hparams"]["phase2_lr_chosen_by"] == choice["by"]
-    assert "Phase-2 lr chosen once per model x task" in (tmp_path / "reproduce.md").read_text()
-    # a new K on --resume reuses the recorded choice: no selection step
-    proc = run_job(tmp_path, *args, "--set", "k_fractions=[0.07,0.13]", "--resume")
+    trials = doc["searches"][sid]["trials"]
+    assert [t["number"] for t in trials] == [0, 1]
+    assert first.startswith(f"{trials[0]['value']:.4f}")  # the trial from before the kill, as it was
+    assert {c["id"] for c in doc["cells"]} == {f"tiny-llama|{t}|lofit|k=1|seed=0" for t in TASKS}
+    # a new K on --resume searches that K (the recorded searches and cells stay)
+    proc = run_job(tmp_path, *args[:2], "--set", "k_fractions=[0.07,0.13]", "--resume")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert f"search {sid}:" not in proc.stdout and "search tiny-llama|truthfulqa|lofit|k=2:" in proc.stdout
     doc2 = json.loads((tmp_path / "reproduce.json").read_text())
-    assert doc2["phase2_lr_chosen"] == doc["phase2_lr_chosen"]
-    new = [c for c in doc2["cells"] if c["k"] == 2]
-    assert len(new) == 6 and all(c["selection"] == [] and "phase2_lr_chosen_by" in c["hparams"] for c in new)
-    # the record says how it was built up: two invocations, the second a --resume with its overrides
-    assert [inv["resume"] for inv in doc2["invocations"]] == [False, True]
-    assert "k_fractions=[0.07,0.13]" in doc2["invocations"][1]["set"]
-    assert "Built over 2 invocations" in (tmp_path / "reproduce.md").read_text()
+    assert doc2["searches"][sid] == doc["searches"][sid] and len(doc2["cells"]) == 4
+    # the record says how it was built up: three invocations, the last two --resume with their overrides
+    assert [inv["resume"] for inv in doc2["invocations"]] == [False, True, True]
+    assert "k_fractions=[0.07,0.13]" in doc2["invocations"][2]["set"]
+    assert "Built over 3 invocations" in (tmp_path / "reproduce.md").read_text()
 
 
 @pytest.mark.slow
 def test_bad_config_field_named(tmp_path):
     bad = tmp_path / "bad.yaml"
-    bad.write_text(TINY.read_text().replace("phase2_lr:", "phase2_lrr:"))
+    bad.write_text(TINY.read_text().replace("lora: {lr:", "lora: {lrr:"))
     proc = subprocess.run([sys.executable, str(SCRIPT), "--config", str(bad), "--out-dir", str(tmp_path / "out")],
                           cwd=REPO, check=False, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2
-    assert "grid.phase2_lrr: unknown key" in proc.stderr
+    assert "search.spaces.lora.lrr: unknown key" in proc.stderr
     assert not (tmp_path / "out" / "reproduce.json").exists()
     # a missing data file fails before any training or MLflow write, naming the split
     proc = subprocess.run([sys.executable, str(SCRIPT), "--config", str(TINY), "--out-dir", str(tmp_path / "out"),
@@ -351,8 +362,11 @@ def test_bad_config_field_named(tmp_path):
 
 
 @pytest.mark.parametrize("override, field", [
-    ({"grid.phase2_lrr": [1e-2]}, "grid.phase2_lrr: unknown key"),
-    ({"grid.phase2_lr": [-1]}, "grid.phase2_lr[0]"),
+    ({"search.spaces.lofit.phase2_lrr": [1e-2]}, "search.spaces.lofit.phase2_lrr: unknown key"),
+    ({"search.spaces.transfer_heads.phase2_lr": [-1]}, "search.spaces.transfer_heads.phase2_lr"),
+    ({"search.spaces.iti.alpha": {"low": 5, "high": 1}}, "search.spaces.iti.alpha"),
+    ({"search.spaces.lora.rank": [4.5]}, "search.spaces.lora.rank"),
+    ({"search.num_trials": 0}, "search.num_trials"),
     ({"tasks.mquake.select_fraction": 1.5}, "tasks.mquake.select_fraction"),
     ({"tasks.mquake.limit_train": "many"}, "tasks.mquake.limit_train"),
     ({"methods": ["lofit", "prompting"]}, "methods: 'prompting'"),
@@ -362,9 +376,8 @@ def test_bad_config_field_named(tmp_path):
     ({"tasks": {"truthfulqa": {}}}, "transfer_heads needs at least two tasks"),
     ({"tasks.squad": {}}, "tasks.squad: unknown task"),
     ({"lora.rank": 0}, "lora.rank"),
-    ({"iti.alphas": []}, "iti.alphas"),
     ({"device": "tpu"}, "device"),
-    ({"grid.phase2_lr_choice": "per_seed"}, "grid.phase2_lr_choice"),
+    ({"grid": {"phase2_lr": [1e-2]}}, "grid: unknown key"),
     ({"tasks.mquake.name": "clutrr"}, "tasks.mquake.name"),
 ])
 def test_config_errors_name_the_field(override, field):
@@ -377,12 +390,12 @@ def test_configs_load():
     cfg = load_config(REPO / "configs" / "reproduce.yaml", schema=ReproduceConfig)
     assert cfg.models == ["smollm2-135m", "gemma3-270m"]
     assert list(cfg.tasks) == ["truthfulqa", "mquake", "clutrr"]
-    assert cfg.k_fractions == [0.03, 0.10] and cfg.seeds == [0, 1]
+    assert cfg.k_fractions == [0.03] and cfg.seeds == [0, 1, 2]
     assert set(cfg.methods) == set(METHODS)
     assert [cfg.transfer_source(t) for t in cfg.tasks] == ["mquake", "clutrr", "truthfulqa"]
     assert cfg.tasks["clutrr"].limit_train
     assert [t.name for t in cfg.tasks.values()] == list(cfg.tasks)  # the key names the task
-    assert cfg.grid.phase2_lr_choice == "per_task" and cfg.mlflow.experiment == "lofit-reproduce"
+    assert cfg.search.num_trials >= 4 and cfg.mlflow.experiment == "lofit-reproduce"
     tiny = load_config(TINY, schema=ReproduceConfig)
     assert tiny.models == ["tiny-llama"] and list(tiny.tasks) == list(TASKS) and tiny.seeds == list(SEEDS)
     assert [tiny.transfer_source(t) for t in tiny.tasks] == ["mquake", "truthfulqa"]

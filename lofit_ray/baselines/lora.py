@@ -106,7 +106,8 @@ def train_lora(loaded, examples: list, training: TrainingConfig, lora: LoraConfi
     loaded.model gets the LoRA layers in place (see `wrap_lora`). Returns (peft_model, info):
     info = {"trainable_parameters", "total_parameters", "history" (per epoch: loss, seconds),
     "final_loss", "objective", "lora": LoraConfig fields, "training": TrainingConfig fields, "seconds"}.
-    Raises NaNLossError when the loss stops being finite.
+    Raises NaNLossError when the loss stops being finite; whatever stops it (also an `on_epoch` that raises)
+    takes the LoRA layers out again first.
     """
     if not examples:
         raise ValueError("no training examples: the training split is empty")
@@ -121,6 +122,9 @@ def train_lora(loaded, examples: list, training: TrainingConfig, lora: LoraConfi
         history = train_loop(lora_loaded(loaded, peft_model), examples, training, lora.epochs, stepper,
                              reference=reference, base_model=peft_model.disable_adapter, on_epoch=on_epoch,
                              progress=progress, label="LoRA ")
+    except BaseException:
+        peft_model.unload()  # a failed or stopped run leaves loaded.model as it found it
+        raise
     finally:
         model.eval()
     info = {

@@ -14,7 +14,7 @@ import math
 from ..config import REPRODUCE_METHODS as METHODS, ReproduceConfig
 
 PER_K = ("lofit", "iti", "random_heads", "transfer_heads")  # one cell per K and seed, in run order
-PHASE2 = ("lofit", "random_heads", "transfer_heads")  # the methods that train offsets with grid.phase2_lr
+PHASE2 = ("lofit", "random_heads", "transfer_heads")  # the methods that train offsets (phase 2)
 
 
 def k_values(fractions: list[float], total_heads: int) -> list[int]:
@@ -31,10 +31,10 @@ def plan_cells(cfg: ReproduceConfig, model: str, ks: list[int]) -> list[dict]:
     cells = []
     methods = [m for m in METHODS if m in cfg.methods]
     per_k = [m for m in PER_K if m in methods]
-    if "zero_shot" in methods:
-        cells += [{"model": model, "task": t, "method": "zero_shot", "k": None, "seed": None} for t in cfg.tasks]
-    for seed in cfg.seeds:
-        for task in cfg.tasks:
+    for task in cfg.tasks:  # task by task, so a partial record holds whole tasks
+        if "zero_shot" in methods:
+            cells.append({"model": model, "task": task, "method": "zero_shot", "k": None, "seed": None})
+        for seed in cfg.seeds:
             for k in ks:
                 cells += [{"model": model, "task": task, "method": m, "k": k, "seed": seed} for m in per_k]
             if "lora" in methods:
@@ -44,33 +44,50 @@ def plan_cells(cfg: ReproduceConfig, model: str, ks: list[int]) -> list[dict]:
     return cells
 
 
-def cell_setting(cfg: ReproduceConfig, cell: dict) -> str:
-    """A hash of the config parts a cell's result depends on: --resume re-runs a cell when it changes.
+def search_id(model: str, task: str, method: str, k: int | None) -> str:
+    """One search per model x task x method x K; its chosen setting serves every seed of that cell."""
+    return f"{model}|{task}|{method}|k={'-' if k is None else k}"
 
-    The parts keep the names records were first written with (`lofit.*`, `lora.lr`, `training.eval_batch_size`),
-    so a record from before the current config shape stays resumable. Left out: what each cell replaces
-    (training.seed, phase2.lr, lora.lr) and what changes speed only (phase2.skip_frozen_layers, data_dir).
-    """
-    def task_part(name):
-        t = dataclasses.asdict(cfg.tasks[name])
-        del t["data_dir"], t["name"]
-        return t
 
-    method = cell["method"]
-    part = {"dtype": cfg.dtype, "task": task_part(cell["task"]), "method": method}
-    if method != "zero_shot":
-        tr = cfg.training
-        part["training"] = {"batch_size": tr.batch_size, "max_length": tr.max_length, "dpo_beta": tr.dpo_beta,
-                            "eval_batch_size": cfg.eval_batch_size}
-    if method in PHASE2:
-        p1, p2, grid = cfg.phase1, cfg.phase2, cfg.grid
-        part["lofit"] = {"phase1_epochs": p1.epochs, "phase1_lr": p1.lr, "l1": p1.l1, "phase2_epochs": p2.epochs,
-                         "phase2_lr": grid.phase2_lr, "phase2_lr_choice": grid.phase2_lr_choice}
-    if method == "transfer_heads":
-        source = cfg.transfer_source(cell["task"])
-        part["source"] = {"task": source, "split": task_part(source)}
-    if method == "iti":
-        part["iti"] = dataclasses.asdict(cfg.iti)
-    if method == "lora":
-        part["lora"] = {**dataclasses.asdict(cfg.lora), "lr": cfg.grid.lora_lr}
+def _task_part(cfg: ReproduceConfig, name: str) -> dict:
+    t = dataclasses.asdict(cfg.tasks[name])
+    del t["data_dir"], t["name"]
+    return t
+
+
+def _hash(part: dict) -> str:
     return hashlib.sha256(json.dumps(part, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def search_setting(cfg: ReproduceConfig, task: str, method: str) -> str:
+    """A hash of what a method's search (and so every cell it serves) depends on: --resume searches again
+    and re-runs the cells when it changes. Left out: what changes speed only (phase2.skip_frozen_layers,
+    data_dir) and the seeds the cells retrain with."""
+    tr, search = cfg.training, cfg.search
+    part = {"dtype": cfg.dtype, "task": _task_part(cfg, task), "method": method,
+            "training": {"batch_size": tr.batch_size, "max_length": tr.max_length, "dpo_beta": tr.dpo_beta,
+                         "eval_batch_size": cfg.eval_batch_size},
+            "search": {"num_trials": search.num_trials, "seed": search.seed, "metric": search.metric,
+                       "asha": search.asha, "reduction_factor": search.reduction_factor,
+                       "space": dataclasses.asdict(getattr(search.spaces, method))}}
+    if method in PHASE2:
+        part["phase2_epochs"] = cfg.phase2.epochs
+    if method == "lofit":
+        part["phase1_epochs"] = cfg.phase1.epochs
+    if method == "transfer_heads":
+        source = cfg.transfer_source(task)
+        part["source"] = {"task": source, "lofit": search_setting(cfg, source, "lofit") if "lofit" in cfg.methods
+                          else dataclasses.asdict(cfg.phase1)}
+    if method == "iti":
+        part["iti_val_fraction"] = cfg.iti.val_fraction
+    if method == "lora":
+        part["lora"] = {k: v for k, v in dataclasses.asdict(cfg.lora).items() if k not in ("lr", "rank")}
+    return _hash(part)
+
+
+def cell_setting(cfg: ReproduceConfig, cell: dict) -> str:
+    """A hash of the config parts a cell's result depends on: --resume re-runs a cell when it changes."""
+    if cell["method"] == "zero_shot":
+        return _hash({"dtype": cfg.dtype, "task": _task_part(cfg, cell["task"]), "method": "zero_shot",
+                      "eval_batch_size": cfg.eval_batch_size})
+    return search_setting(cfg, cell["task"], cell["method"])

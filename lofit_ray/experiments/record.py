@@ -20,7 +20,6 @@ MD_NAME = "reproduce.md"
 ITEMS_DIR = "items"  # per-cell report rows, beside the record
 METRICS = {"mc": ("mc1", "mc2"), "generation": ("em", "em_lenient")}
 METRIC_LABEL = {"mc1": "MC1", "mc2": "MC2", "em": "EM", "em_lenient": "EM (lenient)"}
-CHOSEN = ("phase2_lr", "alpha", "lr")  # the hparams keys chosen on the selection split
 BASELINES = ("zero_shot", "iti", "random_heads", "transfer_heads", "lora")
 TIE = 1e-9  # selection scores closer than this are a tie: the first value in grid order wins
 
@@ -121,12 +120,33 @@ def _num(n) -> str:
 
 
 def _chosen(records: list[dict]) -> str:
+    """The hyperparameters the cells trained with (one search serves every seed, so usually one setting)."""
+    shown = []
+    for r in records:
+        text = ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"
+                         for k, v in r.get("hparams", {}).items() if isinstance(v, (int, float)))
+        if text not in shown:
+            shown.append(text)
+    return "; ".join(t for t in shown if t) or "-"
+
+
+def _vs_lofit(recs: list[dict], lofit_by_k: dict, base: Path | None, name: str) -> str:
+    """This method minus LoFiT at the same K (every K for methods without one), paired over items."""
+    from ..evidence import compare_rows
+
+    if recs[0]["method"] == "lofit" or not lofit_by_k:
+        return "-"
+    mine = _seed_rows(recs, base)
     parts = []
-    for key in CHOSEN:
-        vals = [r["hparams"][key] for r in records if key in r.get("hparams", {})]
-        if vals:
-            label = {"phase2_lr": "lr", "alpha": "alpha", "lr": "lr"}[key]
-            parts.append(f"{label} " + ", ".join(f"{v:g}" for v in vals))
+    for k, lofit_recs in sorted(lofit_by_k.items()):
+        if recs[0]["k"] is not None and k != recs[0]["k"]:
+            continue
+        theirs = _seed_rows(lofit_recs, base)
+        if not (mine and theirs):
+            continue
+        paired = compare_rows(mine, theirs)[name]
+        parts.append(("" if recs[0]["k"] is not None else f"K={k}: ")
+                     + f"{paired['diff']:+.3f} (p={paired['p_value']:.2g})")
     return "; ".join(parts) or "-"
 
 
@@ -138,6 +158,12 @@ def _lofit_settings(cfg: dict) -> dict:
     return {"phase1_epochs": p1.get("epochs"), "phase1_lr": p1.get("lr"), "l1": p1.get("l1"),
             "phase2_epochs": p2.get("epochs"), "phase2_lr": grid.get("phase2_lr"),
             "phase2_lr_choice": grid.get("phase2_lr_choice")}
+
+
+def _space_text(name: str, space: dict) -> str:
+    if space.get("values") is not None:
+        return f"{name} in {{{', '.join(f'{v:g}' for v in space['values'])}}}"
+    return f"{name} {space['low']:g}-{space['high']:g}{' (log)' if space.get('log') else ''}"
 
 
 def _seed_rows(recs: list[dict], base: Path | None) -> list[dict] | None:
@@ -197,25 +223,31 @@ def render_markdown(doc: dict, base: Path | None = None) -> str:
                      f"{', limit ' + str(s['limit_train']) if s.get('limit_train') else ''}); {sel}; "
                      f"report = '{s['report']}', n={s['n_report']}")
     seeds = sorted({c["seed"] for c in doc.get("cells", []) if c.get("seed") is not None}) or cfg.get("seeds", [])
-    lo = _lofit_settings(cfg)
+    searched = "search" in cfg  # records before the per-method searches chose from fixed grids
     lines.append(f"- Seeds {', '.join(map(str, seeds))}: ± is the sample std over seeds (no ± with one seed); "
                  f"[low, high] is the 95% bootstrap interval over items (10,000 resamples) of the seed-averaged "
-                 f"per-item scores, where the record has them. Each cell is scored once on the report split; "
-                 f"hyperparameters are chosen on the selection split by the selection score of the record's code "
-                 f"(now MC2, or the reference answer's log-prob for generation tasks).")
-    lines.append(f"- LoFiT: phase 1 {lo.get('phase1_epochs')} epochs, lr {lo.get('phase1_lr')}, L1 {lo.get('l1')} "
-                 f"(one ranking per model x task x seed, shared across K and by transfer_heads; its own time is the "
-                 f"'phase 1 s' column; 'wall s' is all a cell ran, so the cell that first needs a ranking (or the "
-                 f"lr choice) carries its time too); phase 2 {lo.get('phase2_epochs')} epochs, lr from "
-                 f"{lo.get('phase2_lr')} (also for random_heads and transfer_heads).")
-    if lo.get("phase2_lr_choice") == "per_task" and doc.get("phase2_lr_chosen"):
-        lines.append("- Phase-2 lr chosen once per model x task on the selection split, then used by every LoFiT, "
-                     "random_heads and transfer_heads cell of it: "
-                     + "; ".join(f"{key.replace('|', ' / ')}: lr {c['phase2_lr']:g} (by "
-                                 f"{' '.join(c['by'].split('|')[2:5])}; selection scores "
-                                 + ", ".join(f"{g['phase2_lr']:g}: {g['score']:.3f}" if 'score' in g else
-                                             f"{g['phase2_lr']:g}: diverged" for g in c["grid"]) + ")"
-                                 for key, c in doc["phase2_lr_chosen"].items()))
+                 f"per-item scores, where the record has them. Each cell is scored once on the report split.")
+    if searched:
+        sc = cfg["search"]
+        spaces = "; ".join(f"{m}: " + ", ".join(_space_text(n, v) for n, v in space.items())
+                           + (" (+ epochs)" if m != "iti" else "")
+                           for m, space in sc["spaces"].items() if m in cfg.get("methods", []))
+        lines.append(f"- Every method is tuned by the same search: per model x task x method x K, "
+                     f"{sc['num_trials']} trials of Optuna TPE (seed {sc['seed']}) with ASHA "
+                     f"({'reduction factor ' + str(sc['reduction_factor']) if sc['asha'] else 'off'}) on the "
+                     f"selection split, by the selection metric '{sc['metric']}' (auto: MC2, or the reference "
+                     f"answer's log-prob per token on generation tasks). The best setting is then trained once per "
+                     f"seed. Spaces: {spaces}. Epochs: a trial trains up to {cfg['phase2']['epochs']} epochs "
+                     f"(LoRA {cfg['lora']['epochs']}) and its best epoch on the selection split is its count.")
+        lines.append("- 'vs LoFiT' is this method minus LoFiT at the same K (zero-shot and LoRA: at each K), paired "
+                     "item by item over the seed-averaged report scores, with the p-value of no difference. "
+                     "'search s' is the method's whole search (phase 1 included); 's / seed' trains the chosen "
+                     "setting once and scores the report split.")
+    else:
+        lo = _lofit_settings(cfg)
+        lines.append(f"- LoFiT: phase 1 {lo.get('phase1_epochs')} epochs, lr {lo.get('phase1_lr')}, L1 {lo.get('l1')}; "
+                     f"phase 2 {lo.get('phase2_epochs')} epochs, lr from {lo.get('phase2_lr')} (also for random_heads "
+                     f"and transfer_heads); fixed grids, not a search (this record predates the per-method searches).")
     if doc.get("transfer"):
         lines.append("- transfer_heads uses the phase-1 heads of another task: "
                      + ", ".join(f"{t} <- {s}" for t, s in doc["transfer"].items()))
@@ -238,8 +270,9 @@ def render_markdown(doc: dict, base: Path | None = None) -> str:
         lines.append(f"## {task} (report split '{split}')")
         lines.append("")
         lines.append("| model | method | K | " + " | ".join(METRIC_LABEL[n] for n in names)
-                     + " | n | seeds | trainable params | wall s / cell | phase 1 s | chosen |")
-        lines.append("|" + "---|" * (len(names) + 9))
+                     + f" | vs LoFiT ({METRIC_LABEL[names[0]]}) | n | seeds | trainable params | search s | s / seed "
+                       "| chosen |")
+        lines.append("|" + "---|" * (len(names) + 10))
         groups: dict = {}
         for c in rows:
             groups.setdefault((c["model"], c["method"], c["k"]), []).append(c)
@@ -257,13 +290,32 @@ def render_markdown(doc: dict, base: Path | None = None) -> str:
             ns = sorted({r["n"] for r in recs})
             seeds_txt = ", ".join(str(r["seed"]) for r in recs) if recs[0]["seed"] is not None else "-"
             wall = sum(r["wall_seconds"] for r in recs) / len(recs)
-            p1 = [r["phase1_seconds"] for r in recs if r.get("phase1_seconds") is not None]
+            search_s = recs[0].get("search_seconds")
+            lofit_by_k = {key[2]: g for key, g in groups.items() if key[:2] == (model, "lofit")}
             lines.append(f"| {model} | {method} | {'-' if k is None else k} | " + " | ".join(vals)
-                         + f" | {'/'.join(map(str, ns))} | {seeds_txt} | {params} | {wall:.1f} | "
-                         + (f"{sum(p1) / len(p1):.1f}" if p1 else "-") + f" | {_chosen(recs)} |")
+                         + f" | {_vs_lofit(recs, lofit_by_k, base, names[0])}"
+                         + f" | {'/'.join(map(str, ns))} | {seeds_txt} | {params} | "
+                         + ("-" if search_s is None else f"{search_s:.0f}") + f" | {wall:.1f} | {_chosen(recs)} |")
         lines.append("")
     lines.extend(render_comparisons(cells, list(doc.get("models", {})), doc.get("task_order") or [], base))
+    lines.extend(render_searches(doc.get("searches", {})))
     return "\n".join(lines) + "\n"
+
+
+def render_searches(searches: dict) -> list[str]:
+    """One row per search: how its trials ended, the best selection score and the setting the cells train."""
+    if not searches:
+        return []
+    lines = ["## Searches (selection split)", "",
+             "| search | n select | trials complete / pruned / failed | best selection score | chosen | search s |",
+             "|---|---|---|---|---|---|"]
+    for sid, found in searches.items():
+        states = [t["state"] for t in found["trials"]]
+        counts = " / ".join(str(states.count(x)) for x in ("complete", "pruned", "fail"))
+        lines.append(f"| {sid.replace('|', ' ')} | {found.get('n_select', '-')} | {counts} | {found['score']:.4f} | "
+                     f"{_chosen([{'hparams': found['chosen']}])} | {found['seconds']:.0f} |")
+    lines.append("")
+    return lines
 
 
 def render_comparisons(cells: list[dict], models: list[str], tasks: list[str], base: Path | None = None) -> list[str]:

@@ -1,13 +1,16 @@
 """The Runner: plans a reproduce job's cells, runs those the record lacks, and keeps the record and MLflow current.
 
-Cells run one after another in this process (torch only). Each method is a `run_<method>` returning the
-cell's metrics, trainable parameters and chosen hyperparameters; `run_cell` turns that into a record and a
-nested MLflow run. Phase 1 runs once per (model, task, seed), is saved under <out-dir>/heads/ with its
-`train.phase1_key`, and serves every K and the transfer_heads cells of other tasks. MLflow is reached only
-through `lofit_ray.tracking`.
+Cells run one after another in this process (torch only). A cell's method is first searched, once per
+model x task x method x K, on the selection split (`search`: Optuna + ASHA, the same number of trials for
+every method); `trained` is the one place each method trains, for search trials and cells alike. The cell
+then trains the chosen setting with its own seed and scores the report split once; `run_cell` turns that
+into a record and a nested MLflow run. Each phase-1 ranking (model, task, seed, phase-1 lr and L1) is
+saved under <out-dir>/heads/ with its `train.phase1_key` and serves every trial, K and transfer_heads cell
+that needs it. MLflow is reached only through `lofit_ray.tracking`.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -19,19 +22,21 @@ import torch
 
 from .. import faults, tracking
 from ..baselines import lora
-from ..baselines.iti import fit_iti
-from ..config import ReproduceConfig
+from ..baselines.iti import fit_iti, iti_adapter
+from ..config import Phase1Config, ReproduceConfig
 from ..evaluate import evaluate_items, selection_score
 from ..evidence import with_intervals
 from ..heads import HeadSet, random_ranking
 from ..models import check_spec, load_model, spec_slug
 from ..splits import build_splits
 from ..tasks import get_task
-from ..train import NaNLossError, phase1_key, select_heads, train_offsets
-from .cells import cell_setting, k_values, plan_cells
-from .record import CHOSEN, JSON_NAME, TIE, Results, hardware, metric_part, now, write_atomic
+from ..train import phase1_key, select_heads, train_offsets
+from .cells import cell_setting, k_values, plan_cells, search_id, search_setting
+from .record import JSON_NAME, Results, hardware, metric_part, now, write_atomic
+from .tuning import run_search
 
 HEADS_DIR = "heads"  # <out-dir>/heads/: phase-1 rankings, reused by --resume
+SEARCHES_DIR = "searches"  # <out-dir>/searches/: one Optuna journal per search, so --resume keeps its trials
 
 
 def default_out_dir(local: Path) -> Path:
@@ -64,10 +69,11 @@ def cell_metrics(record: dict) -> dict:
               "trainable_parameters": record["trainable_params"], "wall_seconds": record["wall_seconds"]}
     if record.get("phase1_seconds") is not None:
         logged["phase1_seconds"] = record["phase1_seconds"]
-    chosen = [g for g in record.get("selection", []) if "score" in g and all(
-        g.get(k) == v for k, v in record["hparams"].items() if k in CHOSEN)]
-    if chosen:
-        logged["sel_score"] = chosen[0]["score"]
+    for key in ("search_seconds", "train_seconds"):
+        if record.get(key) is not None:
+            logged[key] = record[key]
+    if isinstance(record.get("selection"), dict):  # the search's best selection score (older records: a grid)
+        logged["sel_score"] = record["selection"]["score"]
     return logged
 
 
@@ -105,6 +111,10 @@ class Runner:
             doc.setdefault("invocations", []).append({"at": now(), "config": str(config_path),
                                                       "set": list(overrides or []), "resume": resume})
         self.results = Results(out_dir, doc)
+        if not (resume or sync_only) and (out_dir / SEARCHES_DIR).is_dir():
+            import shutil  # a new record starts its searches afresh (--overwrite): old journals would answer them
+
+            shutil.rmtree(out_dir / SEARCHES_DIR)
         self._splits: dict = {}
         self._rankings: dict = {}
         self.loaded = None
@@ -128,184 +138,182 @@ class Runner:
         """The shared training settings with the cell's seed."""
         return dataclasses.replace(self.cfg.training, seed=seed)
 
-    def score(self, items, adapter=None, rows: bool = False) -> dict:
-        """Metrics of `items` (with `adapter` attached); rows=True adds the per-item rows under "rows"."""
-        offsets = adapter.attach(self.loaded.model) if adapter is not None else None
-        try:
-            metrics, item_rows = evaluate_items(self.loaded, items, batch_size=self.cfg.eval_batch_size)
-            return {**metrics, "rows": item_rows} if rows else metrics
-        finally:
-            if offsets is not None:
-                offsets.detach()
+    def score(self, items, rows: bool = False) -> dict:
+        """Metrics of `items` on the model as it stands (inside `trained`, with the method's change on);
+        rows=True adds the per-item rows under "rows"."""
+        metrics, item_rows = evaluate_items(self.loaded, items, batch_size=self.cfg.eval_batch_size)
+        return {**metrics, "rows": item_rows} if rows else metrics
 
-    def ranking_path(self, model: str, task_name: str, seed: int) -> Path:
-        return self.out_dir / HEADS_DIR / f"{spec_slug(model)}__{task_name}__seed{seed}.json"
+    def ranking_path(self, model: str, task_name: str, seed: int, key: str) -> Path:
+        return self.out_dir / HEADS_DIR / f"{spec_slug(model)}__{task_name}__seed{seed}__{key[:8]}.json"
 
-    def ranking(self, task_name: str, seed: int):
-        """Phase 1 for (model, task, seed): computed once, saved under <out-dir>/heads/ (reused by --resume)."""
+    def ranking(self, task_name: str, seed: int, phase1: Phase1Config) -> dict:
+        """Phase 1 for (model, task, seed, phase-1 settings): computed once, saved under <out-dir>/heads/
+        (reused by --resume, by every trial with the same phase-1 values, and by transfer_heads)."""
         loaded = self.loaded
-        key = (loaded.spec, task_name, seed)
-        if key in self._rankings:
-            return self._rankings[key]
         _, s = self.splits(task_name)
-        training, phase1 = self.training(seed), self.cfg.phase1
+        training = self.training(seed)
         memo = phase1_key(loaded.fingerprint, s.train_hash(), task_name, training, phase1)
-        path = self.ranking_path(loaded.spec, task_name, seed)
+        if memo in self._rankings:
+            return self._rankings[memo]
+        path = self.ranking_path(loaded.spec, task_name, seed, memo)
         entry = None
-        if self.resume and path.is_file():
+        if path.is_file():
             saved = json.loads(path.read_text())
             if saved.get("key") == memo:
                 entry = {**saved, "head_set": HeadSet(**saved["head_set"]), "reused": True}
         if entry is None:
             start = time.time()
-            print(f"[reproduce] phase 1: {loaded.spec} / {task_name} / seed {seed} "
-                  f"({len(s.train)} examples, {phase1.epochs} epochs)", flush=True)
             head_set = select_heads(loaded, s.train, training, phase1, task=task_name)
             entry = {"key": memo, "seconds": round(time.time() - start, 2), "head_set": head_set,
                      "final_loss": head_set.hparams.get("final_loss"), "reused": False}
             path.parent.mkdir(parents=True, exist_ok=True)
             write_atomic(path, json.dumps({**entry, "head_set": json.loads(head_set.to_json())}, indent=1))
-        self.results.doc["phase1"][f"{loaded.spec}|{task_name}|seed={seed}"] = {
-            k: entry[k] for k in ("key", "seconds", "final_loss")} | {"file": str(path)}
-        self._rankings[key] = entry
+        entry["file"] = str(path.relative_to(self.out_dir))
+        self.results.doc["phase1"][f"{loaded.spec}|{task_name}|seed={seed}|lr={phase1.lr:g}|l1={phase1.l1:g}"] = {
+            k: entry[k] for k in ("key", "seconds", "final_loss", "file")}
+        self._rankings[memo] = entry
         return entry
 
-    def _tune_grid(self, cell: dict, head_set: HeadSet):
-        """Phase 2 on head_set's top K for each lr of grid.phase2_lr; the best on the selection split is scored.
-        With grid.phase2_lr_choice=per_task, a model x task's first phase-2 cell chooses and the rest reuse it."""
-        task_name, k = cell["task"], cell["k"]
+    def heads(self, method: str, task_name: str, k: int, seed: int, params: dict) -> tuple[HeadSet, dict]:
+        """The K heads phase 2 trains for `method`, and what the record keeps about where they came from."""
+        loaded = self.loaded
+        if method == "random_heads":
+            return HeadSet(model=loaded.spec, fingerprint=loaded.fingerprint, layout=dataclasses.asdict(loaded.layout),
+                           ranking=random_ranking(loaded.layout, seed), k=k, method="random", task=task_name,
+                           seed=seed), {}
+        source = task_name if method == "lofit" else self.cfg.transfer_source(task_name)
+        if method == "lofit":
+            phase1 = dataclasses.replace(self.cfg.phase1, lr=float(params["phase1_lr"]), l1=float(params["l1"]))
+        elif "lofit" in self.cfg.methods:  # transfer_heads: the source task's LoFiT ranking at its chosen phase 1
+            chosen = self.search(source, "lofit", k)["chosen"]
+            phase1 = dataclasses.replace(self.cfg.phase1, lr=float(chosen["phase1_lr"]), l1=float(chosen["l1"]))
+        else:
+            phase1 = self.cfg.phase1
+        entry = self.ranking(source, seed, phase1)
+        head_set = entry["head_set"].with_k(k)
+        info = {"phase1_seconds": entry["seconds"], "phase1_reused": entry["reused"], "ranking_file": entry["file"]}
+        if method == "transfer_heads":
+            head_set = HeadSet(**{**dataclasses.asdict(head_set), "method": "transfer",
+                                  "hparams": {**head_set.hparams, "transferred_from": source}})
+            info["heads_from"] = source
+        return head_set, info
+
+    def iti_fit(self, task_name: str, k: int, seed: int) -> dict:
+        """ITI's probes at K: fitted once per (task, K, seed) and kept, so each alpha a search tries costs
+        one evaluation."""
+        key = ("iti", self.loaded.spec, task_name, k, seed)
+        if key not in self._rankings:
+            task, s = self.splits(task_name)
+            t = self.cfg.tasks[task_name]
+            # Probe only on the rows phase 2 trains on: never on the selection carve or the report split.
+            prompts = [ex.prompt for ex in s.train]
+            statements = [st for st in task.labelled_statements(t.train) if any(st[0].startswith(p) for p in prompts)]
+            _, info = fit_iti(self.loaded, task.name, k, alphas=[1.0], statements=statements,
+                              batch_size=self.cfg.eval_batch_size, val_fraction=self.cfg.iti.val_fraction, seed=seed,
+                              score_base=False)
+            self._rankings[key] = info
+        return self._rankings[key]
+
+    @contextlib.contextmanager
+    def trained(self, method: str, task_name: str, k: int | None, seed: int, params: dict, on_epoch=None):
+        """The model with `method` trained at `params` for the with-block, then as before. Trained methods run
+        params["epochs"] epochs when given, else the most a trial trains (phase2.epochs, lora.epochs), calling
+        on_epoch(epoch, stats) after each. Yields what the record keeps about the trained change."""
         _, s = self.splits(task_name)
-        grid_cfg, phase2 = self.cfg.grid, self.cfg.phase2
-        per_task = grid_cfg.phase2_lr_choice == "per_task"
-        choices = self.results.doc.setdefault("phase2_lr_chosen", {}) if per_task else {}
-        key = f"{self.loaded.spec}|{task_name}"
-        prior = choices.get(key)
-        if prior is not None and prior.get("grid_values") != list(grid_cfg.phase2_lr):
-            prior = None  # chosen from a different grid: choose again
-        lrs = [prior["phase2_lr"]] if prior else grid_cfg.phase2_lr
-        grid, best = [], None
-        for lr in lrs:
+        loaded, training = self.loaded, self.training(seed)
+        if method == "lora":
+            la = dataclasses.replace(self.cfg.lora, lr=float(params["lr"]), rank=int(params["rank"]),
+                                     epochs=int(params.get("epochs", self.cfg.lora.epochs)))
+            peft_model, info = lora.train_lora(loaded, s.train, training, la, on_epoch=on_epoch)
             try:
-                adapter = train_offsets(self.loaded, head_set, k, s.train, self.training(cell["seed"]),
-                                       dataclasses.replace(phase2, lr=lr), task=task_name)
-            except NaNLossError as exc:
-                grid.append({"phase2_lr": lr, "error": str(exc)})
-                continue
-            entry = {"phase2_lr": lr, "final_loss": adapter.config.hparams.get("final_loss")}
-            if len(lrs) > 1:
-                sel = self.score(s.select, adapter)
-                entry.update(score=selection_score(sel), **metric_part(sel))
-            grid.append(entry)
-            if best is None or entry.get("score", 0) > best[0].get("score", 0) + TIE:
-                best = (entry, adapter)
-        if best is None:
-            raise RuntimeError(f"phase 2 diverged for every lr in grid.phase2_lr={grid_cfg.phase2_lr}; lower them")
-        entry, adapter = best
-        if per_task and prior is None:
-            choices[key] = {"phase2_lr": entry["phase2_lr"], "by": cell["id"], "grid_values": list(grid_cfg.phase2_lr),
-                            "grid": grid}
-        report = self.score(s.report, adapter, rows=True)
-        hparams = {"phase2_lr": entry["phase2_lr"], "phase2_epochs": phase2.epochs}
-        if prior:
-            hparams["phase2_lr_chosen_by"] = prior["by"]
-        return report, adapter, hparams, grid if len(lrs) > 1 else []
+                yield {"trainable_params": info["trainable_parameters"], "total_params": info["total_parameters"]}
+            finally:
+                peft_model.unload()  # take the LoRA layers out of loaded.model again
+            return
+        extra = {}
+        if method == "iti":
+            fit = self.iti_fit(task_name, k, seed)
+            adapter = iti_adapter(loaded, fit["heads"], fit["directions"], fit["sigma"], float(params["alpha"]),
+                                  task=task_name, head_set=fit["head_set"])
+            extra = {"heads": [list(h) for h in fit["heads"]], "probe_accuracy": fit["probe_accuracy"],
+                     "n_statements": fit["n_statements"]}
+        else:
+            head_set, extra = self.heads(method, task_name, k, seed, params)
+            phase2 = dataclasses.replace(self.cfg.phase2, lr=float(params["phase2_lr"]),
+                                         epochs=int(params.get("epochs", self.cfg.phase2.epochs)))
+            adapter = train_offsets(loaded, head_set, k, s.train, training, phase2, task=task_name,
+                                    on_epoch=on_epoch)
+            extra["heads"] = head_set.top(k)
+            if method == "lofit":
+                extra["head_set"] = head_set
+                lay = loaded.layout
+                extra["phase1_params"] = lay.num_layers * lay.num_heads * lay.head_dim
+        offsets = adapter.attach(loaded.model)
+        try:
+            yield {"trainable_params": adapter.num_parameters, "adapter": adapter, **extra}
+        finally:
+            offsets.detach()
+
+    def search(self, task_name: str, method: str, k: int | None) -> dict:
+        """The method's search at K on the selection split: from the record when its setting is unchanged, else
+        run (resuming its Optuna journal) and recorded. Trials train with search.seed."""
+        sid = search_id(self.loaded.spec, task_name, method, k)
+        setting = search_setting(self.cfg, task_name, method)
+        searches = self.results.doc.setdefault("searches", {})
+        if searches.get(sid, {}).get("setting") == setting:
+            return searches[sid]
+        if method == "transfer_heads" and "lofit" in self.cfg.methods:
+            self.search(self.cfg.transfer_source(task_name), "lofit", k)  # its chosen phase 1 gives the heads
+        _, s = self.splits(task_name)
+        cfg = self.cfg.search
+        space = {name: getattr(getattr(cfg.spaces, method), name)
+                 for name in (f.name for f in dataclasses.fields(getattr(cfg.spaces, method)))}
+        epoched = method != "iti"
+
+        def objective(params: dict, report) -> None:
+            def on_epoch(epoch: int, stats: dict) -> None:
+                report(epoch, selection_score(self.score(s.select), cfg.metric))
+
+            with self.trained(method, task_name, k, cfg.seed, params, on_epoch=on_epoch if epoched else None):
+                if not epoched:
+                    report(1, selection_score(self.score(s.select), cfg.metric))
+
+        def on_trial(t: dict) -> None:
+            value = "-" if t["value"] is None else f"{t['value']:.4f}"
+            print(f"[reproduce]   search {sid} trial {t['number']}: {t['state']} {value} "
+                  + " ".join(f"{k}={v:g}" for k, v in t["params"].items())
+                  + (f" epochs={t['epochs']}" if "epochs" in t else "") + f" [{t.get('seconds', 0):.0f}s]", flush=True)
+            faults.kill_point("reproduce.kill", trials=t["number"] + 1)
+
+        print(f"[reproduce] search {sid}: {cfg.num_trials} trials on the selection split (n={len(s.select)})",
+              flush=True)
+        journal = self.out_dir / SEARCHES_DIR / f"{setting}__{sid.replace('|', '__').replace('=', '')}.journal"
+        found = run_search(objective, space, cfg, journal, name=sid, epoched=epoched, on_trial=on_trial)
+        found.update(setting=setting, metric=cfg.metric, n_select=len(s.select), journal=str(
+            journal.relative_to(self.out_dir)), finished_at=now())
+        searches[sid] = found
+        self.results.save()
+        return found
 
     # -- methods ---------------------------------------------------------------------------------
-    def run_zero_shot(self, cell: dict) -> dict:
+    def run_method(self, cell: dict) -> dict:
+        """A cell: the zero-shot model, or the method's searched setting trained with the cell's seed; each
+        scored once on the report split."""
         _, s = self.splits(cell["task"])
-        return {"metrics": self.score(s.report, rows=True), "trainable_params": 0, "hparams": {}}
-
-    def run_lofit(self, cell: dict) -> dict:
-        entry = self.ranking(cell["task"], cell["seed"])
-        head_set = entry["head_set"].with_k(cell["k"])
-        report, adapter, hparams, grid = self._tune_grid(cell, head_set)
-        p1 = self.cfg.phase1
-        hparams.update(l1=p1.l1, phase1_lr=p1.lr, phase1_epochs=p1.epochs)
-        lay = self.loaded.layout
-        return {"metrics": report, "trainable_params": adapter.num_parameters, "hparams": hparams,
-                "selection": grid, "heads": head_set.top(cell["k"]), "phase1_seconds": entry["seconds"],
-                "phase1_reused": entry["reused"], "phase1_params": lay.num_layers * lay.num_heads * lay.head_dim,
-                "artifacts": {"head_set": head_set, "adapter": adapter}}
-
-    def run_transfer_heads(self, cell: dict) -> dict:
-        source = self.cfg.transfer_source(cell["task"])
-        entry = self.ranking(source, cell["seed"])
-        base = entry["head_set"]
-        head_set = HeadSet(**{**dataclasses.asdict(base), "k": cell["k"], "method": "transfer",
-                              "hparams": {**base.hparams, "transferred_from": source}})
-        report, adapter, hparams, grid = self._tune_grid(cell, head_set)
-        hparams["heads_from"] = source
-        return {"metrics": report, "trainable_params": adapter.num_parameters, "hparams": hparams,
-                "selection": grid, "heads": head_set.top(cell["k"]), "phase1_seconds": entry["seconds"],
-                "phase1_reused": entry["reused"], "artifacts": {"adapter": adapter}}
-
-    def run_random_heads(self, cell: dict) -> dict:
-        loaded = self.loaded
-        head_set = HeadSet(model=loaded.spec, fingerprint=loaded.fingerprint, layout=dataclasses.asdict(loaded.layout),
-                           ranking=random_ranking(loaded.layout, cell["seed"]), k=cell["k"], method="random",
-                           task=cell["task"], seed=cell["seed"])
-        report, adapter, hparams, grid = self._tune_grid(cell, head_set)
-        return {"metrics": report, "trainable_params": adapter.num_parameters, "hparams": hparams,
-                "selection": grid, "heads": head_set.top(cell["k"]), "artifacts": {"adapter": adapter}}
-
-    def run_iti(self, cell: dict) -> dict:
-        task, s = self.splits(cell["task"])
-        t, iti = self.cfg.tasks[cell["task"]], self.cfg.iti
-        # Probe only on the rows phase 2 trains on: never on the selection carve or the report split.
-        prompts = [ex.prompt for ex in s.train]
-        statements = [st for st in task.labelled_statements(t.train) if any(st[0].startswith(p) for p in prompts)]
-        adapter, info = fit_iti(self.loaded, task.name, cell["k"], selection_items=s.select, alphas=iti.alphas,
-                                statements=statements, batch_size=self.cfg.eval_batch_size,
-                                val_fraction=iti.val_fraction, seed=cell["seed"], score_base=False)
-        report = self.score(s.report, adapter, rows=True)
-        grid = [{"alpha": g["alpha"], "score": g["score"], **metric_part(g)} for g in info["alpha_grid"]]
-        return {"metrics": report, "trainable_params": adapter.num_parameters,
-                "hparams": {"alpha": info["alpha"], "n_statements": info["n_statements"]},
-                "selection": grid, "heads": [list(h) for h in info["heads"]],
-                "probe_accuracy": info["probe_accuracy"], "artifacts": {"adapter": adapter}}
-
-    def run_lora(self, cell: dict) -> dict:
-        _, s = self.splits(cell["task"])
-        la, lrs, loaded = self.cfg.lora, self.cfg.grid.lora_lr, self.loaded
-        batch_size = self.cfg.eval_batch_size
-        grid, best, report, info_best = [], None, None, None
-        for lr in lrs:
-            peft_model = None
-            try:
-                peft_model, info = lora.train_lora(loaded, s.train, self.training(cell["seed"]),
-                                                   dataclasses.replace(la, lr=lr))
-                entry = {"lr": lr, "final_loss": info["final_loss"]}
-                if len(lrs) == 1:  # nothing to choose: score the report split right away
-                    report = lora.evaluate_lora(loaded, peft_model, s.report, batch_size=batch_size, rows=True)
-                    info_best, best = info, entry
-                else:
-                    sel = lora.evaluate_lora(loaded, peft_model, s.select, batch_size=batch_size)
-                    entry.update(score=selection_score(sel), **metric_part(sel))
-                    if best is None or entry["score"] > best["score"] + TIE:
-                        best, info_best = entry, info
-                        state = {n: p.detach().clone() for n, p in peft_model.named_parameters() if "lora_" in n}
-                grid.append(entry)
-            except NaNLossError as exc:
-                grid.append({"lr": lr, "error": str(exc)})
-            finally:
-                if peft_model is not None:
-                    peft_model.unload()  # take the LoRA layers out of loaded.model again
-        if best is None:
-            raise RuntimeError(f"LoRA diverged for every lr in grid.lora_lr={lrs}; lower them")
-        if report is None:  # rebuild the chosen adapter and score it once on the report split
-            peft_model = lora.wrap_lora(loaded, la.rank, la.alpha, la.targets, la.dropout)
-            try:
-                with torch.no_grad():
-                    params = dict(peft_model.named_parameters())
-                    for name, value in state.items():
-                        params[name].copy_(value)
-                report = lora.evaluate_lora(loaded, peft_model, s.report, batch_size=batch_size, rows=True)
-            finally:
-                peft_model.unload()
-        return {"metrics": report, "trainable_params": info_best["trainable_parameters"],
-                "hparams": {"lr": best["lr"], "epochs": la.epochs, "rank": la.rank, "alpha": la.alpha,
-                            "targets": list(la.targets)},
-                "selection": grid if len(lrs) > 1 else [], "total_params": info_best["total_parameters"]}
+        if cell["method"] == "zero_shot":
+            return {"metrics": self.score(s.report, rows=True), "trainable_params": 0, "hparams": {}}
+        found = self.search(cell["task"], cell["method"], cell["k"])
+        start = time.time()
+        with self.trained(cell["method"], cell["task"], cell["k"], cell["seed"], found["chosen"]) as info:
+            metrics = self.score(s.report, rows=True)
+        out = {"metrics": metrics, "hparams": dict(found["chosen"]), "search_seconds": found["seconds"],
+               "cell_seconds": round(time.time() - start, 2),
+               "train_seconds": round(time.time() - start - metrics["seconds"], 2),
+               "selection": {"score": found["score"], "trials": len(found["trials"]), "best_trial": found["best_trial"]},
+               "artifacts": {k: info.pop(k) for k in ("adapter", "head_set") if k in info}}
+        out.update(info)
+        return out
 
     # -- one cell ------------------------------------------------------------------------------------
     def run_cell(self, cell: dict, setting: str, parent: str, index: str) -> bool:
@@ -317,8 +325,8 @@ class Runner:
                               parent_run_id=parent)
         start = time.time()
         try:
-            out = getattr(self, f"run_{cell['method']}")(cell)
-            wall = round(time.time() - start, 2)
+            out = self.run_method(cell)
+            wall = out.pop("cell_seconds", round(time.time() - start, 2))  # the search's time is search_seconds
             metrics = out["metrics"]
             item_rows = metrics.pop("rows")
             artifacts = out.pop("artifacts", {})
@@ -328,8 +336,8 @@ class Runner:
                           trainable_params=out["trainable_params"], wall_seconds=wall, hparams=out["hparams"],
                           selection=out.get("selection", []), mlflow_run_id=run_id, finished_at=now(),
                           intervals=with_intervals(item_rows), items=self.results.save_rows(cell["id"], item_rows))
-            for key in ("heads", "phase1_seconds", "phase1_reused", "phase1_params", "probe_accuracy",
-                        "total_params"):
+            for key in ("heads", "phase1_seconds", "phase1_reused", "phase1_params", "ranking_file", "heads_from",
+                        "probe_accuracy", "n_statements", "total_params", "search_seconds", "train_seconds"):
                 if key in out:
                     record[key] = out[key]
             self.log_record(run_id, record)
@@ -354,7 +362,7 @@ class Runner:
         self.tick()
         self.results.add(record)
         scores = " ".join(f"{k}={v:.3f}" for k, v in record["metrics"].items())
-        chosen_txt = " ".join(f"{k}={v:g}" for k, v in out["hparams"].items() if k in CHOSEN)
+        chosen_txt = " ".join(f"{k}={v:g}" for k, v in out["hparams"].items())
         print(f"[reproduce] {index} {cell['id']}: {scores} (n={record['n']}) {chosen_txt} "
               f"params={record['trainable_params']} [{wall:.1f}s]", flush=True)
         return True
@@ -402,7 +410,7 @@ class Runner:
         """The phase-1 ranking a recorded LoFiT cell used, from <out-dir>/heads/ (None if absent or another)."""
         if record["method"] != "lofit":
             return None
-        path = self.ranking_path(record["model"], record["task"], record["seed"])
+        path = self.out_dir / record.get("ranking_file", "-")
         if not path.is_file():
             return None
         head_set = HeadSet(**json.loads(path.read_text())["head_set"])
