@@ -429,3 +429,32 @@ def test_llama2_7b_search_config():
     low, high = cfg.search.space.k.bounds()
     assert 0.03 * 1024 - 1 <= low and high <= 0.10 * 1024  # ~3-10% of 32 x 32 heads
     assert 1e-2 in cfg.search.space.phase2_lr.values and cfg.search.space.phase1_lr.values == [5e-3]
+
+
+@pytest.mark.slow
+def test_learning_curve_points_and_plot(tmp_path):
+    """jobs/learning_curve.py: a reproduce record per training size (each method searched the same way), and
+    a PNG + JSON whose points are the records' seed means with their item intervals."""
+    script = REPO / "jobs" / "learning_curve.py"
+    cmd = [sys.executable, str(script), "--config", str(TINY), "--model", "tiny-llama", "--sizes", "4", "8",
+           "--methods", "zero_shot,random_heads,lofit", "--set", "k_fractions=[0.07]", "--out-dir", str(tmp_path),
+           "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert (tmp_path / "learning_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    curve = json.loads((tmp_path / "learning_curve.json").read_text())
+    from lofit_ray.evidence import interval, read_rows
+
+    for size in (4, 8):
+        doc = json.loads((tmp_path / f"n{size}" / "reproduce.json").read_text())
+        assert doc["splits"]["truthfulqa"]["n_train"] == size and list(doc["splits"]) == ["truthfulqa"]
+        assert {c["method"] for c in doc["cells"]} == {"zero_shot", "random_heads", "lofit"}
+        assert all(len(f["trials"]) == 2 for f in doc["searches"].values())
+        for c in doc["cells"]:
+            point = next(p for p in curve["points"]["mc2"] if p["n_train"] == size and p["method"] == c["method"])
+            assert point["mean"] == pytest.approx(c["metrics"]["mc2"])
+            ci = interval([r["mc2"] for r in read_rows(tmp_path / f"n{size}" / c["items"])])
+            assert (point["ci_low"], point["ci_high"]) == pytest.approx((ci["ci_low"], ci["ci_high"]))
+    # the splits every size is scored on are the same: only training differs
+    docs = [json.loads((tmp_path / f"n{s}" / "reproduce.json").read_text())["splits"]["truthfulqa"] for s in (4, 8)]
+    assert docs[0]["n_report"] == docs[1]["n_report"] and docs[0]["n_select"] == docs[1]["n_select"]
