@@ -490,10 +490,15 @@ def log_item_rows(tracking_uri: str, run_id: str, rows: list[dict], name: str) -
         _retry(c.log_artifact, run_id, str(write_rows(tmp / f"{name}.jsonl", rows)), ITEMS_DIR)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    columns = list(rows[0]) if rows else []
+    log_rows_table(tracking_uri, run_id, rows, f"{ITEMS_DIR}/{name}.table.json")
+
+
+def log_rows_table(tracking_uri: str, run_id: str, rows: list[dict], artifact_file: str) -> None:
+    """Rows as an MLflow table (the UI's artifact view shows it); list and dict cells as JSON text."""
+    columns = list(dict.fromkeys(col for r in rows for col in r))
     table = {col: [json.dumps(r.get(col)) if isinstance(r.get(col), (list, dict)) else r.get(col) for r in rows]
              for col in columns}
-    _retry(c.log_table, run_id, table, f"{ITEMS_DIR}/{name}.table.json")
+    _retry(client(tracking_uri).log_table, run_id, table, artifact_file)
 
 
 def load_item_rows(tracking_uri: str, ref: str) -> tuple[list[dict], str]:

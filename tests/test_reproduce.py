@@ -180,8 +180,18 @@ def test_mlflow_parent_and_nested_runs(tiny_run):
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
     assert len(parents) == 1 and parents[0].data.tags["lofit.kind"] == "reproduce"
     parent = parents[0].info.run_id
-    cells = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent]
-    assert len(cells) == len(runs) - 1 == len(expected_ids())
+    assert all(r.data.tags.get("mlflow.parentRunId") == parent for r in runs if r is not parents[0])
+    cells = [r for r in runs if r.data.tags.get("lofit.kind") == "reproduce-cell"]
+    assert len(cells) == len(expected_ids())
+    # each search is a run too: its chosen setting, a score per trial and the trials as a table
+    doc = json.loads((out / "reproduce.json").read_text())
+    searches = {r.data.tags["lofit.search"]: r for r in runs if r.data.tags.get("lofit.kind") == "reproduce-search"}
+    assert set(searches) == set(doc["searches"]) and len(runs) == 1 + len(cells) + len(searches)
+    for sid, r in searches.items():
+        found = doc["searches"][sid]
+        assert r.data.metrics["sel_score"] == pytest.approx(found["score"])
+        assert {k[len("chosen."):] for k in r.data.params if k.startswith("chosen.")} == set(found["chosen"])
+        assert "trials.table.json" in {a.path for a in client.list_artifacts(r.info.run_id)}
     assert {r.data.tags["lofit.cell"] for r in cells} == expected_ids()
     assert {r.info.status for r in runs} == {"FINISHED"}
     for r in cells:
@@ -208,7 +218,8 @@ def test_resume_skips_done_cells(tiny_run):
     ids = [c["id"] for c in doc["cells"]]
     assert len(ids) == len(set(ids)) == len(expected_ids())
     _, runs = mlflow_runs(out)
-    assert len(runs) == 1 + len(expected_ids())  # still one parent, no new nested runs
+    searches = json.loads((out / "reproduce.json").read_text())["searches"]
+    assert len(runs) == 1 + len(expected_ids()) + len(searches)  # still one parent, no new nested runs
     # without --resume an existing record is never overwritten by accident
     proc = run_job(out)
     assert proc.returncode == 2 and "--resume" in proc.stderr
@@ -306,7 +317,7 @@ def test_killed_run_resumes_without_duplicates(tmp_path):
     _, runs = mlflow_runs(tmp_path)
     assert sum("mlflow.parentRunId" not in r.data.tags for r in runs) == 1
     assert "RUNNING" not in {r.info.status for r in runs}
-    finished = [r for r in runs if "mlflow.parentRunId" in r.data.tags and r.info.status == "FINISHED"]
+    finished = [r for r in runs if r.data.tags.get("lofit.kind") == "reproduce-cell" and r.info.status == "FINISHED"]
     assert len(finished) == len(expected_ids())
 
 

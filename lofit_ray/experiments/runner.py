@@ -294,7 +294,30 @@ class Runner:
             journal.relative_to(self.out_dir)), finished_at=now())
         searches[sid] = found
         self.results.save()
+        self.log_search(sid, method, task_name, k, found)
         return found
+
+    def log_search(self, sid: str, method: str, task_name: str, k: int | None, found: dict) -> None:
+        """A search as a nested run of the job: its chosen setting, best score, trials (a metric per trial and
+        a table), so the UI shows what each method was tuned over."""
+        tr, doc = tracking, self.results.doc
+        states = [t["state"] for t in found["trials"]]
+        run_id = tr.start_run(self.uri, self.experiment_id, f"search-{method}-{spec_slug(self.loaded.spec)}-{task_name}"
+                              + (f"-k{k}" if k is not None else ""),
+                              params={"space": dataclasses.asdict(getattr(self.cfg.search.spaces, method)),
+                                      "num_trials": self.cfg.search.num_trials, "model": self.loaded.spec,
+                                      "task": task_name, "method": method, "k": "-" if k is None else k,
+                                      **{f"chosen.{key}": v for key, v in found["chosen"].items()}},
+                              tags={tracking.MODEL_TAG: self.loaded.spec, tracking.TASK_TAG: task_name,
+                                    tracking.METHOD_TAG: method, "lofit.kind": "reproduce-search", "lofit.search": sid},
+                              parent_run_id=doc.get("parent_run_id"))
+        for t in found["trials"]:
+            if t["value"] is not None:
+                tr.log_metrics(self.uri, run_id, {"trial_score": t["value"]}, step=t["number"])
+        tr.log_metrics(self.uri, run_id, {"sel_score": found["score"], "search_seconds": found["seconds"],
+                                          **{f"trials_{x}": states.count(x) for x in ("complete", "pruned", "fail")}})
+        tr.log_rows_table(self.uri, run_id, found["trials"], "trials.table.json")
+        tr.end_run(self.uri, run_id)
 
     # -- methods ---------------------------------------------------------------------------------
     def run_method(self, cell: dict) -> dict:
