@@ -1,7 +1,8 @@
 """Experiments over the whole method: `jobs/reproduce.py`'s comparison of LoFiT with its baselines.
 
-cells: which cells a config plans and the setting each depends on; record: the reproduce.json record
-and its Markdown table; runner: the Runner that runs the cells, keeps the record and logs to MLflow.
+cells: which cells a config plans and the setting each depends on; tuning: one method's search (Optuna
+TPE + ASHA, resumable); record: the reproduce.json record and its Markdown table; runner: the Runner that
+searches, runs the cells, keeps the record and logs to MLflow; curve: the learning curve over records.
 The config is `lofit_ray.config.ReproduceConfig`.
 """
 from .cells import METHODS, cell_id, cell_setting, k_values, plan_cells
