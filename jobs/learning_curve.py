@@ -75,7 +75,9 @@ def main(argv=None) -> int:
         status |= runner.run()
     dirs = [d for d in dirs + [Path(a).resolve() for a in args.also] if (d / JSON_NAME).is_file()]
     kind = "mc" if args.task == "truthfulqa" else "generation"
-    points = {m: [p for p in curve_points(dirs, args.task, m) if p["model"] == args.model] for m in METRICS[kind]}
+    methods = args.methods.split(",")  # a record given with --also may hold more methods than the curve draws
+    points = {m: [p for p in curve_points(dirs, args.task, m) if p["model"] == args.model and p["method"] in methods]
+              for m in METRICS[kind]}
     out.mkdir(parents=True, exist_ok=True)
     write_atomic(out / "learning_curve.json", json.dumps({"task": args.task, "model": args.model,
                                                           "records": [str(d) for d in dirs], "points": points},
