@@ -340,7 +340,7 @@ def phase2_heads(loaded, args, examples) -> tuple[list[tuple[int, int]], str]:
     if args.heads:
         return HeadSet.from_json(args.heads).top(args.k), f"top {args.k} of {args.heads}"
     if args.select_heads:
-        from lofit_ray.train import select_heads
+        from lofit_ray.selectors import select_heads
 
         log("phase2: selecting heads (1 phase-1 epoch)")
         head_set = select_heads(loaded, examples, TrainingConfig(), Phase1Config(epochs=1, lr=1e-2, l1=1e-3))

@@ -1,7 +1,7 @@
 """Every configuration of lofit-ray: typed dataclasses, one YAML + `--set` loader, checked on load.
 
 One module, one set of defaults. The YAML sections of a job are the same dataclasses the
-components take (`phase1:` is a `Phase1Config`, handed to `train.select_heads` as is), so a
+components take (`phase1:` is a `Phase1Config`, handed to `selectors.select_heads` as is), so a
 value keeps its name and type from the file to the code that uses it. Each field's help text
 is its `metadata["help"]`; the CLI builds its flags from it. Every error names the dotted field
 and the fix; unknown keys are errors too, so a typo never silently falls back to a default.
@@ -63,20 +63,41 @@ class TrainingConfig:
         _positive(self.dpo_beta, "training.dpo_beta")
 
 
+SELECTORS = ("l1", "gates", "grad", "grad_x_act", "random")  # lofit_ray.selectors
+
+
 @dataclass
 class Phase1Config:
-    """Phase 1 (head selection): learn a scale A on every head with an L1 penalty, rank heads by ||A||."""
+    """Phase 1 (head selection): rank every head; phase 2 trains the top K. The paper's selector is l1."""
 
     SECTION: typing.ClassVar[str] = "phase1"
 
-    epochs: int = _help("epochs of phase 1", 5)
-    lr: float = _help("AdamW learning rate of the scales A", 5e-3)
-    l1: float = _help("weight of the L1 penalty sum |A|; larger = sparser, sharper ranking", 5e-4)
+    epochs: int = _help("epochs of phase 1 (l1, gates)", 5)
+    lr: float = _help("AdamW learning rate of what phase 1 trains (l1: the scales A; gates: A, v and the gates)",
+                      5e-3)
+    l1: float = _help("l1: weight of the L1 penalty sum |A|; larger = sparser, sharper ranking", 5e-4)
+    selector: str = _help("how heads are ranked: l1 (the paper: scales A with an L1 penalty), gates (JoLA: "
+                          "HardConcrete gates with an expected-L0 penalty), grad (||dL/dv|| at v=0: one pass, no "
+                          "training), grad_x_act (sum |dL/dz . z|: one pass), random (the seeded control)", "l1")
+    l0: float = _help("gates: weight of the expected-L0 penalty (the expected number of open gates)", 1e-3)
+    gate_parts: str = _help("gates: separate (JoLA: one gate for the scale, one for the offset) or joint (one "
+                            "gate per head)", "separate")
 
     def __post_init__(self):
         _at_least(self.epochs, 1, "phase1.epochs")
         _positive(self.lr, "phase1.lr")
         _at_least(self.l1, 0, "phase1.l1", "0 turns the penalty off")
+        if self.selector not in SELECTORS:
+            raise ConfigError(f"phase1.selector: '{self.selector}' is not one of {', '.join(SELECTORS)}")
+        _at_least(self.l0, 0, "phase1.l0", "0 turns the penalty off")
+        if self.gate_parts not in ("separate", "joint"):
+            raise ConfigError(f"phase1.gate_parts: '{self.gate_parts}' is not separate or joint")
+
+    def settings(self) -> dict:
+        """The fields the selector reads: the phase-1 memo key, so a ranking that ignores l1 or the lr
+        (grad, random) is computed once, whatever the search proposes for them."""
+        used = {"l1": ("epochs", "lr", "l1"), "gates": ("epochs", "lr", "l0", "gate_parts")}.get(self.selector, ())
+        return {"selector": self.selector, **{name: getattr(self, name) for name in used}}
 
 
 @dataclass
@@ -119,6 +140,27 @@ class LoraConfig:
         if not 0 <= self.dropout < 1:
             raise ConfigError(f"lora.dropout: {self.dropout} must be in [0, 1)")
         _at_least(self.max_grad_norm, 0, "lora.max_grad_norm", "0 turns clipping off")
+
+
+@dataclass
+class ReftConfig:
+    """The ReFT baseline (LoReFT, lofit_ray.baselines.reft) on one layer's residual stream, trained by the same
+    loop as LoFiT."""
+
+    SECTION: typing.ClassVar[str] = "reft"
+
+    epochs: int = _help("epochs of ReFT training", 5)
+    lr: float = _help("AdamW learning rate", 1e-3)
+    rank: int = _help("LoReFT rank r: 2 r hidden + r trainable parameters (rank 1 is nearest LoFiT's count)", 1)
+    depth: float = _help("which layer's output is edited, as a share of the depth (0 = the first, 1 = the last)",
+                         0.5)
+
+    def __post_init__(self):
+        _at_least(self.epochs, 1, "reft.epochs")
+        _positive(self.lr, "reft.lr")
+        _at_least(self.rank, 1, "reft.rank")
+        if not 0 <= self.depth <= 1:
+            raise ConfigError(f"reft.depth: {self.depth} must be between 0 (the first layer) and 1 (the last)")
 
 
 @dataclass
@@ -220,7 +262,7 @@ class Space:
 
 @dataclass
 class SearchSpaceConfig:
-    """Per trial, k cuts the phase-1 ranking; l1 and phase1_lr set phase1.l1/lr; phase2_lr sets phase2.lr."""
+    """Per trial, k cuts the phase-1 ranking; selector, l1 and phase1_lr set phase1's; phase2_lr sets phase2.lr."""
 
     SECTION: typing.ClassVar[str] = "search.space"
 
@@ -228,10 +270,16 @@ class SearchSpaceConfig:
     l1: Space = _help("phase1.l1 per trial", factory=lambda: Space(values=[5e-4, 2e-3]))
     phase1_lr: Space = _help("phase1.lr per trial", factory=lambda: Space(values=[5e-3]))
     phase2_lr: Space = _help("phase2.lr per trial", factory=lambda: Space(low=3e-3, high=3e-2, log=True))
+    selector: list[str] = _help("phase1.selector per trial, a categorical dimension: any of l1, gates, grad, "
+                                "grad_x_act, random (l1 and phase1_lr matter only to selectors that read them)",
+                                factory=lambda: ["l1"])
 
     def __post_init__(self):
         for name in ("k", "l1", "phase1_lr", "phase2_lr"):
             getattr(self, name).check(f"search.space.{name}")
+        if not self.selector or any(s not in SELECTORS for s in self.selector):
+            raise ConfigError(f"search.space.selector: {self.selector} must list one or more of "
+                              f"{', '.join(SELECTORS)}")
         k = self.k
         if any(v != int(v) for v in k.all_values()) or (k.values is None and not k.integer and k.low != int(k.low)):
             raise ConfigError(f"search.space.k: K counts heads, so its values must be integers (got {k.all_values()})")
@@ -261,6 +309,9 @@ class SearchConfig:
     reduction_factor: int = _help("ASHA: keep 1 in this many at each rung", 2)
     space: SearchSpaceConfig = _help("what is searched", factory=SearchSpaceConfig)
     cost_aware: bool = _help("memoize phase 1, share reference log-probs, reuse loaded models", True)
+    study_storage: str | None = _help("Optuna storage URL that keeps each model's study (history, importances: "
+                                      "optuna-dashboard reads it; --resume continues it); default "
+                                      "sqlite:///$LOFIT_HOME/optuna.db", None)
     controls: int = _help("random-heads controls after the search: the champion's K and settings on this many "
                           "random head sets (seeds 0..N-1), scored on the report split beside it; 0 = none", 3)
 
@@ -314,7 +365,8 @@ class SearchJobConfig:
     dtype: str = _help("float32 on CPU; bfloat16 on GPU", "float32")
     task: TaskConfig = _help("task and splits", factory=TaskConfig)
     training: TrainingConfig = _help("batching shared by both phases", factory=TrainingConfig)
-    phase1: Phase1Config = _help("phase 1; search.space.l1 / phase1_lr override l1 / lr per trial",
+    phase1: Phase1Config = _help("phase 1; search.space.selector / l1 / phase1_lr override selector / l1 / lr "
+                                 "per trial",
                                  factory=Phase1Config)
     phase2: Phase2Config = _help("phase 2; search.space.phase2_lr overrides lr per trial", factory=Phase2Config)
     search: SearchConfig = _help("the search", factory=SearchConfig)
@@ -522,7 +574,11 @@ def from_dict(schema, data: dict):
 
 REPRODUCE_TASKS = ("truthfulqa", "mquake", "clutrr")
 # every method of the comparison, in the order cells run and the tables list them
-REPRODUCE_METHODS = ("zero_shot", "iti", "random_heads", "transfer_heads", "lofit", "lora")
+REPRODUCE_METHODS = ("zero_shot", "iti", "random_heads", "transfer_heads", "lofit", "gates_heads", "grad_heads",
+                     "grad_x_act_heads", "lora", "reft")
+# The paper's comparison (the default); gates_heads, grad_heads and grad_x_act_heads are LoFiT's phase 2 on the
+# heads of the other selectors (phase1.selector), for comparing selectors; reft is the LoReFT baseline.
+PAPER_METHODS = ("zero_shot", "iti", "random_heads", "transfer_heads", "lofit", "lora")
 
 
 def _listed_once(values: list, where: str, example: str) -> None:
@@ -539,6 +595,12 @@ def _positive_space(space: Space, where: str) -> None:
         raise ConfigError(f"{where}: {space.bounds()[0]:g} is not positive; give values > 0")
 
 
+def _penalty_space(space: Space, where: str) -> None:
+    space.check(where)
+    if space.bounds()[0] < 0:
+        raise ConfigError(f"{where}: {space.bounds()[0]:g} is negative; penalty weights are >= 0")
+
+
 @dataclass
 class LofitSpace:
     """LoFiT's search: phase 1 (lr, L1; discrete values share rankings) and phase 2's lr."""
@@ -551,15 +613,30 @@ class LofitSpace:
 
     def __post_init__(self):
         _positive_space(self.phase1_lr, "search.spaces.lofit.phase1_lr")
-        self.l1.check("search.spaces.lofit.l1")
-        if self.l1.bounds()[0] < 0:
-            raise ConfigError(f"search.spaces.lofit.l1: {self.l1.bounds()[0]:g} is negative; L1 weights are >= 0")
+        _penalty_space(self.l1, "search.spaces.lofit.l1")
         _positive_space(self.phase2_lr, "search.spaces.lofit.phase2_lr")
 
 
 @dataclass
+class GatesSpace:
+    """gates_heads' search: the gates' phase 1 (lr, L0 weight; discrete values share rankings) and phase 2's lr."""
+
+    SECTION: typing.ClassVar[str] = "search.spaces.gates_heads"
+
+    phase1_lr: Space = _help("phase1.lr per trial", factory=lambda: Space(values=[5e-3, 2e-2]))
+    l0: Space = _help("phase1.l0 per trial", factory=lambda: Space(values=[1e-4, 1e-3]))
+    phase2_lr: Space = _help("phase2.lr per trial", factory=lambda: Space(low=3e-3, high=1e-1, log=True))
+
+    def __post_init__(self):
+        _positive_space(self.phase1_lr, "search.spaces.gates_heads.phase1_lr")
+        _penalty_space(self.l0, "search.spaces.gates_heads.l0")
+        _positive_space(self.phase2_lr, "search.spaces.gates_heads.phase2_lr")
+
+
+@dataclass
 class OffsetSpace:
-    """random_heads / transfer_heads: the heads are given, so only phase 2's lr is searched."""
+    """random_heads / transfer_heads / grad_heads / grad_x_act_heads: the heads are given (or need no
+    training to find), so only phase 2's lr is searched."""
 
     SECTION: typing.ClassVar[str] = "search.spaces.random_heads"
 
@@ -598,6 +675,23 @@ class LoraSpace:
 
 
 @dataclass
+class ReftSpace:
+    """ReFT: reft.lr and reft.depth per trial (the rank stays fixed, so the trainable count does)."""
+
+    SECTION: typing.ClassVar[str] = "search.spaces.reft"
+
+    lr: Space = _help("reft.lr per trial", factory=lambda: Space(low=1e-4, high=1e-2, log=True))
+    depth: Space = _help("reft.depth per trial", factory=lambda: Space(values=[0.25, 0.5, 0.75]))
+
+    def __post_init__(self):
+        _positive_space(self.lr, "search.spaces.reft.lr")
+        self.depth.check("search.spaces.reft.depth")
+        low, high = self.depth.bounds()
+        if low < 0 or high > 1:
+            raise ConfigError(f"search.spaces.reft.depth: {self.depth.all_values()} must lie in [0, 1]")
+
+
+@dataclass
 class MethodSpaces:
     """What each method's search tunes. Epochs are searched by every trained method too: a trial trains up to
     phase2.epochs (lora.epochs for LoRA) and is scored on the selection split after each epoch; the best epoch
@@ -608,8 +702,14 @@ class MethodSpaces:
     lofit: LofitSpace = _help("LoFiT: phase1_lr, l1, phase2_lr (+ epochs)", factory=LofitSpace)
     random_heads: OffsetSpace = _help("random heads: phase2_lr (+ epochs)", factory=OffsetSpace)
     transfer_heads: OffsetSpace = _help("another task's heads: phase2_lr (+ epochs)", factory=OffsetSpace)
+    gates_heads: GatesSpace = _help("heads of the gates selector: phase1_lr, l0, phase2_lr (+ epochs)",
+                                    factory=GatesSpace)
+    grad_heads: OffsetSpace = _help("heads of the grad selector: phase2_lr (+ epochs)", factory=OffsetSpace)
+    grad_x_act_heads: OffsetSpace = _help("heads of the grad_x_act selector: phase2_lr (+ epochs)",
+                                          factory=OffsetSpace)
     iti: ItiSpace = _help("ITI: alpha", factory=ItiSpace)
     lora: LoraSpace = _help("LoRA: lr, rank (+ epochs)", factory=LoraSpace)
+    reft: ReftSpace = _help("ReFT: lr, depth (+ epochs)", factory=ReftSpace)
 
 
 @dataclass
@@ -656,7 +756,7 @@ class ReproduceConfig:
     transfer: dict[str, str] | None = _help("task -> the task whose phase-1 heads transfer_heads borrows; default "
                                             "the next task, cyclic", None)
     methods: list[str] = _help(f"methods to run, of {', '.join(REPRODUCE_METHODS)}",
-                               factory=lambda: list(REPRODUCE_METHODS))
+                               factory=lambda: list(PAPER_METHODS))
     k_fractions: list[float] = _help("K as shares of the model's heads (rounded half up, at least 1)",
                                      factory=lambda: [0.03, 0.10])
     seeds: list[int] = _help("seeds; each cell but zero_shot runs once per seed", factory=lambda: [0, 1])
@@ -671,6 +771,8 @@ class ReproduceConfig:
     iti: ItiConfig = _help("the ITI baseline (val_fraction; alpha is searched)", factory=ItiConfig)
     lora: LoraConfig = _help("the LoRA baseline: epochs is the most a trial trains; lr and rank are searched",
                              factory=LoraConfig)
+    reft: ReftConfig = _help("the ReFT baseline: epochs is the most a trial trains; lr and depth are searched",
+                             factory=ReftConfig)
     mlflow: ReproduceMLflowConfig = _help("MLflow: a parent run per job, a nested run per cell",
                                           factory=ReproduceMLflowConfig)
 

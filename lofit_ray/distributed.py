@@ -1,7 +1,7 @@
 """Phase 1 (head importance) as a Ray Train job: N data-parallel workers, DeepSpeed in each.
 
 `phase1_train_func` is the per-worker function: for each job it loads the model and runs
-the same `train.select_heads` as a single process, with the scales A in a DeepSpeed engine
+the same `selectors.select_heads` as a single process, with what the selector trains in a DeepSpeed engine
 (gloo on CPU, nccl on GPU) and its share of every batch. Several models (or several phase-1
 settings) go through one job. Rank 0 returns the rankings in a checkpoint.
 """
@@ -88,7 +88,7 @@ def phase1_train_func(config: dict) -> None:
     torch.set_num_threads(assigned_threads())  # oversubscribed threads make steps ~6x slower
     from .config import Phase1Config, TrainingConfig
     from .models import load_model
-    from .train import select_heads
+    from .selectors import select_heads
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()

@@ -85,7 +85,7 @@ class HeadSet:
     layout: dict  # HeadLayout fields
     ranking: list[list]  # [[layer, head, score], ...], best first, every head of the model or the top ones
     k: int | None = None  # the heads phase 2 takes; None: a ranking only, K is chosen at phase 2
-    method: str = "lofit"  # lofit | random | iti | transfer
+    method: str = "lofit"  # lofit (the l1 selector) | gates | grad | grad_x_act | random | iti | transfer
     task: str = ""
     hparams: dict = field(default_factory=dict)
     seed: int = 0
@@ -191,12 +191,12 @@ class HeadSet:
         return grid
 
 
-def rank_by_norm(scale: torch.Tensor) -> list[list]:
-    """Rank every head by the L2 norm of its learned scale A[layer, head, :], largest first."""
-    norms = scale.detach().float().norm(dim=-1)
-    order = torch.argsort(norms.flatten(), descending=True)
-    H = norms.shape[1]
-    return [[int(i) // H, int(i) % H, float(norms.flatten()[i])] for i in order]
+def rank_by_score(scores: torch.Tensor) -> list[list]:
+    """Rank every head by its score [layers, heads], largest first (ties in layer, head order)."""
+    flat = scores.detach().float().flatten()
+    order = torch.argsort(flat, descending=True, stable=True)
+    H = scores.shape[1]
+    return [[int(i) // H, int(i) % H, float(flat[i])] for i in order]
 
 
 def random_ranking(layout: HeadLayout, seed: int) -> list[list]:

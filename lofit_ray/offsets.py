@@ -124,14 +124,19 @@ class HeadOffsets(nn.Module):
 
         return hook
 
-    @contextlib.contextmanager
     def disabled(self):
         """Run the base model (e.g. the DPO reference pass) without removing the hooks."""
-        previous, self.enabled = self.enabled, False
-        try:
-            yield
-        finally:
-            self.enabled = previous
+        return switched_off(self)
+
+
+@contextlib.contextmanager
+def switched_off(edit):
+    """Inside the with-block, `edit`'s hooks stay in place but pass activations through (edit.enabled False)."""
+    previous, edit.enabled = edit.enabled, False
+    try:
+        yield
+    finally:
+        edit.enabled = previous
 
 
 def detach_all(model: nn.Module) -> None:

@@ -150,5 +150,5 @@ def _log_report_plot(uri: str, parent: str, slug: str, report: dict) -> None:
     with tempfile.TemporaryDirectory(prefix="lofit-report-") as tmp:
         path = Path(tmp) / f"{slug}_report.png"
         fig.savefig(path, dpi=110)
-        tracking.client(uri).log_artifact(parent, str(path), "report")
+        tracking.log_file(uri, parent, path, "report")
     plt.close(fig)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import warnings
 import json
 import os
 import time
@@ -39,7 +40,7 @@ from .splits import build_splits, selection_fingerprint
 from .tasks import get_task
 from .train import NaNLossError, phase1_key, reference_logprobs, train_offsets
 
-SEARCHED = ("k", "l1", "phase1_lr", "phase2_lr")
+SEARCHED = ("k", "selector", "l1", "phase1_lr", "phase2_lr")
 _CACHE: dict = {}  # per-process: loaded models and splits, kept across trials when cost-aware
 
 
@@ -83,7 +84,8 @@ def get_model(spec: str, dtype: str, cache: bool = True):
 
 def trial_configs(cfg: SearchJobConfig, params: dict) -> tuple[Phase1Config, Phase2Config]:
     """The phase configs of one trial: the YAML sections with the searched values put in."""
-    return (dataclasses.replace(cfg.phase1, l1=float(params["l1"]), lr=float(params["phase1_lr"])),
+    return (dataclasses.replace(cfg.phase1, selector=str(params["selector"]), l1=float(params["l1"]),
+                                lr=float(params["phase1_lr"])),
             dataclasses.replace(cfg.phase2, lr=float(params["phase2_lr"])))
 
 
@@ -141,7 +143,7 @@ def run_phase1_jobs(cfg: SearchJobConfig, jobs: list[dict], ctx: dict, name: str
 
 
 def precompute_phase1(cfg: SearchJobConfig, ctx: dict) -> int:
-    """One Ray Train job for every (model, l1, phase-1 lr) of a discrete grid that the memo lacks."""
+    """One Ray Train job for every (model, selector, l1, phase-1 lr) of a discrete grid that the memo lacks."""
     space = cfg.search.space
     if space.l1.values is None or space.phase1_lr.values is None:
         return 0
@@ -149,13 +151,18 @@ def precompute_phase1(cfg: SearchJobConfig, ctx: dict) -> int:
     for model in cfg.models:
         loaded = get_model(model, cfg.dtype)
         _, splits = get_splits(task_spec(cfg))
-        for l1, lr in itertools.product(space.l1.values, space.phase1_lr.values):
-            phase1, _ = trial_configs(cfg, {"l1": l1, "phase1_lr": lr, "phase2_lr": cfg.phase2.lr})
+        keys = set()  # grad and random read neither l1 nor the lr: one ranking serves all their values
+        for selector, l1, lr in itertools.product(space.selector, space.l1.values, space.phase1_lr.values):
+            phase1, _ = trial_configs(cfg, {"selector": selector, "l1": l1, "phase1_lr": lr,
+                                            "phase2_lr": cfg.phase2.lr})
             job = phase1_job(cfg, model, loaded, splits, phase1)
-            if tracking.find_head_set(ctx["tracking_uri"], ctx["experiment_id"], job["key"]) is None:
+            if job["key"] not in keys and tracking.find_head_set(ctx["tracking_uri"], ctx["experiment_id"],
+                                                                 job["key"]) is None:
                 jobs.append(job)
+            keys.add(job["key"])
     if jobs:
-        print(f"[lofit-ray] phase 1 for {len(jobs)} (model, l1, lr) settings in one Ray Train job", flush=True)
+        print(f"[lofit-ray] phase 1 for {len(jobs)} (model, selector, l1, lr) settings in one Ray Train job",
+              flush=True)
         run_phase1_jobs(cfg, jobs, ctx, name=f"{cfg.name}-phase1")
     return len(jobs)
 
@@ -241,7 +248,8 @@ def _finish_trial(uri, ctx, run_id, trial_id, adapter: Adapter, params, metrics,
         uri, ctx["registered_name"], run_id,
         tags={"k": params["k"], "trial_id": trial_id, "sel_metric": f"{metrics['sel_metric']:.6f}",
               tracking.SELECT_FP_TAG: ctx["select_fingerprint"],
-              "l1": params["l1"], "phase1_lr": params["phase1_lr"], "phase2_lr": params["phase2_lr"],
+              "selector": params["selector"], "l1": params["l1"], "phase1_lr": params["phase1_lr"],
+              "phase2_lr": params["phase2_lr"],
               "parameters": adapter.num_parameters})
     faults.kill_point("driver.kill", process_group=ctx["driver_pgid"], at="registered")
     tracking.set_tags(uri, run_id, {"lofit.registered_version": version, tracking.OUTCOME_TAG: "completed"})
@@ -414,18 +422,26 @@ def _search_one_model(cfg: SearchJobConfig, model: str, ctx: dict, storage: Path
     run_name = f"{cfg.name}-{spec_slug(model)}"
     path = storage / run_name
     space = cfg.search.space
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # Ray Tune reports each trial already
+    study_url, study_name = study_storage(cfg), f"{run_name}-{ctx['parent_run_id'][:8]}"
     if resume and tune.Tuner.can_restore(str(path)):
         print(f"[lofit-ray] resuming {path}", flush=True)
         tuner = tune.Tuner.restore(str(path), trainable=trainable, resume_errored=True)
     else:
-        searcher = ConcurrencyLimiter(OptunaSearch(seed=cfg.search.seed), max_concurrent=cfg.search.max_concurrent)
+        print(f"[lofit-ray] Optuna study '{study_name}' in {study_url} (optuna-dashboard {study_url})", flush=True)
+        searcher = ConcurrencyLimiter(OptunaSearch(seed=cfg.search.seed, study_name=study_name,
+                                                   storage=optuna.storages.RDBStorage(study_url)),
+                                      max_concurrent=cfg.search.max_concurrent)
         scheduler = None
         if cfg.search.asha:
             scheduler = ASHAScheduler(time_attr="epoch", max_t=cfg.phase2.epochs,
                                       grace_period=cfg.search.grace_period, reduction_factor=cfg.search.reduction_factor)
         tuner = tune.Tuner(
             trainable,
-            param_space={**{n: _tune_domain(getattr(space, n), integer=n == "k") for n in SEARCHED}},
+            param_space={**{n: _tune_domain(getattr(space, n), integer=n == "k") for n in SEARCHED
+                            if n != "selector"}, "selector": tune.choice(list(space.selector))},
             tune_config=tune.TuneConfig(metric="sel_metric", mode="max", search_alg=searcher, scheduler=scheduler,
                                         num_samples=cfg.search.num_trials, max_concurrent_trials=cfg.search.max_concurrent,
                                         reuse_actors=cfg.search.cost_aware),
@@ -441,7 +457,9 @@ def _search_one_model(cfg: SearchJobConfig, model: str, ctx: dict, storage: Path
                        "sel_metric": m.get("sel_metric"), "epochs": m.get("epoch"), "mlflow_run_id": m.get("mlflow_run_id"),
                        "error": str(r.error)[:300] if r.error else None,
                        **{k: m.get(k) for k in ("phase1_s", "phase2_s", "eval_s", "total_s", "memo_hit")}})
-    out = {"registered_model": name, "metric": metric, "trials": trials}
+    out = {"registered_model": name, "metric": metric, "trials": trials, "study": study_name,
+           "study_storage": study_url}
+    log_study_plots(uri, ctx["parent_run_id"], study_url, study_name)
     champion = tracking.best_version(uri, name, tag="sel_metric", select_fingerprint=select_fp)
     if champion is None:
         out["error"] = "no trial finished; see the failed runs in MLflow"
@@ -455,6 +473,47 @@ def _search_one_model(cfg: SearchJobConfig, model: str, ctx: dict, storage: Path
     out["report_text"] = report_text(model, name, version, out["report"])
     print(out["report_text"], flush=True)
     return out
+
+
+def study_storage(cfg: SearchJobConfig) -> str:
+    """The Optuna storage URL of the search's studies (one study per model, named after the MLflow parent run)."""
+    if cfg.search.study_storage:
+        return cfg.search.study_storage
+    tracking.lofit_home().mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{tracking.lofit_home() / 'optuna.db'}"
+
+
+def log_study_plots(uri: str, parent: str, study_url: str, study_name: str) -> list[str]:
+    """optuna/<study>_history.png and _importances.png on the parent run: the selection metric per trial with
+    the best so far, and which searched values mattered (needs two finished trials that differ)."""
+    import tempfile
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import optuna
+    from optuna.visualization import matplotlib as ovm
+
+    study = optuna.load_study(study_name=study_name, storage=study_url)
+    logged = []
+    with tempfile.TemporaryDirectory(prefix="lofit-study-") as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # optuna's matplotlib plots
+        for kind, plot in (("history", ovm.plot_optimization_history), ("importances", ovm.plot_param_importances)):
+            try:
+                ax = plot(study)
+            except (ValueError, RuntimeError) as exc:  # too few finished trials, or none that differ
+                print(f"[lofit-ray] no {kind} plot for study {study_name}: {exc}", flush=True)
+                continue
+            fig = ax.figure
+            fig.set_size_inches(7, 4)
+            fig.tight_layout()
+            path = Path(tmp) / f"{study_name}_{kind}.png"
+            fig.savefig(path, dpi=100)
+            plt.close(fig)
+            tracking.log_file(uri, parent, path, "optuna")
+            logged.append(path.name)
+    return logged
 
 
 def _close_stopped_trials(uri: str, epochs: int):

@@ -493,6 +493,11 @@ def log_item_rows(tracking_uri: str, run_id: str, rows: list[dict], name: str) -
     log_rows_table(tracking_uri, run_id, rows, f"{ITEMS_DIR}/{name}.table.json")
 
 
+def log_file(tracking_uri: str, run_id: str, path: str | Path, artifact_dir: str | None = None) -> None:
+    """One local file (a plot, a table) as an artifact of the run."""
+    _retry(client(tracking_uri).log_artifact, run_id, str(path), artifact_dir)
+
+
 def log_rows_table(tracking_uri: str, run_id: str, rows: list[dict], artifact_file: str) -> None:
     """Rows as an MLflow table (the UI's artifact view shows it); list and dict cells as JSON text."""
     columns = list(dict.fromkeys(col for r in rows for col in r))

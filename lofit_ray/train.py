@@ -1,7 +1,8 @@
 """The one training loop (plain torch), and LoFiT's two phases on top of it.
 
 `train_loop` runs epochs of SFT or DPO steps over whatever parameters its `stepper` updates:
-the scales A (phase 1), the offsets v (phase 2) or LoRA's matrices (baselines.lora). A stepper
+the selectors' scales and gates (phase 1, lofit_ray.selectors), the offsets v (phase 2) or LoRA's
+matrices (baselines.lora). A stepper
 does backward + optimizer step, so the distributed layer swaps in a DeepSpeed engine and LoRA
 adds gradient clipping without touching the loop. `rank`/`world` shard each global batch so
 N workers compute exactly what one process would. No Ray here.
@@ -24,12 +25,12 @@ import torch
 from . import batching, faults, frozen_layers, losses
 from .adapter import Adapter
 from .config import Phase1Config, Phase2Config, TrainingConfig
-from .heads import HeadSet, rank_by_norm
+from .heads import HeadSet
 from .models import LoadedModel, cache_dir
 from .offsets import HeadOffsets
 
 CODE_MODULES = ("train.py", "losses.py", "offsets.py", "batching.py", "frozen_layers.py", "architectures.py",
-                "heads.py")
+                "heads.py", "selectors.py")
 
 
 def code_version() -> str:
@@ -209,28 +210,6 @@ def train_loop(
     return history
 
 
-def select_heads(loaded: LoadedModel, examples: list, training: TrainingConfig, phase1: Phase1Config, *,
-                 task: str = "", make_stepper: Callable[[HeadOffsets], object] | None = None,
-                 **loop_kwargs) -> HeadSet:
-    """Phase 1: learn A over every head with an L1 penalty; return the ranking of ALL heads by ||A||_2.
-
-    K is not chosen here: phase 2 cuts the ranking (`train_offsets(..., k)`), so one phase-1 run
-    serves every K. `make_stepper(offsets)` (default plain AdamW) lets Ray Train workers use DeepSpeed.
-    """
-    offsets = HeadOffsets(loaded.layout, scale=True, seed=training.seed).attach(loaded.model)
-    stepper = make_stepper(offsets) if make_stepper else TorchStepper([offsets.scale], phase1.lr)
-    try:
-        history = train_loop(loaded, examples, training, phase1.epochs, stepper,
-                             penalty=(lambda: phase1.l1 * losses.l1_penalty(offsets.scale)) if phase1.l1 else None,
-                             base_model=offsets.disabled, label="phase 1 ", **loop_kwargs)
-    finally:
-        offsets.detach()
-    return HeadSet(model=loaded.spec, fingerprint=loaded.fingerprint, layout=asdict(loaded.layout),
-                   ranking=rank_by_norm(offsets.scale), method="lofit", task=task, seed=training.seed,
-                   hparams={"training": asdict(training), "phase1": asdict(phase1),
-                            "final_loss": history[-1]["loss"], "history": history})
-
-
 def train_offsets(loaded: LoadedModel, head_set: HeadSet, k: int | None, examples: list, training: TrainingConfig,
                  phase2: Phase2Config, *, task: str = "", **loop_kwargs) -> Adapter:
     """Phase 2: fresh offsets v on the top-K heads of a head set (its own K when k is None), all else frozen.
@@ -256,7 +235,8 @@ def train_offsets(loaded: LoadedModel, head_set: HeadSet, k: int | None, example
 
 
 def phase1_key(fingerprint: str, train_hash: str, task: str, training: TrainingConfig, phase1: Phase1Config) -> str:
-    """The memo key of a phase-1 ranking: everything it depends on (model, data, task, both configs, code), no K."""
+    """The memo key of a phase-1 ranking: everything it depends on (model, data, task, training, the selector's
+    settings, code), no K."""
     payload = json.dumps({"fp": fingerprint, "data": train_hash, "task": task, "training": asdict(training),
-                          "phase1": asdict(phase1), "code": CACHE_VERSION}, sort_keys=True)
+                          "phase1": phase1.settings(), "code": CACHE_VERSION}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:20]

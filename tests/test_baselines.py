@@ -347,3 +347,50 @@ def test_baselines_import_without_peft_ray_mlflow():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0 and result.stdout.split() == ["ok", "2"], result.stderr
     assert result.stderr.strip() == "lofit-ray lora needs peft: pip install 'lofit-ray[baselines]'"
+
+
+# -- ReFT (LoReFT on the residual stream) -------------------------------------------------------
+
+def test_loreft_edit_is_the_published_intervention_and_comes_off_cleanly(tiny):
+    """h + R^T (W h + b - R h) with orthonormal rows of R, on one layer's output; `disabled` and `detach`
+    give back the base model exactly."""
+    from lofit_ray.baselines.reft import LoReFT
+
+    ids = torch.tensor([[1, 5, 9, 2, 7]])
+    base = tiny.model(ids).logits
+    edit = LoReFT(tiny.model.config.hidden_size, layer=1, rank=2, seed=0).attach(tiny.model)
+    try:
+        R = edit.rotate.weight.detach()
+        torch.testing.assert_close(R @ R.T, torch.eye(2), atol=1e-5, rtol=0)
+        h = torch.randn(3, tiny.model.config.hidden_size)
+        W, b = edit.learned.weight.detach(), edit.learned.bias.detach()
+        torch.testing.assert_close(edit.edit(h).detach(), h + (h @ W.T + b - h @ R.T) @ R)
+        assert not torch.allclose(tiny.model(ids).logits, base)
+        with edit.disabled():
+            torch.testing.assert_close(tiny.model(ids).logits, base)
+        assert edit.num_parameters == 2 * 2 * tiny.model.config.hidden_size + 2
+        assert edit.num_parameters == sum(p.numel() for p in edit.parameters())
+    finally:
+        edit.detach()
+    torch.testing.assert_close(tiny.model(ids).logits, base)
+
+
+def test_train_reft_lowers_the_loss_and_detaches_after_a_failure(tiny):
+    from lofit_ray.baselines.reft import reft_layer, train_reft
+    from lofit_ray.config import ReftConfig
+    from lofit_ray.tasks import PreferenceExample
+
+    examples = [PreferenceExample(f"Q: colour {i}? A:", " blue", " green") for i in range(8)]
+    training = TrainingConfig(batch_size=4, seed=0)
+    edit, info = train_reft(tiny, examples, training, ReftConfig(epochs=3, lr=1e-2, depth=1.0))
+    edit.detach()
+    assert info["history"][-1]["loss"] < info["history"][0]["loss"] and info["layer"] == 3 == reft_layer(4, 1.0)
+    ids = torch.tensor([[1, 2, 3]])
+    base = tiny.model(ids).logits
+
+    def stop(epoch, stats):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_reft(tiny, examples, training, ReftConfig(epochs=2), on_epoch=stop)
+    torch.testing.assert_close(tiny.model(ids).logits, base)  # the stopped edit is off the model

@@ -10,8 +10,7 @@ from dataclasses import asdict
 import pytest
 import torch
 
-from lofit_ray import (Adapter, HeadOffsets, HeadSet, Phase1Config, Phase2Config, TrainingConfig, select_heads,
-                       train_offsets)
+from lofit_ray import Adapter, HeadOffsets, HeadSet, Phase2Config, TrainingConfig, train_offsets
 from lofit_ray.architectures import FAMILIES, UnsupportedArchitectureError, head_layout, o_projs
 from lofit_ray.evaluate import mc_metrics, mc_scores
 from lofit_ray.heads import compare, jaccard, random_ranking
@@ -73,27 +72,6 @@ def test_offsets_reject_bad_heads(tiny):
         HeadOffsets(tiny.layout, offset_heads=[(9, 0)])
     with pytest.raises(ValueError, match="twice"):
         HeadOffsets(tiny.layout, offset_heads=[(0, 0), (0, 0)])
-
-
-# -- phase 1 ranking --------------------------------------------------------------------
-
-def test_ranking_recovers_planted_heads():
-    """Only the planted heads reach the output (the others' o_proj columns are zero), so only their
-    scales get a task gradient; the L1 penalty keeps the rest near zero and they rank last."""
-    loaded = load_model("tiny-llama", seed=5)
-    planted = {(1, 2), (3, 0)}
-    D = loaded.layout.head_dim
-    with torch.no_grad():
-        for layer, proj in enumerate(o_projs(loaded.model)):
-            for head in range(loaded.layout.num_heads):
-                if (layer, head) not in planted:
-                    proj.weight[:, head * D:(head + 1) * D] = 0
-    examples = [SFTExample(f"Q: item {i} A:", " yes") for i in range(16)]
-    head_set = select_heads(loaded, examples, TrainingConfig(batch_size=8, seed=0),
-                            Phase1Config(epochs=3, lr=2e-2, l1=1e-3)).with_k(2)
-    assert set(head_set.top(2)) == planted
-    scores = [s for _, _, s in head_set.ranking]
-    assert scores[1] > 5 * scores[2]
 
 
 # -- head sets ------------------------------------------------------------------------

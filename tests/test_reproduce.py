@@ -226,6 +226,57 @@ def test_resume_skips_done_cells(tiny_run):
     print(f"resume with nothing to do: {time.time() - start:.0f}s (first run {first_seconds:.0f}s)")
 
 
+@pytest.mark.slow
+def test_selectors_and_reft_added_to_a_finished_record_run_only_their_cells(tiny_run, tmp_path):
+    """--resume with the selector methods and ReFT added: only their cells run (each searched like the others),
+    the selectors' heads are the top K of their ranking, and the table pairs each with random heads."""
+    import shutil
+
+    from lofit_ray.evidence import compare_rows, read_rows
+    from lofit_ray.heads import HeadSet
+
+    out = tmp_path / "selectors"
+    shutil.copytree(tiny_run[0], out, ignore=shutil.ignore_patterns("mlflow.db", "mlruns", "mlartifacts"))
+    added = ("gates_heads", "grad_heads", "grad_x_act_heads")
+    proc = run_job(out, "--resume", "--set", f"methods=[random_heads, lofit, {', '.join(added)}, reft]")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    new = len(TASKS) * len(KS) * len(SEEDS) * len(added) + len(TASKS) * len(SEEDS)
+    assert f"{new} cells run, {len(TASKS) * len(KS) * len(SEEDS) * 2} already done" in proc.stdout
+    doc = json.loads((out / "reproduce.json").read_text())
+    selector_of = {"gates_heads": "gates", "grad_heads": "grad", "grad_x_act_heads": "grad_x_act"}
+    cells = {c["id"]: c for c in doc["cells"]}
+    for task in TASKS:
+        for k in KS:
+            for method in added:
+                cell = cells[f"tiny-llama|{task}|{method}|k={k}|seed=0"]
+                ranking = HeadSet(**json.loads((out / cell["ranking_file"]).read_text())["head_set"])
+                assert ranking.method == selector_of[method] and ranking.hparams["selector"] == selector_of[method]
+                assert [list(h) for h in ranking.top(k)] == [list(h) for h in cell["heads"]]
+                assert doc["searches"][f"tiny-llama|{task}|{method}|k={k}"]["trials"]
+    for task in TASKS:  # ReFT: one layer at rank 1, 2 x hidden + 1 parameters (tiny-llama: hidden 64)
+        reft = cells[f"tiny-llama|{task}|reft|k=-|seed=0"]
+        assert reft["trainable_params"] == 2 * 64 + 1 and set(reft["hparams"]) >= {"lr", "depth", "epochs"}
+    text = (out / "reproduce.md").read_text()
+    section = text.split("## mquake")[1].split("## ")[0]
+    header = [x.strip() for x in section.splitlines()[2].split("|")]
+    row = next([x.strip() for x in line.split("|")] for line in section.splitlines()
+               if line.startswith("| tiny-llama | grad_heads | 1 |"))
+    mine, theirs = cells["tiny-llama|mquake|grad_heads|k=1|seed=0"], cells["tiny-llama|mquake|random_heads|k=1|seed=0"]
+    paired = compare_rows(read_rows(out / mine["items"]), read_rows(out / theirs["items"]))["em"]
+    assert row[header.index("vs random heads")] == f"{paired['diff']:+.3f} (p={paired['p_value']:.2g})"
+    # the selectors section: each selector's ranking time over l1's and its overlap with l1's heads
+    section = text.split("## Selectors (phase 1)")[1].split("## ")[0]
+    sel_rows = [[x.strip() for x in line.split("|")[1:-1]] for line in section.splitlines()
+                if line.startswith("| tiny-llama |")]
+    assert len(sel_rows) == len(TASKS) * len(KS) * (1 + len(added))
+    for model, task, k, selector, seeds, seconds, ratio, overlap in sel_rows:
+        method = {"l1": "lofit", **{v: m for m, v in selector_of.items()}}[selector]
+        cell, l1 = cells[f"{model}|{task}|{method}|k={k}|seed=0"], cells[f"{model}|{task}|lofit|k={k}|seed=0"]
+        mine, theirs = {tuple(h) for h in cell["heads"]}, {tuple(h) for h in l1["heads"]}
+        assert float(overlap) == pytest.approx(len(mine & theirs) / len(mine | theirs), abs=5e-3)
+        assert float(ratio) == pytest.approx(cell["phase1_seconds"] / l1["phase1_seconds"], rel=1e-2, abs=1e-3)
+
+
 def copy_record(src: Path, dst: Path) -> Path:
     """The committed part of a results dir (record + rankings), without its MLflow store."""
     import shutil
@@ -377,6 +428,10 @@ def test_bad_config_field_named(tmp_path):
     ({"search.spaces.transfer_heads.phase2_lr": [-1]}, "search.spaces.transfer_heads.phase2_lr"),
     ({"search.spaces.iti.alpha": {"low": 5, "high": 1}}, "search.spaces.iti.alpha"),
     ({"search.spaces.lora.rank": [4.5]}, "search.spaces.lora.rank"),
+    ({"search.spaces.gates_heads.l0": [-1e-3]}, "search.spaces.gates_heads.l0"),
+    ({"search.spaces.reft.depth": [0.5, 1.5]}, "search.spaces.reft.depth"),
+    ({"reft.depth": 2.0}, "reft.depth"),
+    ({"phase1.selector": "norm"}, "phase1.selector"),
     ({"search.num_trials": 0}, "search.num_trials"),
     ({"tasks.mquake.select_fraction": 1.5}, "tasks.mquake.select_fraction"),
     ({"tasks.mquake.limit_train": "many"}, "tasks.mquake.limit_train"),

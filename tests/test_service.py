@@ -56,6 +56,8 @@ def _runs(uri: str, kind: str) -> list:
     ({"search.space.phase2_lr": [float("inf")]}, "search.space.phase2_lr: every value must be a finite"),
     ({"phase1.lr": 0}, "phase1.lr"),
     ({"phase2.epochs": 0}, "phase2.epochs"),
+    ({"search.space.selector": ["l1", "l2"]}, "search.space.selector"),
+    ({"phase1.selector": "norm"}, "phase1.selector: 'norm' is not one of l1, gates, grad, grad_x_act, random"),
 ])
 def test_config_errors_name_the_field(override, message):
     with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
@@ -109,14 +111,17 @@ def single_process_scores(job: dict) -> torch.Tensor:
     from lofit_ray.distributed import job_examples
     from lofit_ray.models import load_model
     from lofit_ray.offsets import HeadOffsets
-    from lofit_ray.train import select_heads
+    from lofit_ray.selectors import select_heads
 
     loaded = load_model(job["model"])
     training = TrainingConfig(**job["training"])
-    head_set = select_heads(loaded, job_examples(job), training, Phase1Config(**job["phase1"]))
+    phase1 = Phase1Config(**job["phase1"])
+    head_set = select_heads(loaded, job_examples(job), training, phase1)
     scores = head_set.score_grid()
-    initial = HeadOffsets(loaded.layout, scale=True, seed=training.seed).scale.detach().norm(dim=-1)
-    assert (scores - initial).abs().max() > 1e-2  # it trained
+    if phase1.selector == "l1":
+        initial = HeadOffsets(loaded.layout, scale=True, seed=training.seed).scale.detach().norm(dim=-1)
+        assert (scores - initial).abs().max() > 1e-2  # it trained
+    assert scores.max() > scores.min()  # a ranking, not a tie
     return scores
 
 
@@ -151,6 +156,19 @@ def test_two_deepspeed_workers_match_a_single_process_run(tmp_path, zero_stage):
     out = phase1_on_two_workers(job, tmp_path, f"grad-check-zero{zero_stage}", zero_stage=zero_stage)
     torch.testing.assert_close(worker_scores(out[0]), single_process_scores(job), atol=1e-6, rtol=0)
     assert out[0]["head_set"]["hparams"]["workers"] == 2
+
+
+@pytest.mark.parametrize("selector", ["gates", "grad", "grad_x_act"])
+def test_every_selector_on_two_deepspeed_workers_matches_a_single_process_run(tmp_path, selector):
+    """The other selectors shard the same way: gates train in the DeepSpeed engine (their HardConcrete draws
+    are seeded per forward, so both workers draw the same gates), grad and grad_x_act average their one-pass
+    sums over the workers."""
+    job = {"model": "tiny-llama", "task": {"name": "mquake", "splits": {"limit_train": 8}},
+           "training": dict(batch_size=4, max_length=64, seed=3),
+           "phase1": dict(epochs=1, lr=1e-2, selector=selector, l0=1e-2)}
+    out = phase1_on_two_workers(job, tmp_path, f"selector-{selector}")
+    torch.testing.assert_close(worker_scores(out[0]), single_process_scores(job), atol=1e-6, rtol=0)
+    assert out[0]["head_set"]["method"] == selector and out[0]["head_set"]["hparams"]["workers"] == 2
 
 
 def test_killed_worker_is_restarted_and_learns_the_same(tmp_path):
@@ -322,15 +340,22 @@ def test_resume_after_a_killed_driver_loses_nothing(tmp_path, point):
     assert tracking.get_champion(uri, name) is not None
     assert len(_runs(uri, "search")) == 1  # the same parent run was continued
     assert not list(tmp_path.glob(".mlflow.db.creating-*"))
+    import optuna  # ... and the same Optuna study, under $LOFIT_HOME
+
+    names = optuna.get_all_study_names(f"sqlite:///{tmp_path}/optuna.db")
+    study = optuna.load_study(study_name=names[0], storage=f"sqlite:///{tmp_path}/optuna.db")
+    assert len(names) == 1 and len(study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))) >= 3
 
 
 def test_asha_stops_are_recorded_as_early_stops_when_they_happen(tmp_path):
     """With ASHA on, a stopped trial's run is closed when Tune stops it (not when the search ends): FINISHED,
     tagged lofit.outcome=stopped_early, with its timing metrics; completed trials are recorded before their
-    last report (registered adapter, outcome completed)."""
+    last report (registered adapter, outcome completed). The selector is a searched dimension too: phase 1 is
+    precomputed once per selector (grad reads neither l1 nor the lr) and every trial reads the memo."""
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     res = _search(tmp_path, "--tracking-uri", uri, "--set", "search.num_trials=4", "--set", "search.asha=true",
-                  "--set", "phase2.epochs=3", "--set", "search.grace_period=1", "--set", "search.reduction_factor=3")
+                  "--set", "phase2.epochs=3", "--set", "search.grace_period=1", "--set", "search.reduction_factor=3",
+                  "--set", "search.space.selector=[l1, grad]", "--set", "search.space.l1=[1.0e-3, 1.0e-2]")
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     trials = _runs(uri, "trial")
     stopped = [r for r in trials if r.data.tags.get("lofit.outcome") == "stopped_early"]
@@ -344,6 +369,17 @@ def test_asha_stops_are_recorded_as_early_stops_when_they_happen(tmp_path):
         assert "lofit.registered_version" not in r.data.tags
     for r in completed:
         assert r.info.status == "FINISHED" and r.data.tags["lofit.registered_version"]
+    phase1 = _runs(uri, "phase1")
+    assert sorted(r.data.params["phase1.selector"] for r in phase1) == ["grad", "l1", "l1"]  # l1 x {1e-3, 1e-2}, and one grad ranking for both l1 values
+    assert all(r.data.params["selector"] in ("l1", "grad") and r.data.metrics["memo_hit"] == 1.0 for r in trials)
+    # the Optuna study persists under $LOFIT_HOME, named after the parent run, with its plots on that run
+    import optuna
+
+    study = optuna.load_study(study_name=f"smoke-tiny-llama-{parent.info.run_id[:8]}",
+                              storage=f"sqlite:///{tmp_path}/optuna.db")
+    assert len(study.trials) == 4 and {t.params["selector"] for t in study.trials} <= {"l1", "grad"}
+    plots = {Path(a.path).name for a in tracking.client(uri).list_artifacts(parent.info.run_id, "optuna")}
+    assert plots == {f"{study.study_name}_history.png", f"{study.study_name}_importances.png"}
 
 
 def test_concurrent_trials_compute_a_shared_ranking_once(tmp_path):

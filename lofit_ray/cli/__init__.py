@@ -1,7 +1,7 @@
 """The `lofit-ray` command line: thin wrappers over the core, one sub-command per step.
 
     lofit-ray prepare-model smollm2-135m
-    lofit-ray select  --model smollm2-135m --task truthfulqa --out heads.json [--k 16] [--random]
+    lofit-ray select  --model smollm2-135m --task truthfulqa --out heads.json [--k 16] [--selector l1|gates|grad|grad_x_act|random]
     lofit-ray train   --model smollm2-135m --task truthfulqa --heads heads.json --k 16 --out adapter/
     lofit-ray eval    --model smollm2-135m --task truthfulqa [--adapter adapter/ | models:/NAME@champion]
     lofit-ray compare A B                            (paired difference of two recorded evaluations)

@@ -1,6 +1,6 @@
 """`lofit-ray prepare-model | select | train | eval | export | ui`: LoFiT's two phases and their outputs.
 
-    lofit-ray select  --model smollm2-135m --task truthfulqa --out heads.json [--k 16] [--random]
+    lofit-ray select  --model smollm2-135m --task truthfulqa --out heads.json [--k 16] [--selector l1|gates|grad|grad_x_act|random]
     lofit-ray train   --model smollm2-135m --task truthfulqa --heads heads.json --k 16 --out adapter/
     lofit-ray eval    --model smollm2-135m --task truthfulqa [--adapter adapter/ | models:/NAME@champion]
     lofit-ray export  --model smollm2-135m --adapter adapter/ --out merged/
@@ -14,11 +14,11 @@ import ipaddress
 import sys
 import time
 from pathlib import Path
-from dataclasses import asdict
+from dataclasses import replace
 
 from ..config import Phase1Config, Phase2Config, TrainingConfig
 from .common import (EVAL_SPLIT_HELP, TRACKING_URI_HELP, TRAIN_SPLIT_HELP, add_eval_batch_size, add_model_command,
-                     check_k, config_from_args, format_intervals, format_scores, load, require, resolve_adapter,
+                     check_k, config_from_args, format_intervals, load, require, resolve_adapter,
                      task_from_args, write_json)
 
 
@@ -34,12 +34,13 @@ def cmd_prepare_model(args):
 
 
 def cmd_select(args):
-    from ..heads import HeadSet, random_ranking
-    from ..train import select_heads
+    from ..selectors import select_heads
 
     check_k(args.k)
     training = config_from_args(TrainingConfig, args)
     phase1 = config_from_args(Phase1Config, args)
+    if args.random:
+        phase1 = replace(phase1, selector="random")
     start = time.time()
     loaded = load(args)
     layout = loaded.layout
@@ -47,13 +48,8 @@ def cmd_select(args):
         raise ValueError(f"--k {args.k} is larger than {args.model}'s {layout.total_heads} heads ({layout.num_layers} "
                          f"layers x {layout.num_heads}); choose K in 1..{layout.total_heads}")
     task = task_from_args(args, train=args.split)
-    if args.random:
-        head_set = HeadSet(model=loaded.spec, fingerprint=loaded.fingerprint, layout=asdict(layout),
-                           ranking=random_ranking(layout, training.seed), method="random", task=task.name,
-                           seed=training.seed)
-    else:
-        examples = task.train_examples(args.split, limit=args.limit)
-        head_set = select_heads(loaded, examples, training, phase1, task=task.name, progress=True)
+    examples = [] if phase1.selector == "random" else task.train_examples(args.split, limit=args.limit)
+    head_set = select_heads(loaded, examples, training, phase1, task=task.name, progress=True)
     if args.k is not None:
         head_set = head_set.with_k(args.k)
     head_set.to_json(args.out)
@@ -194,7 +190,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--k", type=int, default=None,
                    help="store K as the head set's default for `train` (about 3-10%% of all heads); "
                         "default: none, give --k to `train`")
-    p.add_argument("--random", action="store_true", help="a ranking in seeded random order (control); no training")
+    p.add_argument("--random", action="store_true", help="the same as --selector random: a seeded random ranking (the control); no training")
     p.add_argument("--out", default="heads.json")
 
     p = add_model_command(sub, "train", "phase 2: learn offsets on the top-K heads of a head set, write an adapter "

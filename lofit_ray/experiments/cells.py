@@ -1,7 +1,7 @@
 """The cells of a reproduce run: which K, which (model, task, method, K, seed) and in what order.
 
 A cell is a plain dict {"id", "model", "task", "method", "k", "seed"}; zero_shot has no K and no
-seed, lora no K. `cell_setting` hashes the config parts a cell's result depends on, so --resume
+seed, lora and reft no K. `cell_setting` hashes the config parts a cell's result depends on, so --resume
 re-runs exactly the cells whose setting changed.
 """
 from __future__ import annotations
@@ -13,8 +13,13 @@ import math
 
 from ..config import REPRODUCE_METHODS as METHODS, ReproduceConfig
 
-PER_K = ("lofit", "iti", "random_heads", "transfer_heads")  # one cell per K and seed, in run order
-PHASE2 = ("lofit", "random_heads", "transfer_heads")  # the methods that train offsets (phase 2)
+PER_K = ("lofit", "iti", "random_heads", "transfer_heads", "gates_heads", "grad_heads",
+         "grad_x_act_heads")  # one cell per K and seed, in run order
+PHASE2 = ("lofit", "random_heads", "transfer_heads", "gates_heads", "grad_heads",
+          "grad_x_act_heads")  # the methods that train offsets (phase 2)
+# The methods whose heads come from a selector of lofit_ray.selectors (phase1.selector), and which one.
+SELECTOR_OF = {"lofit": "l1", "gates_heads": "gates", "grad_heads": "grad", "grad_x_act_heads": "grad_x_act",
+               "random_heads": "random"}
 
 
 def k_values(fractions: list[float], total_heads: int) -> list[int]:
@@ -37,8 +42,8 @@ def plan_cells(cfg: ReproduceConfig, model: str, ks: list[int]) -> list[dict]:
         for seed in cfg.seeds:
             for k in ks:
                 cells += [{"model": model, "task": task, "method": m, "k": k, "seed": seed} for m in per_k]
-            if "lora" in methods:
-                cells.append({"model": model, "task": task, "method": "lora", "k": None, "seed": seed})
+            cells += [{"model": model, "task": task, "method": m, "k": None, "seed": seed}
+                      for m in ("lora", "reft") if m in methods]
     for c in cells:
         c["id"] = cell_id(c["model"], c["task"], c["method"], c["k"], c["seed"])
     return cells
@@ -74,6 +79,8 @@ def search_setting(cfg: ReproduceConfig, task: str, method: str) -> str:
         part["phase2_epochs"] = cfg.phase2.epochs
     if method == "lofit":
         part["phase1_epochs"] = cfg.phase1.epochs
+    if method == "gates_heads":
+        part["phase1"] = {"epochs": cfg.phase1.epochs, "gate_parts": cfg.phase1.gate_parts}
     if method == "transfer_heads":
         source = cfg.transfer_source(task)
         part["source"] = {"task": source, "lofit": search_setting(cfg, source, "lofit") if "lofit" in cfg.methods
@@ -82,6 +89,8 @@ def search_setting(cfg: ReproduceConfig, task: str, method: str) -> str:
         part["iti_val_fraction"] = cfg.iti.val_fraction
     if method == "lora":
         part["lora"] = {k: v for k, v in dataclasses.asdict(cfg.lora).items() if k not in ("lr", "rank")}
+    if method == "reft":
+        part["reft"] = {k: v for k, v in dataclasses.asdict(cfg.reft).items() if k not in ("lr", "depth")}
     return _hash(part)
 
 

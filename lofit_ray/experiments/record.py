@@ -20,7 +20,7 @@ MD_NAME = "reproduce.md"
 ITEMS_DIR = "items"  # per-cell report rows, beside the record
 METRICS = {"mc": ("mc1", "mc2"), "generation": ("em", "em_lenient")}
 METRIC_LABEL = {"mc1": "MC1", "mc2": "MC2", "em": "EM", "em_lenient": "EM (lenient)"}
-BASELINES = ("zero_shot", "iti", "random_heads", "transfer_heads", "lora")
+BASELINES = ("zero_shot", "iti", "random_heads", "transfer_heads", "lora", "reft")
 TIE = 1e-9  # selection scores closer than this are a tie: the first value in grid order wins
 
 
@@ -130,18 +130,19 @@ def _chosen(records: list[dict]) -> str:
     return "; ".join(t for t in shown if t) or "-"
 
 
-def _vs_lofit(recs: list[dict], lofit_by_k: dict, base: Path | None, name: str) -> str:
-    """This method minus LoFiT at the same K (every K for methods without one), paired over items."""
+def _paired_vs(recs: list[dict], refs_by_k: dict, base: Path | None, name: str) -> str:
+    """This method minus a reference method (LoFiT, random heads) at the same K (every K for methods without
+    one), paired over items; "-" for the reference itself."""
     from ..evidence import compare_rows
 
-    if recs[0]["method"] == "lofit" or not lofit_by_k:
+    if not refs_by_k or any(recs[0]["method"] == r[0]["method"] for r in refs_by_k.values()):
         return "-"
     mine = _seed_rows(recs, base)
     parts = []
-    for k, lofit_recs in sorted(lofit_by_k.items()):
+    for k, ref_recs in sorted(refs_by_k.items()):
         if recs[0]["k"] is not None and k != recs[0]["k"]:
             continue
-        theirs = _seed_rows(lofit_recs, base)
+        theirs = _seed_rows(ref_recs, base)
         if not (mine and theirs):
             continue
         paired = compare_rows(mine, theirs)[name]
@@ -239,8 +240,10 @@ def render_markdown(doc: dict, base: Path | None = None) -> str:
                      f"answer's log-prob per token on generation tasks). The best setting is then trained once per "
                      f"seed. Spaces: {spaces}. Epochs: a trial trains up to {cfg['phase2']['epochs']} epochs "
                      f"(LoRA {cfg['lora']['epochs']}) and its best epoch on the selection split is its count.")
-        lines.append("- 'vs LoFiT' is this method minus LoFiT at the same K (zero-shot and LoRA: at each K), paired "
-                     "item by item over the seed-averaged report scores, with the p-value of no difference. "
+        lines.append("- 'vs LoFiT' and 'vs random heads' are this method minus LoFiT (minus random heads) at the "
+                     "same K (zero-shot, LoRA and ReFT: at each K), paired item by item over the seed-averaged report "
+                     "scores, with the p-value of no difference. gates_heads, grad_heads and grad_x_act_heads are "
+                     "LoFiT's phase 2 on the heads of the other selectors (lofit_ray/selectors.py). "
                      "'search s' is the method's whole search (phase 1 included); 's / seed' trains the chosen "
                      "setting once and scores the report split.")
     else:
@@ -253,7 +256,8 @@ def render_markdown(doc: dict, base: Path | None = None) -> str:
                      + ", ".join(f"{t} <- {s}" for t, s in doc["transfer"].items()))
     lines.append("- Trainable parameters: LoFiT / random / transfer = K x head_dim offsets (phase 1 also trains "
                  "layers x heads x head_dim scales, given in brackets); ITI = K x head_dim offsets set in closed "
-                 "form (no gradient training); LoRA = peft's trainable count.")
+                 "form (no gradient training); LoRA = peft's trainable count; ReFT = LoReFT's R, W and b (2 x rank x "
+                 "hidden + rank) on one layer.")
     if doc.get("failed"):
         lines.append(f"- FAILED cells ({len(doc['failed'])}; rerun with --resume): "
                      + "; ".join(f"{f['id']}: {f['error'][:120]}" for f in doc["failed"]))
@@ -270,9 +274,9 @@ def render_markdown(doc: dict, base: Path | None = None) -> str:
         lines.append(f"## {task} (report split '{split}')")
         lines.append("")
         lines.append("| model | method | K | " + " | ".join(METRIC_LABEL[n] for n in names)
-                     + f" | vs LoFiT ({METRIC_LABEL[names[0]]}) | n | seeds | trainable params | search s | s / seed "
-                       "| chosen |")
-        lines.append("|" + "---|" * (len(names) + 10))
+                     + f" | vs LoFiT ({METRIC_LABEL[names[0]]}) | vs random heads | n | seeds | trainable params "
+                       "| search s | s / seed | chosen |")
+        lines.append("|" + "---|" * (len(names) + 11))
         groups: dict = {}
         for c in rows:
             groups.setdefault((c["model"], c["method"], c["k"]), []).append(c)
@@ -292,14 +296,57 @@ def render_markdown(doc: dict, base: Path | None = None) -> str:
             wall = sum(r["wall_seconds"] for r in recs) / len(recs)
             search_s = recs[0].get("search_seconds")
             lofit_by_k = {key[2]: g for key, g in groups.items() if key[:2] == (model, "lofit")}
+            random_by_k = {key[2]: g for key, g in groups.items() if key[:2] == (model, "random_heads")}
             lines.append(f"| {model} | {method} | {'-' if k is None else k} | " + " | ".join(vals)
-                         + f" | {_vs_lofit(recs, lofit_by_k, base, names[0])}"
+                         + f" | {_paired_vs(recs, lofit_by_k, base, names[0])}"
+                         + f" | {_paired_vs(recs, random_by_k, base, names[0])}"
                          + f" | {'/'.join(map(str, ns))} | {seeds_txt} | {params} | "
                          + ("-" if search_s is None else f"{search_s:.0f}") + f" | {wall:.1f} | {_chosen(recs)} |")
         lines.append("")
     lines.extend(render_comparisons(cells, list(doc.get("models", {})), doc.get("task_order") or [], base))
+    lines.extend(render_selectors(cells))
     lines.extend(render_searches(doc.get("searches", {})))
     return "\n".join(lines) + "\n"
+
+
+SELECTOR_METHODS = {"lofit": "l1", "gates_heads": "gates", "grad_heads": "grad", "grad_x_act_heads": "grad_x_act"}
+
+
+def render_selectors(cells: list[dict]) -> list[str]:
+    """Per model x task x K, what each selector's ranking cost and how far its top K is from l1's (LoFiT's):
+    the ranking's seconds (mean over seeds), that over l1's, and the Jaccard overlap of the heads each
+    seed's cell trained. Only records with a selector besides l1 get this section."""
+    if not any(c["method"] in SELECTOR_METHODS and c["method"] != "lofit" for c in cells):
+        return []
+    lines = ["## Selectors (phase 1)", "",
+             "Each selector ranks every head once per seed on the training split (lofit_ray/selectors.py); phase 2 "
+             "then trains the top K exactly as for LoFiT. 'x l1' is the ranking's time over l1's on the same "
+             "data and seed; Jaccard compares the K heads with l1's, seed by seed.", "",
+             "| model | task | K | selector | seeds | ranking s | x l1 | Jaccard vs l1 |", "|---|---|---|---|---|---|---|---|"]
+    groups: dict = {}
+    for c in cells:
+        if c["method"] in SELECTOR_METHODS and c.get("heads"):
+            groups.setdefault((c["model"], c["task"], c["k"]), {}).setdefault(c["method"], {})[c["seed"]] = c
+    for (model, task, k), by_method in groups.items():
+        l1 = by_method.get("lofit", {})
+        l1_seconds = [c["phase1_seconds"] for c in l1.values() if c.get("phase1_seconds")]
+        for method in SELECTOR_METHODS:
+            recs = by_method.get(method)
+            if not recs:
+                continue
+            seconds = [c["phase1_seconds"] for c in recs.values() if c.get("phase1_seconds") is not None]
+            mean_s = statistics.fmean(seconds) if seconds else None
+            ratio = f"{mean_s / statistics.fmean(l1_seconds):.3f}" if mean_s is not None and l1_seconds else "-"
+            overlaps = []
+            for seed, c in recs.items():
+                if seed in l1:
+                    mine, theirs = {tuple(h) for h in c["heads"]}, {tuple(h) for h in l1[seed]["heads"]}
+                    overlaps.append(len(mine & theirs) / len(mine | theirs))
+            lines.append(f"| {model} | {task} | {k} | {SELECTOR_METHODS[method]} | {len(recs)} | "
+                         + ("-" if mean_s is None else f"{mean_s:.1f}") + f" | {ratio} | "
+                         + (f"{statistics.fmean(overlaps):.2f}" if overlaps else "-") + " |")
+    lines.append("")
+    return lines
 
 
 def render_searches(searches: dict) -> list[str]:
@@ -322,7 +369,7 @@ def render_comparisons(cells: list[dict], models: list[str], tasks: list[str], b
     """LoFiT minus each baseline, per model x task x K (means over seeds), and how often LoFiT is ahead.
 
     Computed from the cells so the claims in prose can be checked against the record. The tally uses the
-    first metric (MC1 on TruthfulQA, strict EM on the generation tasks); zero-shot and LoRA have no K, so
+    first metric (MC1 on TruthfulQA, strict EM on the generation tasks); zero-shot, LoRA and ReFT have no K, so
     their one value is compared with LoFiT at every K. Where both methods' per-item rows are under `base`,
     the difference is paired item by item (seed-averaged rows) and ahead / tied / behind is p < 0.05;
     otherwise a difference counts as ahead or behind whatever its size.
@@ -331,12 +378,13 @@ def render_comparisons(cells: list[dict], models: list[str], tasks: list[str], b
 
     def group(model, task, method, k) -> list[dict]:
         return [c for c in cells if (c["model"], c["task"], c["method"]) == (model, task, method)
-                and (method in ("zero_shot", "lora") or c["k"] == k)]
+                and (method in ("zero_shot", "lora", "reft") or c["k"] == k)]
 
     def mean_of(recs) -> dict:
         return {"seeds": len(recs), **{m: statistics.fmean(r["metrics"][m] for r in recs) for m in recs[0]["metrics"]}}
 
-    rows, tally, paired_all = [], {b: [0, 0, 0] for b in BASELINES}, True  # ahead, tied, behind
+    baselines = [b for b in BASELINES if any(c["method"] == b for c in cells)]
+    rows, tally, paired_all = [], {b: [0, 0, 0] for b in baselines}, True  # ahead, tied, behind
     for model in models:
         for task in tasks:
             for k in sorted({c["k"] for c in cells if (c["model"], c["task"], c["method"]) == (model, task, "lofit")}):
@@ -344,7 +392,7 @@ def render_comparisons(cells: list[dict], models: list[str], tasks: list[str], b
                 lofit, lofit_rows = mean_of(lofit_recs), _seed_rows(lofit_recs, base)
                 names = METRICS["mc" if "mc1" in lofit else "generation"][:2 if "mc1" in lofit else 1]
                 cols = []
-                for b in BASELINES:
+                for b in baselines:
                     recs = group(model, task, b, k)
                     if not recs:
                         cols.append("-")
@@ -371,7 +419,7 @@ def render_comparisons(cells: list[dict], models: list[str], tasks: list[str], b
            "this record has no per-item rows, so the tally counts any nonzero gap")
     lines = ["## LoFiT minus each baseline", "",
              f"Means over the seeds each method has; MC1 / MC2 on TruthfulQA, strict EM on MQuAKE and CLUTRR; {how}.",
-             "", "| model | task | K | LoFiT | vs " + " | vs ".join(BASELINES) + " |", "|" + "---|" * (4 + len(BASELINES))]
+             "", "| model | task | K | LoFiT | vs " + " | vs ".join(baselines) + " |", "|" + "---|" * (4 + len(baselines))]
     lines += rows
     lines.append("")
     total = len(rows)

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from .. import faults, tracking
-from ..baselines import lora
+from ..baselines import lora, reft
 from ..baselines.iti import fit_iti, iti_adapter
 from ..config import Phase1Config, ReproduceConfig
 from ..evaluate import evaluate_items, selection_score
@@ -30,8 +30,9 @@ from ..heads import HeadSet, random_ranking
 from ..models import check_spec, load_model, spec_slug
 from ..splits import build_splits
 from ..tasks import get_task
-from ..train import phase1_key, select_heads, train_offsets
-from .cells import cell_setting, k_values, plan_cells, search_id, search_setting
+from ..selectors import select_heads
+from ..train import phase1_key, train_offsets
+from .cells import SELECTOR_OF, cell_setting, k_values, plan_cells, search_id, search_setting
 from .record import JSON_NAME, Results, hardware, metric_part, now, write_atomic
 from .tuning import run_search
 
@@ -170,7 +171,10 @@ class Runner:
             path.parent.mkdir(parents=True, exist_ok=True)
             write_atomic(path, json.dumps({**entry, "head_set": json.loads(head_set.to_json())}, indent=1))
         entry["file"] = str(path.relative_to(self.out_dir))
-        self.results.doc["phase1"][f"{loaded.spec}|{task_name}|seed={seed}|lr={phase1.lr:g}|l1={phase1.l1:g}"] = {
+        name = f"{loaded.spec}|{task_name}|seed={seed}|" + (
+            f"lr={phase1.lr:g}|l1={phase1.l1:g}" if phase1.selector == "l1" else
+            "|".join(f"{key}={value}" for key, value in phase1.settings().items() if key != "epochs"))
+        self.results.doc["phase1"][name] = {
             k: entry[k] for k in ("key", "seconds", "final_loss", "file")}
         self._rankings[memo] = entry
         return entry
@@ -182,14 +186,21 @@ class Runner:
             return HeadSet(model=loaded.spec, fingerprint=loaded.fingerprint, layout=dataclasses.asdict(loaded.layout),
                            ranking=random_ranking(loaded.layout, seed), k=k, method="random", task=task_name,
                            seed=seed), {}
-        source = task_name if method == "lofit" else self.cfg.transfer_source(task_name)
+        source = self.cfg.transfer_source(task_name) if method == "transfer_heads" else task_name
         if method == "lofit":
-            phase1 = dataclasses.replace(self.cfg.phase1, lr=float(params["phase1_lr"]), l1=float(params["l1"]))
+            phase1 = dataclasses.replace(self.cfg.phase1, selector="l1", lr=float(params["phase1_lr"]),
+                                         l1=float(params["l1"]))
+        elif method == "gates_heads":
+            phase1 = dataclasses.replace(self.cfg.phase1, selector="gates", lr=float(params["phase1_lr"]),
+                                         l0=float(params["l0"]))
+        elif method != "transfer_heads":  # grad_heads, grad_x_act_heads: one pass, nothing searched
+            phase1 = dataclasses.replace(self.cfg.phase1, selector=SELECTOR_OF[method])
         elif "lofit" in self.cfg.methods:  # transfer_heads: the source task's LoFiT ranking at its chosen phase 1
             chosen = self.search(source, "lofit", k)["chosen"]
-            phase1 = dataclasses.replace(self.cfg.phase1, lr=float(chosen["phase1_lr"]), l1=float(chosen["l1"]))
+            phase1 = dataclasses.replace(self.cfg.phase1, selector="l1", lr=float(chosen["phase1_lr"]),
+                                         l1=float(chosen["l1"]))
         else:
-            phase1 = self.cfg.phase1
+            phase1 = dataclasses.replace(self.cfg.phase1, selector="l1")
         entry = self.ranking(source, seed, phase1)
         head_set = entry["head_set"].with_k(k)
         info = {"phase1_seconds": entry["seconds"], "phase1_reused": entry["reused"], "ranking_file": entry["file"]}
@@ -231,6 +242,15 @@ class Runner:
             finally:
                 peft_model.unload()  # take the LoRA layers out of loaded.model again
             return
+        if method == "reft":
+            rc = dataclasses.replace(self.cfg.reft, lr=float(params["lr"]), depth=float(params["depth"]),
+                                     epochs=int(params.get("epochs", self.cfg.reft.epochs)))
+            edit, info = reft.train_reft(loaded, s.train, training, rc, on_epoch=on_epoch)
+            try:
+                yield {"trainable_params": info["trainable_parameters"], "layer": info["layer"]}
+            finally:
+                edit.detach()
+            return
         extra = {}
         if method == "iti":
             fit = self.iti_fit(task_name, k, seed)
@@ -245,8 +265,9 @@ class Runner:
             adapter = train_offsets(loaded, head_set, k, s.train, training, phase2, task=task_name,
                                     on_epoch=on_epoch)
             extra["heads"] = head_set.top(k)
+            if method in ("lofit", "gates_heads", "grad_heads", "grad_x_act_heads"):
+                extra["head_set"] = head_set  # its heatmap goes to the cell's MLflow run
             if method == "lofit":
-                extra["head_set"] = head_set
                 lay = loaded.layout
                 extra["phase1_params"] = lay.num_layers * lay.num_heads * lay.head_dim
         offsets = adapter.attach(loaded.model)
@@ -431,7 +452,7 @@ class Runner:
 
     def recorded_head_set(self, record: dict) -> HeadSet | None:
         """The phase-1 ranking a recorded LoFiT cell used, from <out-dir>/heads/ (None if absent or another)."""
-        if record["method"] != "lofit":
+        if record["method"] not in ("lofit", "gates_heads", "grad_heads", "grad_x_act_heads"):
             return None
         path = self.out_dir / record.get("ranking_file", "-")
         if not path.is_file():
