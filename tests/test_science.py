@@ -197,6 +197,7 @@ P1_CHANGES = {
     "l1": dict(phase1=Phase1Config(l1=1e-3)),
     "lr": dict(phase1=Phase1Config(lr=1e-2)),
     "epochs": dict(phase1=Phase1Config(epochs=2)),
+    "selector": dict(phase1=Phase1Config(selector="gates")),
     "batch_size": dict(training=TrainingConfig(batch_size=4)),
     "max_length": dict(training=TrainingConfig(max_length=64)),
     "dpo_beta": dict(training=TrainingConfig(dpo_beta=0.1)),
@@ -241,7 +242,8 @@ def test_cache_version_follows_the_source_of_every_module_behind_the_caches(tmp_
     monkeypatch.setattr(train, "__file__", str(tmp_path / "train.py"))
     assert train.code_version() == train.CACHE_VERSION
     seen = {train.CACHE_VERSION}
-    expected = ("train.py", "losses.py", "offsets.py", "batching.py", "frozen_layers.py", "architectures.py", "heads.py")
+    expected = ("train.py", "losses.py", "offsets.py", "batching.py", "frozen_layers.py", "architectures.py", "heads.py",
+                "selectors.py")
     assert set(train.CODE_MODULES) == set(expected)
     for name in expected:
         with open(tmp_path / name, "a") as f:
