@@ -328,15 +328,18 @@ def render_selectors(cells: list[dict]) -> list[str]:
         if c["method"] in SELECTOR_METHODS and c.get("heads"):
             groups.setdefault((c["model"], c["task"], c["k"]), {}).setdefault(c["method"], {})[c["seed"]] = c
     for (model, task, k), by_method in groups.items():
+        if set(by_method) == {"lofit"}:
+            continue  # no other selector ran on this task
         l1 = by_method.get("lofit", {})
-        l1_seconds = [c["phase1_seconds"] for c in l1.values() if c.get("phase1_seconds")]
         for method in SELECTOR_METHODS:
             recs = by_method.get(method)
             if not recs:
                 continue
             seconds = [c["phase1_seconds"] for c in recs.values() if c.get("phase1_seconds") is not None]
             mean_s = statistics.fmean(seconds) if seconds else None
-            ratio = f"{mean_s / statistics.fmean(l1_seconds):.3f}" if mean_s is not None and l1_seconds else "-"
+            ratios = [c["phase1_seconds"] / l1[seed]["phase1_seconds"] for seed, c in recs.items()
+                      if c.get("phase1_seconds") is not None and l1.get(seed, {}).get("phase1_seconds")]
+            ratio = f"{statistics.fmean(ratios):.3f}" if ratios else "-"  # seed by seed, as the header says
             overlaps = []
             for seed, c in recs.items():
                 if seed in l1:
