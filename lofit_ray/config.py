@@ -189,7 +189,11 @@ class TaskConfig:
     SECTION: typing.ClassVar[str] = "task"
 
     name: str = _help("truthfulqa | mquake | clutrr | jsonl", "truthfulqa")
-    data_dir: str | None = _help("task data folder; default $LOFIT_DATA_DIR or ../shared/data", None)
+    data_dir: str | None = _help("task data folder; default $LOFIT_DATA_DIR, else ../shared/data when it exists, "
+                                 "else $LOFIT_HOME/data (`lofit-ray data fetch` fills it)", None)
+    source: str | None = _help("where split names are read instead of the data dir's files: a save_to_disk "
+                               "folder with train/val/test, or a hub dataset id (truthfulqa/truthful_qa "
+                               "builds the paper's fold; needs a network once, then $LOFIT_CACHE_DIR)", None)
     train: str = _help("split name or file trained on (minus the selection carve)", "train")
     report: str = _help("held-out split name or file, scored once at the end (e.g. val, test, a path)", "val")
     select: str | None = _help("a separate selection split/file instead of carving train", None)
@@ -204,6 +208,15 @@ class TaskConfig:
             raise ConfigError(f"task.select_fraction: {self.select_fraction} must be between 0 and 1")
         for name in ("limit_train", "limit_select", "limit_report"):
             _at_least(getattr(self, name), 1, f"task.{name}", "or null for no limit")
+        if self.source is not None:
+            from .tasks.source import is_hub_id
+
+            if self.name == "jsonl":
+                raise ConfigError("task.source: the jsonl task reads the files task.train and task.report; "
+                                  "set those (a file or a save_to_disk folder each) and drop task.source")
+            if not Path(self.source).expanduser().exists() and not is_hub_id(self.source):
+                raise ConfigError(f"task.source: {self.source!r} is neither an existing save_to_disk folder nor "
+                                  f"a hub dataset id (owner/name or owner/name:config)")
 
 
 @dataclass
@@ -525,13 +538,39 @@ def parse_set(pairs: list[str]) -> dict:
     return out
 
 
+def shipped_configs() -> dict[str, Path]:
+    """The configs that come with lofit-ray, by name: configs/ of this checkout, or, in an installed wheel,
+    the package lofit_ray.configs (the same files)."""
+    folder = Path(__file__).resolve().parents[1] / "configs"
+    if not folder.is_dir():
+        from importlib import resources
+
+        try:
+            folder = Path(str(resources.files("lofit_ray.configs")))
+        except ModuleNotFoundError:
+            return {}
+    return {p.stem: p for p in sorted(folder.glob("*.yaml"))}
+
+
+def config_file(name_or_path: str | Path) -> Path:
+    """A config path as given, else a shipped config by name ("quickstart" or "quickstart.yaml")."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    shipped = shipped_configs()
+    name = path.name.removesuffix(".yaml")
+    if name in shipped and (len(path.parts) == 1 or path.parent.name == "configs"):
+        return shipped[name]
+    raise ConfigError(f"config file not found: {name_or_path}; pass a YAML file or the name of a shipped config "
+                      f"({', '.join(shipped) or 'none found'})")
+
+
 def load_config(path: str | Path | None = None, overrides: dict | None = None, schema=SearchJobConfig):
-    """Read a YAML config of `schema` (the schema's defaults when path is None), apply overrides, check it."""
+    """Read a YAML config of `schema` (the schema's defaults when path is None), apply overrides, check it.
+    `path` may also name a shipped config ("quickstart", "configs/smoke.yaml" outside a checkout)."""
     data = {}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}; pass one of the files in configs/")
+        path = config_file(path)
         try:
             if path.stat().st_size > 1 << 20:  # configs are a few KB; do not spend minutes parsing a stray file
                 raise ConfigError(f"{path}: {path.stat().st_size} bytes is too large for a config (at most 1 MiB); "
@@ -749,8 +788,8 @@ class ReproduceConfig:
     dtype: str = _help("float32 on CPU; bfloat16 on GPU", "float32")
     device: str = _help("auto (cuda when available) | cpu | cuda", "auto")
     threads: int | None = _help("torch threads; default all cores", None)
-    data_dir: str | None = _help("task data folder of tasks without their own; default $LOFIT_DATA_DIR or "
-                                 "../shared/data", None)
+    data_dir: str | None = _help("task data folder of tasks without their own; default as task.data_dir",
+                                 None)
     tasks: dict[str, TaskConfig] = _help(f"task name ({', '.join(REPRODUCE_TASKS)}) -> its splits",
                                          factory=lambda: {t: TaskConfig(name=t) for t in REPRODUCE_TASKS})
     transfer: dict[str, str] | None = _help("task -> the task whose phase-1 heads transfer_heads borrows; default "

@@ -25,8 +25,8 @@ from pathlib import Path
 import torch
 
 from .architectures import FAMILIES, HeadLayout, head_layout
+from .paths import CACHE_ENV, cache_dir  # noqa: F401  (re-exported: model conversion caches live there)
 
-CACHE_ENV = "LOFIT_CACHE_DIR"
 
 
 class ModelSpecError(ValueError):
@@ -43,10 +43,6 @@ class LoadedModel:
     @property
     def layout(self) -> HeadLayout:
         return head_layout(self.model.config)
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "lofit-ray").expanduser()
 
 
 def _smollm2_gguf() -> Path:

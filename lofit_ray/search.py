@@ -51,7 +51,7 @@ def task_spec(cfg: SearchJobConfig) -> dict:
     from .tasks.base import data_dir
 
     t = cfg.task
-    kwargs = {"data_dir": str(data_dir(t.data_dir).resolve())} if t.name != "jsonl" else {}
+    kwargs = {"data_dir": str(data_dir(t.data_dir).resolve()), "source": t.source} if t.name != "jsonl" else {}
     if t.name == "jsonl":
         kwargs = {"train_path": str(Path(t.train).resolve()), "eval_path": str(Path(t.report).resolve())}
     return {"name": t.name, "kwargs": kwargs,
@@ -229,7 +229,7 @@ def trial_fn(config: dict, ctx: dict) -> None:
         # Record everything before the last report: Tune stops the trial as soon as it sees the final
         # epoch, and code after that report would never run.
         version = _finish_trial(uri, ctx, run_id, trial_id, adapter, params, last["metrics"],
-                                {**timing, "total_s": time.time() - start, "memo_hit": int(memo_hit),
+                                last["report"]["epoch"], {**timing, "total_s": time.time() - start, "memo_hit": int(memo_hit),
                                  "torch_threads": torch.get_num_threads(), "niceness": os.nice(0)})
         recorded = True
         tune.report({**last["report"], "version": version, "total_s": time.time() - start})
@@ -241,9 +241,11 @@ def trial_fn(config: dict, ctx: dict) -> None:
         raise
 
 
-def _finish_trial(uri, ctx, run_id, trial_id, adapter: Adapter, params, metrics, timing) -> str:
-    """Log the adapter, register it as a model version with its metrics as tags, close the run."""
-    tracking.log_adapter(uri, run_id, adapter)
+def _finish_trial(uri, ctx, run_id, trial_id, adapter: Adapter, params, metrics, epoch: int, timing) -> str:
+    """Log the adapter (an MLflow model with the trial's last selection metrics), register it as a model
+    version with its metrics as tags, close the run."""
+    model_id = tracking.log_adapter(uri, run_id, adapter)
+    tracking.log_metrics(uri, run_id, metrics, step=epoch, model_id=model_id)
     version = tracking.register_adapter(
         uri, ctx["registered_name"], run_id,
         tags={"k": params["k"], "trial_id": trial_id, "sel_metric": f"{metrics['sel_metric']:.6f}",

@@ -171,7 +171,7 @@ def test_wrong_format_files(tmp_path):
     with pytest.raises(TaskDataError, match=r"missing column.*Best Answer"):
         get_task("truthfulqa").train_examples(bad)
     (tmp_path / "m.jsonl").write_text('{"case_id": 1}\n')
-    with pytest.raises(TaskDataError, match=r"m\.jsonl:1: not an MQuAKE case"):
+    with pytest.raises(TaskDataError, match=r"m\.jsonl: row 1: not an MQuAKE case"):
         get_task("mquake").train_examples(tmp_path / "m.jsonl")
     (tmp_path / "c.json").write_text('[{"story": "s", "query": "Alice", "target_text": "aunt"}]')
     with pytest.raises(TaskDataError, match="not a pair of names"):

@@ -231,7 +231,9 @@ def test_adapter_logged_and_registered(store):
     assert store["versions"] == ["1", "2"]
     for version, rid, seed in zip(store["versions"], store["children"], (0, 1)):
         mv = c.get_model_version(name, version)
-        assert mv.run_id == rid and mv.source == f"{c.get_run(rid).info.artifact_uri}/adapter"
+        model_id = c.get_run(rid).data.tags[tracking.MODEL_ID_TAG]  # the adapter as an MLflow model
+        assert mv.run_id == rid and mv.source == c.get_logged_model(model_id).artifact_location
+        assert c.get_logged_model(model_id).source_run_id == rid
         assert mv.tags["seed"] == str(seed) and float(mv.tags["val_mc1"]) == pytest.approx(0.25 + 0.1 * seed)
     files = {f.path for f in c.list_artifacts(store["children"][0], "adapter")}
     assert files == {"adapter/adapter_config.json", "adapter/offsets.safetensors"}
@@ -287,7 +289,7 @@ def test_cli_heads_list(store, capsys):
     tracking.set_champion(uri, name, "1")
     assert run_cli(["heads", "list", "--tracking-uri", uri, "--experiment", "lofit-test", "--task", "truthfulqa"]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert out[0].split()[:6] == ["RUN", "VERSION", "MODEL", "TASK", "METHOD", "K"] and "val_mc1" in out[0]
+    assert out[0].split()[:7] == ["RUN", "VERSION", "KIND", "MODEL", "TASK", "METHOD", "K"] and "val_mc1" in out[0]
     line0 = next(line for line in out if line.startswith(store["children"][0]))
     line1 = next(line for line in out if line.startswith(store["children"][1]))
     assert f"{name}/1" in line0 and line0.rstrip().endswith("*") and "0.250" in line0

@@ -10,8 +10,9 @@
     lofit-ray heads   list | show | compare | promote   (reads MLflow)
     lofit-ray ui                                     (MLflow UI on the default store, 127.0.0.1)
     lofit-ray iti | lora | lora-eval                 (baselines)
+    lofit-ray data fetch [--to DIR]                  (the paper's splits of the three tasks; needs a network once)
 
-Modules: common (shared flags, loading, errors), core, baselines, heads, search. Each imports
+Modules: common (shared flags, loading, errors), core, baselines, heads, search, data. Each imports
 only `common`; this file imports them inside `build_parser`, so any one imports alone.
 Ray, MLflow and peft are optional: a command that needs a missing one says which extra to install.
 """
@@ -22,11 +23,11 @@ import sys
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import baselines, core, heads, search
+    from . import baselines, core, data, heads, search
 
     parser = argparse.ArgumentParser(prog="lofit-ray", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    for module in (core, search, heads, baselines):
+    for module in (core, search, heads, baselines, data):
         module.add_parsers(sub)
     return parser
 

@@ -147,6 +147,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 def add_task_args(p: argparse.ArgumentParser, split_help: str) -> None:
     p.add_argument("--task", default=field_default(TaskConfig, "name"), help=field_help(TaskConfig, "name"))
     p.add_argument("--data-dir", default=None, help=field_help(TaskConfig, "data_dir"))
+    p.add_argument("--source", default=None, help=field_help(TaskConfig, "source"))
     p.add_argument("--split", default=None, help=split_help)
     p.add_argument("--limit", type=int, default=None, help="use only the first N examples")
 
@@ -180,7 +181,7 @@ def task_from_args(args, train: str | None = None, eval: str | None = None):
 
     if args.task == "jsonl":
         return get_task("jsonl", train_path=train, eval_path=eval)
-    return get_task(args.task, data_dir=args.data_dir)
+    return get_task(args.task, data_dir=args.data_dir, source=args.source)
 
 
 def load(args):

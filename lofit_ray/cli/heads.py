@@ -60,24 +60,48 @@ def cmd_list(args) -> None:
         which = " ".join(f"{k}={v}" for k, v in (("model", args.model), ("task", args.task)) if v)
         raise ValueError(f"no head sets recorded at {uri}{where}{' for ' + which if which else ''}; run "
                          f"`lofit-ray search` first, or point --tracking-uri/--experiment at the store it used")
-    present = {k for r in rows for k in r["metrics"]}
+    rankings = [r for r in rows if r["kind"] == "phase1" or r["k"] is None]
+    adapters = [r for r in rows if r not in rankings]
+    present = {k for r in adapters for k in r["metrics"]}
     metric_cols = [m for m in tracking.MAIN_METRICS if m in present]
-    headers = ["RUN", "VERSION", "MODEL", "TASK", "METHOD", "K", *metric_cols, "STATUS", "CHAMPION"]
+    hparams = [h for h in tracking.HPARAM_COLUMNS if any(h in r["params"] for r in adapters)]
+    headers = ["RUN", "VERSION", "KIND", "MODEL", "TASK", "METHOD", "K", *hparams, *metric_cols, "STATUS", "CHAMPION"]
     table, champions, versions = [], [], 0
-    for r in rows:
+    for r in adapters:
         regs = r["registered"]
         versions += len(regs)
         version = ", ".join(f"{v['name']}/{v['version']}" for v in regs) or "-"
         champ = [f"{v['name']}/{v['version']}" for v in regs if "champion" in v["aliases"]]
         champions += champ
-        table.append([r["run_id"], version, r["model"] or "-", r["task"] or "-", r["method"] or "-",
-                      r["k"] if r["k"] is not None else "-", *[format_metric(r["metrics"].get(m)) for m in metric_cols],
-                      r["status"], "*" if champ else ""])
-    print(_table(headers, table, right=[5] + list(range(6, 6 + len(metric_cols)))))
+        table.append([r["run_id"], version, r["kind"] or "-", r["model"] or "-", r["task"] or "-", r["method"] or "-",
+                      r["k"] if r["k"] is not None else "-", *[_short(r["params"].get(h)) for h in hparams],
+                      *[format_metric(r["metrics"].get(m)) for m in metric_cols], r["status"], "*" if champ else ""])
+    if table:
+        first_number = 6
+        print(_table(headers, table, right=list(range(first_number, first_number + 1 + len(hparams) + len(metric_cols)))))
+        if metric_cols and any(m.startswith("val_") for m in metric_cols):
+            print("(val_* is scored once, on the report split, for the champion and the controls only; trials are "
+                  "ranked by sel_metric on the selection split)")
+    if rankings:
+        print(f"\nphase-1 rankings (every head ranked; trials take their top K from one of these):")
+        print(_table(["RUN", "MODEL", "TASK", "SELECTOR", "STATUS"],
+                     [[r["run_id"], r["model"] or "-", r["task"] or "-", r["method"] or "-", r["status"]]
+                      for r in rankings]))
     experiments = sorted({r["experiment"] for r in rows})
-    print(f"{len(rows)} head set{'s' * (len(rows) != 1)} in {len(experiments)} experiment"
-          f"{'s' * (len(experiments) != 1)} ({', '.join(experiments)}), {versions} registered version"
-          f"{'s' * (versions != 1)}; champion: {', '.join(champions) or 'none'}")
+    print(f"{len(adapters)} head set{'s' * (len(adapters) != 1)} and {len(rankings)} ranking"
+          f"{'s' * (len(rankings) != 1)} in {len(experiments)} experiment{'s' * (len(experiments) != 1)} "
+          f"({', '.join(experiments)}), {versions} registered version{'s' * (versions != 1)}; champion: "
+          f"{', '.join(champions) or 'none'}")
+
+
+def _short(value) -> str:
+    """A param as the table shows it: numbers to 3 significant digits."""
+    if value is None:
+        return "-"
+    try:
+        return f"{float(value):.3g}"
+    except ValueError:
+        return str(value)
 
 
 # -- show --------------------------------------------------------------------------------------
@@ -85,7 +109,8 @@ def cmd_list(args) -> None:
 def _describe(head_set, k: int) -> str:
     L, H = head_set.layout["num_layers"], head_set.layout["num_heads"]
     return (f"model {head_set.model} (fingerprint {head_set.fingerprint}), task {head_set.task or '-'}, "
-            f"method {head_set.method}, seed {head_set.seed}, K={k} of {L * H} heads ({L} layers x {H} heads)")
+            f"method {head_set.method}, training seed {head_set.seed}, K={k} of {L * H} heads "
+            f"({L} layers x {H} heads)")
 
 
 def _histogram(counts_by_set: dict[str, list[int]]) -> str:

@@ -17,11 +17,12 @@ from pathlib import Path
 
 from .common import MissingExtra, TRACKING_URI_HELP, quiet_mlflow, require
 
-DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "quickstart.yaml"
+DEFAULT_CONFIG = "quickstart"  # configs/quickstart.yaml, found in a checkout or an installed wheel (config_file)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML config (see configs/; default %(default)s)")
+    p.add_argument("--config", default=DEFAULT_CONFIG, help="YAML config file, or the name of a shipped one "
+                                                            "(see configs/; default %(default)s)")
     p.add_argument("--resume", action="store_true", help="continue a search whose driver was killed")
     p.add_argument("--tracking-uri", default=None, help=f"overrides mlflow.tracking_uri of the config. "
                                                         f"{TRACKING_URI_HELP}")

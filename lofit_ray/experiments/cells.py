@@ -55,8 +55,12 @@ def search_id(model: str, task: str, method: str, k: int | None) -> str:
 
 
 def _task_part(cfg: ReproduceConfig, name: str) -> dict:
+    """The task config a cell's result depends on. Where the data lives is not part of it (the split hashes
+    in the record are); a `source` is, since it may hold other rows than the data dir's files."""
     t = dataclasses.asdict(cfg.tasks[name])
     del t["data_dir"], t["name"]
+    if t["source"] is None:  # the data dir's files, as before `source` existed: settings stay the same
+        del t["source"]
     return t
 
 

@@ -124,7 +124,7 @@ class Runner:
     def splits(self, task_name: str):
         if task_name not in self._splits:
             t = self.cfg.tasks[task_name]
-            task = get_task(task_name, data_dir=t.data_dir or self.cfg.data_dir)
+            task = get_task(task_name, data_dir=t.data_dir or self.cfg.data_dir, source=t.source)
             s = build_splits(task, train=t.train, report=t.report, select=t.select, select_fraction=t.select_fraction,
                              carve_seed=t.carve_seed, limit_train=t.limit_train, limit_select=t.limit_select,
                              limit_report=t.limit_report)
@@ -387,8 +387,9 @@ class Runner:
             self.log_record(run_id, record)
             if "head_set" in artifacts:
                 tr.log_head_set(self.uri, run_id, artifacts["head_set"], k=cell["k"])
-            if "adapter" in artifacts:
-                tr.log_adapter(self.uri, run_id, artifacts["adapter"])
+            if "adapter" in artifacts:  # an MLflow model, with the cell's report metrics
+                model_id = tr.log_adapter(self.uri, run_id, artifacts["adapter"])
+                tr.log_metrics(self.uri, run_id, cell_metrics(record), model_id=model_id)
             tr.end_run(self.uri, run_id)
         except Exception as exc:
             reason = f"{type(exc).__name__}: {exc}"

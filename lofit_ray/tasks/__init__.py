@@ -2,7 +2,8 @@
 
 `get_task(name, **kw)` returns a Task object (see `Task`); the task modules are
 imported lazily so this package stays importable without torch or any task's
-extra dependencies. Everything here is pure Python (csv/json only).
+extra dependencies. Built-in tasks read their rows through Hugging Face `datasets`
+(tasks/source.py: local files, save_to_disk folders, hub ids).
 
 `exact_match` / `match_item` score greedy generations for the generation tasks
 (MQuAKE, CLUTRR, JSONL generation rows); they live here so every task and the
@@ -26,6 +27,7 @@ from .base import (
     limit_items,
     require_file,
 )
+from .source import read_records
 
 __all__ = [
     "DATA_DIR_ENV", "GenerationItem", "MCQuestion", "PreferenceExample", "SFTExample",
@@ -53,8 +55,9 @@ class Task:
     source_hint = ""  # appended to "split file missing" errors: where the file comes from
     splits_under_data_dir = True  # False: split paths are used as given (user files)
 
-    def __init__(self, data_dir: str | os.PathLike | None = None):
+    def __init__(self, data_dir: str | os.PathLike | None = None, source: str | None = None):
         self.data_dir = data_dir
+        self.source = source  # a save_to_disk folder or hub id whose splits replace the data dir's files
         self.splits = dict(type(self).splits)
 
     def resolve(self, split_or_path, data_dir: str | os.PathLike | None = None) -> Path:
@@ -64,11 +67,12 @@ class Task:
             if not self.splits_under_data_dir:
                 return require_file(rel, f"{self.name} '{split_or_path}' file")
             path = rel if rel.is_absolute() else _data_dir(data_dir or self.data_dir) / rel
-            if not path.is_file():
+            if not path.exists():
                 raise TaskDataError(
                     f"{self.name} '{split_or_path}' split: file not found: {path}. {self.source_hint}"
-                    f"Put {rel} under the data dir (--data-dir / ${DATA_DIR_ENV}), "
-                    f"or pass an existing file path instead of the split name."
+                    f"Put {rel} under the data dir (--data-dir / ${DATA_DIR_ENV}; `lofit-ray data fetch` "
+                    f"writes it there), pass an existing file path instead of the split name, or set "
+                    f"task.source to a save_to_disk folder or a hub dataset id."
                 )
             return path
         if isinstance(split_or_path, str) and split_or_path in SPLIT_NAMES:
@@ -76,10 +80,25 @@ class Task:
                 f"{self.name} has no '{split_or_path}' split (known splits: "
                 f"{', '.join(sorted(self.splits)) or 'none'}). Pass a file path instead."
             )
+        if Path(str(split_or_path)).expanduser().is_dir():  # a save_to_disk folder of one split
+            return Path(str(split_or_path)).expanduser()
         return require_file(split_or_path, f"{self.name} data")
 
     def _path(self, path, default_split: str, data_dir) -> Path:
         return self.resolve(default_split if path is None else path, data_dir)
+
+    def records(self, path, default_split: str, data_dir=None) -> tuple[str, list[dict]]:
+        """(where, rows) of a split name or a path, read through `datasets` (tasks/source.py). With a
+        `source`, split names pick the source's splits; paths are read as they are."""
+        split = default_split if path is None else path
+        if self.source and isinstance(split, str) and split in SPLIT_NAMES:
+            return f"{self.source} [{split}]", self.source_records(split)
+        where = self.resolve(split, data_dir)
+        return str(where), read_records(where)
+
+    def source_records(self, split: str) -> list[dict]:
+        """The rows of one split of `source`; a task whose hub dataset needs building overrides this."""
+        return read_records(self.source, split)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, objective={self.objective!r}, eval_kind={self.eval_kind!r})"

@@ -56,20 +56,24 @@ class GenerationItem:
 
 
 def data_dir(configured: str | os.PathLike | None = None) -> Path:
-    """Where task data lives: the explicit value, else $LOFIT_DATA_DIR, else ../shared/data beside the repo.
+    """Where task data lives: the explicit value, else $LOFIT_DATA_DIR, else ../shared/data beside the repo
+    when it exists, else $LOFIT_HOME/data (where `lofit-ray data fetch` puts it on a fresh machine).
 
     "The repo" is this checkout or, when this file runs from a copy (`ray job submit --working-dir .`
     imports a temporary copy), the checkout lofit-ray was installed from in editable mode.
     """
+    from ..paths import lofit_home
+
     value = configured or os.environ.get(DATA_DIR_ENV)
     if value:
         return Path(value).expanduser()
-    default = _REPO_ROOT.parent / "shared" / "data"
-    if not default.is_dir():
-        installed = _editable_checkout()
-        if installed is not None and (installed.parent / "shared" / "data").is_dir():
-            return installed.parent / "shared" / "data"
-    return default
+    beside = _REPO_ROOT.parent / "shared" / "data"
+    if beside.is_dir():
+        return beside
+    installed = _editable_checkout()
+    if installed is not None and (installed.parent / "shared" / "data").is_dir():
+        return installed.parent / "shared" / "data"
+    return lofit_home() / "data"
 
 
 def _editable_checkout() -> Path | None:

@@ -19,7 +19,6 @@ reproduces the double spaces byte for byte.
 from __future__ import annotations
 
 import ast
-import json
 
 from . import GenerationItem, SFTExample, Task, TaskDataError, limit_items
 
@@ -39,27 +38,16 @@ RELATIONS = (
 )
 
 
-def read_examples(path) -> list[dict]:
-    """The JSON list of CLUTRR records, validated for story/query/target_text."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except (ValueError, RecursionError) as e:  # bad JSON or UTF-8, a 5000-digit number, arrays nested 1000 deep
-        reason = "nested too deeply" if isinstance(e, RecursionError) else str(e).split(";")[0]
-        raise TaskDataError(f"{path}: not valid UTF-8 JSON ({reason}); expected a JSON list of CLUTRR "
-                            f"records.") from None
-    except OSError as e:
-        raise TaskDataError(f"{path}: cannot read it ({e.strerror or e}).") from None
-    if not isinstance(data, list):
-        raise TaskDataError(f"{path}: expected a JSON list of CLUTRR records, got {type(data).__name__}.")
-    for i, rec in enumerate(data):
-        if not isinstance(rec, dict) or not isinstance(rec.get("clean_story", rec.get("story")), str) \
+def read_examples(records: list[dict], where) -> list[dict]:
+    """The CLUTRR records, validated for story/query/target_text; errors name the source and the record."""
+    for i, rec in enumerate(records):
+        if not isinstance(rec.get("clean_story") or rec.get("story"), str) \
                 or not isinstance(rec.get("query"), str) or not isinstance(rec.get("target_text"), str):
             raise TaskDataError(
-                f"{path}: record {i} needs string fields 'clean_story' (or 'story'), 'query' "
+                f"{where}: record {i} needs string fields 'clean_story' (or 'story'), 'query' "
                 f"(like \"('Alice', 'Bob')\") and 'target_text'."
             )
-    return data
+    return records
 
 
 def _names(query: str, original_spacing: bool, where: str) -> tuple[str, str]:
@@ -82,35 +70,36 @@ class ClutrrTask(Task):
     splits = {"train": "clutrr/train.json", "val": "clutrr/val.json", "test": "clutrr/test.json"}
     source_hint = "The splits ship in github.com/fc2869/lo-fit under dataset/clutrr/. "
 
-    def __init__(self, data_dir=None, original_spacing: bool = False):
-        super().__init__(data_dir)
+    def __init__(self, data_dir=None, original_spacing: bool = False, source: str | None = None):
+        super().__init__(data_dir, source)
         self.original_spacing = original_spacing
 
-    def _prompts(self, path) -> list[tuple[str, dict]]:
+    def _prompts(self, path, default_split: str, data_dir) -> tuple[str, list[tuple[str, dict]]]:
+        where, records = self.records(path, default_split, data_dir)
         out = []
-        for i, rec in enumerate(read_examples(path)):
-            a, b = _names(rec["query"], self.original_spacing, f"{path}: record {i}")
-            story = rec.get("clean_story", rec.get("story")).replace("[", "").replace("]", "")
+        for i, rec in enumerate(read_examples(records, where)):
+            a, b = _names(rec["query"], self.original_spacing, f"{where}: record {i}")
+            story = (rec.get("clean_story") or rec.get("story")).replace("[", "").replace("]", "")
             out.append((TEMPLATE.format(story=story, a=a, b=b) + "\n", rec))
-        return out
+        return where, out
 
     def train_examples(self, path=None, limit=None, data_dir=None) -> list[SFTExample]:
-        path = self._path(path, "train", data_dir)
-        items = [SFTExample(prompt=p, completion=rec["target_text"]) for p, rec in self._prompts(path)]
-        return limit_items(items, limit, path)
+        where, prompts = self._prompts(path, "train", data_dir)
+        items = [SFTExample(prompt=p, completion=rec["target_text"]) for p, rec in prompts]
+        return limit_items(items, limit, where)
 
     def eval_items(self, path=None, limit=None, data_dir=None) -> list[GenerationItem]:
-        path = self._path(path, "val", data_dir)
+        where, prompts = self._prompts(path, "val", data_dir)
         items = [GenerationItem(prompt=p, answers=[rec["target_text"]], max_new_tokens=MAX_NEW_TOKENS,
                                 meta={"id": rec.get("id"), "task_name": rec.get("task_name"), "stops": list(STOPS)})
-                 for p, rec in self._prompts(path)]
-        return limit_items(items, limit, path)
+                 for p, rec in prompts]
+        return limit_items(items, limit, where)
 
     def labelled_statements(self, path=None, limit=None, data_dir=None) -> list[tuple[str, int]]:
         """ITI probing pairs: prompt + true relation (1), prompt + a different relation (0),
         the wrong one rotating through RELATIONS so every relation appears as a negative."""
-        path = self._path(path, "train", data_dir)
-        prompts = limit_items(self._prompts(path), limit, path)
+        where, prompts = self._prompts(path, "train", data_dir)
+        prompts = limit_items(prompts, limit, where)
         out = []
         for i, (p, rec) in enumerate(prompts):
             gold = rec["target_text"]

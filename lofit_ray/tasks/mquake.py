@@ -20,30 +20,29 @@ answer_sep="" reproduces the original training text.
 from __future__ import annotations
 
 from . import GenerationItem, SFTExample, Task, TaskDataError, limit_items
-from .jsonl import iter_jsonl
 
 PROMPT = "Q: Imagine that {edited_prompt}. {question} A:"
 MAX_NEW_TOKENS = 16
 
 
-def read_cases(path) -> list[dict]:
-    """JSONL cases, validated for the fields the prompt needs; errors name file and line."""
+def read_cases(records: list[dict], where) -> list[dict]:
+    """The cases, validated for the fields the prompt needs; errors name the source and the row."""
     cases = []
-    for lineno, case in iter_jsonl(path):
+    for row, case in enumerate(records, 1):
         try:
             rw = case["requested_rewrite"][0]
             fields = (rw["prompt"], rw["subject"], rw["target_new"]["str"], case["questions"][0],
                       case["new_answer"])
         except (KeyError, IndexError, TypeError) as e:
             raise TaskDataError(
-                f"{path}:{lineno}: not an MQuAKE case (missing {e}); each line needs requested_rewrite[0]"
+                f"{where}: row {row}: not an MQuAKE case (missing {e}); each row needs requested_rewrite[0]"
                 f".prompt/.subject/.target_new.str, questions[0] and new_answer."
             ) from e
         if not all(isinstance(x, str) for x in fields):
-            raise TaskDataError(f"{path}:{lineno}: MQuAKE prompt fields and new_answer must be strings.")
+            raise TaskDataError(f"{where}: row {row}: MQuAKE prompt fields and new_answer must be strings.")
         if not isinstance(case.get("new_answer_alias") or [], list):
-            raise TaskDataError(f"{path}:{lineno}: MQuAKE new_answer_alias must be a list of strings.")
-        cases.append(dict(case, _line=lineno))
+            raise TaskDataError(f"{where}: row {row}: MQuAKE new_answer_alias must be a list of strings.")
+        cases.append(dict(case, _row=row))
     return cases
 
 
@@ -65,30 +64,33 @@ class MQuAKETask(Task):
     splits = {"train": "mquake/train.jsonl", "val": "mquake/val.jsonl", "test": "mquake/test.jsonl"}
     source_hint = "The splits ship in github.com/fc2869/lo-fit under dataset/MQuAKE/. "
 
-    def __init__(self, data_dir=None, answer_sep: str = " "):
-        super().__init__(data_dir)
+    def __init__(self, data_dir=None, answer_sep: str = " ", source: str | None = None):
+        super().__init__(data_dir, source)
         self.answer_sep = answer_sep
 
+    def cases(self, path, default_split: str, data_dir) -> tuple[str, list[dict]]:
+        where, records = self.records(path, default_split, data_dir)
+        return where, read_cases(records, where)
+
     def train_examples(self, path=None, limit=None, data_dir=None) -> list[SFTExample]:
-        path = self._path(path, "train", data_dir)
-        items = [SFTExample(prompt=prompt_for(c), completion=self.answer_sep + c["new_answer"])
-                 for c in read_cases(path)]
-        return limit_items(items, limit, path)
+        where, cases = self.cases(path, "train", data_dir)
+        items = [SFTExample(prompt=prompt_for(c), completion=self.answer_sep + c["new_answer"]) for c in cases]
+        return limit_items(items, limit, where)
 
     def eval_items(self, path=None, limit=None, data_dir=None) -> list[GenerationItem]:
-        path = self._path(path, "val", data_dir)
+        where, cases = self.cases(path, "val", data_dir)
         items = [GenerationItem(prompt=prompt_for(c), answers=answers_for(c), max_new_tokens=MAX_NEW_TOKENS,
-                                meta={"case_id": c.get("case_id"), "line": c["_line"], "stops": ["\n"]},
+                                meta={"case_id": c.get("case_id"), "row": c["_row"], "stops": ["\n"]},
                                 reference=self.answer_sep + c["new_answer"])
-                 for c in read_cases(path)]
-        return limit_items(items, limit, path)
+                 for c in cases]
+        return limit_items(items, limit, where)
 
     def labelled_statements(self, path=None, limit=None, data_dir=None) -> list[tuple[str, int]]:
         """ITI probing pairs per case: prompt + new answer (1), prompt + a wrong answer (0).
         The wrong answer is the case's real-world pre-edit `answer` (a hard negative the
         edit overrides), else the next case's new answer."""
-        path = self._path(path, "train", data_dir)
-        cases = limit_items(read_cases(path), limit, path)
+        where, cases = self.cases(path, "train", data_dir)
+        cases = limit_items(cases, limit, where)
         out = []
         for i, c in enumerate(cases):
             accepted = {a.casefold() for a in answers_for(c)}

@@ -34,14 +34,19 @@ import mlflow
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag, ViewType
 from mlflow.exceptions import MlflowException
+from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
 
-from .heads import HeadSet, plot_head_set
+from ..heads import HeadSet, plot_head_set
+from ..paths import lofit_home  # noqa: F401  (the default store lives under it; callers use tracking.lofit_home)
 
 if TYPE_CHECKING:
-    from .adapter import Adapter
+    from ..adapter import Adapter
 
 PHASE1_KEY_TAG = "lofit.phase1_key"
 FAILURE_REASON_TAG = "lofit.failure_reason"
+HPARAM_COLUMNS = ("selector", "phase1_lr", "l1", "phase2_lr")  # the trial params `heads list` shows
+MODEL_ID_TAG = "lofit.model_id"  # the run's adapter as an MLflow model (log_adapter)
+LOGGED_MODEL_NAME = "lofit-adapter"
 OUTCOME_TAG = "lofit.outcome"  # completed | stopped_early | failed: how a trial's run ended
 PARENT_RUN_TAG = "mlflow.parentRunId"
 RUN_NAME_TAG = "mlflow.runName"
@@ -85,11 +90,6 @@ def _sqlite_path(uri: str) -> Path | None:
         return None
     path = uri[len("sqlite:///"):].partition("?")[0]
     return Path(path).resolve() if path and path != ":memory:" else None
-
-
-def lofit_home() -> Path:
-    """Where the default MLflow store and Ray results live: $LOFIT_HOME or ~/.lofit-ray."""
-    return Path(os.environ.get("LOFIT_HOME") or Path.home() / ".lofit-ray").expanduser().resolve()
 
 
 def resolve_tracking_uri(uri: str | None = None) -> str:
@@ -144,7 +144,7 @@ def ensure_store(uri: str) -> None:
     """
     import fcntl
 
-    from . import faults
+    from .. import faults
 
     db = _sqlite_path(uri)
     if db is None:
@@ -315,8 +315,10 @@ def start_run(tracking_uri: str, experiment_id: str, run_name: str, params: dict
     return run.info.run_id
 
 
-def log_metrics(tracking_uri: str, run_id: str, metrics: dict, step: int | None = None) -> None:
-    """Log numeric metrics (None and non-numbers are skipped; bools count as 0/1)."""
+def log_metrics(tracking_uri: str, run_id: str, metrics: dict, step: int | None = None,
+                model_id: str | None = None) -> None:
+    """Log numeric metrics (None and non-numbers are skipped; bools count as 0/1); with `model_id`, they are
+    also the metrics of that logged model (the Models view shows them)."""
     c = client(tracking_uri)
     now = int(time.time() * 1000)
     items = []
@@ -327,7 +329,7 @@ def log_metrics(tracking_uri: str, run_id: str, metrics: dict, step: int | None 
             number = float(value)
         except (TypeError, ValueError):
             continue
-        items.append(Metric(_key(key), number, now, int(step or 0)))
+        items.append(Metric(_key(key), number, now, int(step or 0), model_id=model_id))
     for chunk in _chunks(items, 1000):
         _retry(c.log_batch, run_id, metrics=chunk)
 
@@ -482,7 +484,7 @@ def finished_trial_run(tracking_uri: str, experiment_id: str, parent_run_id: str
 def log_item_rows(tracking_uri: str, run_id: str, rows: list[dict], name: str) -> None:
     """items/<name>.jsonl, the record `lofit-ray compare` pairs item by item, and items/<name>.table.json,
     the same rows as an MLflow table the UI shows (list cells as JSON text)."""
-    from .evidence import write_rows
+    from ..evidence import write_rows
 
     c = client(tracking_uri)
     tmp = Path(tempfile.mkdtemp(prefix="lofit-items-"))
@@ -510,7 +512,7 @@ def load_item_rows(tracking_uri: str, ref: str) -> tuple[list[dict], str]:
     """(rows, where) of a recorded evaluation. ref: RUN_ID, runs:/RUN_ID, models:/NAME@ALIAS or
     models:/NAME/VERSION (the version's run), each optionally #RECORD (default: the run's only record,
     else `report`)."""
-    from .evidence import read_rows
+    from ..evidence import read_rows
 
     c = client(tracking_uri)
     target, _, record = ref.partition("#")
@@ -548,17 +550,35 @@ def finished_child_run(tracking_uri: str, parent_run_id: str, tag: str, value: s
 # -- adapters and the registry ----------------------------------------------------------------------
 
 def log_adapter(tracking_uri: str, run_id: str, adapter: "Adapter") -> str:
-    """Log the adapter directory as artifacts under adapter/; return its artifact URI."""
+    """Log the adapter twice over: its files under the run's adapter/, and an MLflow model (pyfunc, see
+    tracking/pyfunc.py) in the experiment's Models view with the adapter's params (`log_metrics` with its
+    model_id links metrics to it). Returns the model's id (the run's tag lofit.model_id), which
+    `register_adapter` points versions at."""
+    from . import pyfunc
+
     c = client(tracking_uri)
+    run = _get_run(c, run_id)
     tmp = Path(tempfile.mkdtemp(prefix="lofit-adapter-"))
     try:
         adapter.save_pretrained(tmp / ADAPTER_DIR)
         _retry(c.log_artifacts, run_id, str(tmp / ADAPTER_DIR), ADAPTER_DIR)
+        pyfunc.save(tmp / "model", tmp / ADAPTER_DIR, adapter.config.task)
+        heads = " ".join(f"L{layer}.H{head}" for layer, head in adapter.config.heads)
+        params = flatten_params({"base_model": adapter.config.base_model, "task": adapter.config.task,
+                                 "method": adapter.config.method, "k": len(adapter.config.heads), "heads": heads,
+                                 **adapter.config.hparams})
+        # not named ADAPTER_DIR: MLflow 3 resolves runs:/RUN/<name> to a logged model of that name first
+        model = _retry(c.create_logged_model, run.info.experiment_id, name=LOGGED_MODEL_NAME, source_run_id=run_id,
+                       params=params, tags={"lofit.fingerprint": adapter.config.fingerprint},
+                       model_type="lofit-adapter")
+        _retry(c.log_model_artifacts, model.model_id, str(tmp / "model"))
+        _retry(c.finalize_logged_model, model.model_id, "READY")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    set_tags(tracking_uri, run_id, {"lofit.adapter_heads": len(adapter.config.heads),
-                                    "lofit.adapter_parameters": adapter.num_parameters})
-    return f"{c.get_run(run_id).info.artifact_uri}/{ADAPTER_DIR}"
+    set_tags(tracking_uri, run_id, {"lofit.adapter_heads": len(adapter.config.heads), "lofit.heads": heads,
+                                    "lofit.adapter_parameters": adapter.num_parameters,
+                                    MODEL_ID_TAG: model.model_id})
+    return model.model_id
 
 
 def registered_name(model_spec: str, task: str) -> str:
@@ -583,8 +603,15 @@ def register_adapter(tracking_uri: str, name: str, run_id: str, tags: dict) -> s
             _retry(c.create_registered_model, name, description="LoFiT adapters (head list + offsets)")
         except MlflowException:  # created meanwhile by another process
             c.get_registered_model(name)
-    version = _retry(c.create_model_version, name, source=f"{run.info.artifact_uri}/{ADAPTER_DIR}",
-                     run_id=run_id, tags=_tags(tags))
+    model_id = run.data.tags.get(MODEL_ID_TAG)  # runs logged before adapters were MLflow models have none
+    # the model's own artifact location: a models:/ source would make MLflow resolve it with the process-wide
+    # tracking URI, which need not be this store's
+    source = c.get_logged_model(model_id).artifact_location if model_id else f"{run.info.artifact_uri}/{ADAPTER_DIR}"
+    version = _retry(c.create_model_version, name, source=source, run_id=run_id, tags=_tags(tags),
+                     model_id=model_id)
+    if model_id:  # how MLflow's UI links a logged model to its versions (as mlflow.register_model does)
+        _retry(c.set_logged_model_tags, model_id, {MLFLOW_MODEL_VERSIONS: json.dumps(
+            [{"name": name, "version": str(version.version)}])})
     return str(version.version)
 
 
@@ -760,7 +787,9 @@ def list_head_sets(tracking_uri: str, experiment: str | None = None, model: str 
             "model": tags.get(MODEL_TAG, ""),
             "task": tags.get(TASK_TAG, ""),
             "method": tags.get(METHOD_TAG, ""),
+            "kind": tags.get("lofit.kind") or ("phase1" if not tags.get(HEADS_K_TAG, "").isdigit() else ""),
             "k": int(tags[HEADS_K_TAG]) if tags.get(HEADS_K_TAG, "").isdigit() else None,
+            "params": {k: run.data.params[k] for k in HPARAM_COLUMNS if k in run.data.params},
             "phase1_key": tags.get(PHASE1_KEY_TAG),
             "metrics": dict(run.data.metrics),
             "registered": [{"name": v.name, "version": str(v.version), "aliases": _aliases(c, v)}
@@ -771,7 +800,7 @@ def list_head_sets(tracking_uri: str, experiment: str | None = None, model: str 
 
 def _adapter_head_set(c: MlflowClient, run_id: str) -> HeadSet | None:
     """A head set built from a run's adapter (its heads, ranked by offset norm) when no head set was logged."""
-    from .adapter import Adapter
+    from ..adapter import Adapter
 
     tmp = tempfile.mkdtemp(prefix="lofit-adapter-")
     try:
