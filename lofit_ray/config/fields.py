@@ -1,0 +1,31 @@
+"""What every config section is built from: the error type, field help text, and the range checks."""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import field
+
+
+class ConfigError(ValueError):
+    """A config field is missing, unknown or out of range."""
+
+
+def _help(text: str, default=dataclasses.MISSING, factory=dataclasses.MISSING):
+    if factory is not dataclasses.MISSING:
+        return field(default_factory=factory, metadata={"help": text})
+    return field(default=default, metadata={"help": text})
+
+
+def _at_least(value, low, where: str, fix: str = "") -> None:
+    if value is not None and not value >= low:
+        raise ConfigError(f"{where}: {value!r} must be at least {low}{'; ' + fix if fix else ''}")
+
+
+def _positive(value, where: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (value > 0 and math.isfinite(value)):
+        raise ConfigError(f"{where}: {value!r} must be a positive number")
+
+
+def _check_dtype(dtype: str, where: str = "dtype") -> None:
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise ConfigError(f"{where}: '{dtype}' is not one of float32 (CPU), bfloat16, float16 (GPU)")

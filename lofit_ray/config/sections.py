@@ -1,0 +1,193 @@
+"""The sections every job shares: training loops (phase 1, phase 2, the baselines), the task and its splits, MLflow."""
+from __future__ import annotations
+
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+
+from .fields import ConfigError, _at_least, _help, _positive
+
+
+@dataclass
+class TrainingConfig:
+    """What every training loop shares (LoFiT phase 1, phase 2, LoRA): batching, the DPO beta, the seed."""
+
+    SECTION: typing.ClassVar[str] = "training"
+
+    batch_size: int = _help("global batch size (split evenly over Ray Train workers)", 8)
+    max_length: int = _help("tokens per example; longer ones are cut from the left of the prompt", 128)
+    dpo_beta: float = _help("DPO temperature beta (TruthfulQA and other preference tasks)", 0.5)
+    seed: int = _help("seed of the parameter init and the epoch order", 42)
+
+    def __post_init__(self):
+        _at_least(self.batch_size, 1, "training.batch_size")
+        _at_least(self.max_length, 1, "training.max_length")
+        _positive(self.dpo_beta, "training.dpo_beta")
+
+
+SELECTORS = ("l1", "gates", "grad", "grad_x_act", "random")  # lofit_ray.selectors
+
+
+@dataclass
+class Phase1Config:
+    """Phase 1 (head selection): rank every head; phase 2 trains the top K. The paper's selector is l1."""
+
+    SECTION: typing.ClassVar[str] = "phase1"
+
+    epochs: int = _help("epochs of phase 1 (l1, gates)", 5)
+    lr: float = _help("AdamW learning rate of what phase 1 trains (l1: the scales A; gates: A, v and the gates)",
+                      5e-3)
+    l1: float = _help("l1: weight of the L1 penalty sum |A|; larger = sparser, sharper ranking", 5e-4)
+    selector: str = _help("how heads are ranked: l1 (the paper: scales A with an L1 penalty), gates (JoLA: "
+                          "HardConcrete gates with an expected-L0 penalty), grad (||dL/dv|| at v=0: one pass, no "
+                          "training), grad_x_act (sum |dL/dz . z|: one pass), random (the seeded control)", "l1")
+    l0: float = _help("gates: weight of the expected-L0 penalty (the expected number of open gates)", 1e-3)
+    gate_parts: str = _help("gates: separate (JoLA: one gate for the scale, one for the offset) or joint (one "
+                            "gate per head)", "separate")
+
+    def __post_init__(self):
+        _at_least(self.epochs, 1, "phase1.epochs")
+        _positive(self.lr, "phase1.lr")
+        _at_least(self.l1, 0, "phase1.l1", "0 turns the penalty off")
+        if self.selector not in SELECTORS:
+            raise ConfigError(f"phase1.selector: '{self.selector}' is not one of {', '.join(SELECTORS)}")
+        _at_least(self.l0, 0, "phase1.l0", "0 turns the penalty off")
+        if self.gate_parts not in ("separate", "joint"):
+            raise ConfigError(f"phase1.gate_parts: '{self.gate_parts}' is not separate or joint")
+
+    def settings(self) -> dict:
+        """The fields the selector reads: the phase-1 memo key, so a ranking that ignores l1 or the lr
+        (grad, random) is computed once, whatever the search proposes for them."""
+        used = {"l1": ("epochs", "lr", "l1"), "gates": ("epochs", "lr", "l0", "gate_parts")}.get(self.selector, ())
+        return {"selector": self.selector, **{name: getattr(self, name) for name in used}}
+
+
+@dataclass
+class Phase2Config:
+    """Phase 2: learn an offset v on the top-K heads only, everything else frozen."""
+
+    SECTION: typing.ClassVar[str] = "phase2"
+
+    epochs: int = _help("epochs of phase 2", 5)
+    lr: float = _help("AdamW learning rate of the offsets v", 1e-2)
+    skip_frozen_layers: bool = _help("run the layers below the lowest trained head once per example, not every "
+                                     "epoch (same result, faster)", True)
+
+    def __post_init__(self):
+        _at_least(self.epochs, 1, "phase2.epochs")
+        _positive(self.lr, "phase2.lr")
+
+
+@dataclass
+class LoraConfig:
+    """The LoRA baseline (peft) on the attention projections, trained by the same loop as LoFiT."""
+
+    SECTION: typing.ClassVar[str] = "lora"
+
+    epochs: int = _help("epochs of LoRA training", 5)
+    lr: float = _help("AdamW learning rate", 5e-4)
+    rank: int = _help("LoRA rank r", 8)
+    alpha: float = _help("LoRA alpha (scale alpha / r)", 16.0)
+    targets: list[str] = _help("linear modules to adapt", factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    dropout: float = _help("LoRA dropout", 0.0)
+    max_grad_norm: float = _help("gradient-norm clipping; 0 turns it off", 1.0)
+
+    def __post_init__(self):
+        _at_least(self.epochs, 1, "lora.epochs")
+        _positive(self.lr, "lora.lr")
+        _at_least(self.rank, 1, "lora.rank")
+        _positive(self.alpha, "lora.alpha")
+        if not self.targets:
+            raise ConfigError("lora.targets: name at least one module, e.g. [q_proj, v_proj]")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"lora.dropout: {self.dropout} must be in [0, 1)")
+        _at_least(self.max_grad_norm, 0, "lora.max_grad_norm", "0 turns clipping off")
+
+
+@dataclass
+class ReftConfig:
+    """The ReFT baseline (LoReFT, lofit_ray.baselines.reft) on one layer's residual stream, trained by the same
+    loop as LoFiT."""
+
+    SECTION: typing.ClassVar[str] = "reft"
+
+    epochs: int = _help("epochs of ReFT training", 5)
+    lr: float = _help("AdamW learning rate", 1e-3)
+    rank: int = _help("LoReFT rank r: 2 r hidden + r trainable parameters (rank 1 is nearest LoFiT's count)", 1)
+    depth: float = _help("which layer's output is edited, as a share of the depth (0 = the first, 1 = the last)",
+                         0.5)
+
+    def __post_init__(self):
+        _at_least(self.epochs, 1, "reft.epochs")
+        _positive(self.lr, "reft.lr")
+        _at_least(self.rank, 1, "reft.rank")
+        if not 0 <= self.depth <= 1:
+            raise ConfigError(f"reft.depth: {self.depth} must be between 0 (the first layer) and 1 (the last)")
+
+
+@dataclass
+class ItiConfig:
+    """The ITI baseline: probe every head, shift the top K along the truthful direction."""
+
+    SECTION: typing.ClassVar[str] = "iti"
+
+    alphas: list[float] = _help("intervention strengths; the best on the selection split wins",
+                                factory=lambda: [1.0, 2.5, 5.0, 10.0, 15.0, 20.0])
+    val_fraction: float = _help("share of probing statements held out to rank the probes", 0.2)
+
+    def __post_init__(self):
+        if not self.alphas:
+            raise ConfigError("iti.alphas: list at least one value, e.g. [1.0, 5.0, 15.0]")
+        if not 0 < self.val_fraction < 1:
+            raise ConfigError(f"iti.val_fraction: {self.val_fraction} must be between 0 and 1")
+
+
+# -- data and records -------------------------------------------------------------------------
+
+@dataclass
+class TaskConfig:
+    """Which task and which splits: train minus a selection carve, and a report split scored once."""
+
+    SECTION: typing.ClassVar[str] = "task"
+
+    name: str = _help("truthfulqa | mquake | clutrr | jsonl", "truthfulqa")
+    data_dir: str | None = _help("task data folder; default $LOFIT_DATA_DIR, else ../shared/data when it exists, "
+                                 "else $LOFIT_HOME/data (`lofit-ray data fetch` fills it)", None)
+    source: str | None = _help("where split names are read instead of the data dir's files: a save_to_disk "
+                               "folder with train/val/test, or a hub dataset id (truthfulqa/truthful_qa "
+                               "builds the paper's fold; needs a network once, then $LOFIT_CACHE_DIR)", None)
+    train: str = _help("split name or file trained on (minus the selection carve)", "train")
+    report: str = _help("held-out split name or file, scored once at the end (e.g. val, test, a path)", "val")
+    select: str | None = _help("a separate selection split/file instead of carving train", None)
+    select_fraction: float = _help("share of `train` carved off to choose hyperparameters on", 0.2)
+    carve_seed: int = _help("seed of the carve", 0)
+    limit_train: int | None = _help("use at most this many training examples (after the carve)", None)
+    limit_select: int | None = _help("use at most this many selection examples", None)
+    limit_report: int | None = _help("use at most this many report examples", None)
+
+    def __post_init__(self):
+        if not 0 < self.select_fraction < 1:
+            raise ConfigError(f"task.select_fraction: {self.select_fraction} must be between 0 and 1")
+        for name in ("limit_train", "limit_select", "limit_report"):
+            _at_least(getattr(self, name), 1, f"task.{name}", "or null for no limit")
+        if self.source is not None:
+            from ..tasks.source import is_hub_id
+
+            if self.name == "jsonl":
+                raise ConfigError("task.source: the jsonl task reads the files task.train and task.report; "
+                                  "set those (a file or a save_to_disk folder each) and drop task.source")
+            if not Path(self.source).expanduser().exists() and not is_hub_id(self.source):
+                raise ConfigError(f"task.source: {self.source!r} is neither an existing save_to_disk folder nor "
+                                  f"a hub dataset id (owner/name or owner/name:config)")
+
+
+@dataclass
+class MLflowConfig:
+    """Where runs, head sets and adapters are recorded."""
+
+    tracking_uri: str | None = _help("MLflow URI; default $MLFLOW_TRACKING_URI or sqlite:///$LOFIT_HOME/mlflow.db", None)
+    experiment: str = _help("MLflow experiment name", "lofit")
+    artifact_root: str | None = _help("artifact location of a new experiment; default beside the SQLite store", None)
+
+
+SELECTION_METRICS = ("auto", "mc1", "mc2", "em", "em_lenient", "answer_logprob", "score")
