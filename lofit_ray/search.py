@@ -445,8 +445,7 @@ def _search_one_model(cfg: SearchJobConfig, model: str, ctx: dict, storage: Path
             param_space={**{n: _tune_domain(getattr(space, n), integer=n == "k") for n in SEARCHED
                             if n != "selector"}, "selector": tune.choice(list(space.selector))},
             tune_config=tune.TuneConfig(metric="sel_metric", mode="max", search_alg=searcher, scheduler=scheduler,
-                                        num_samples=cfg.search.num_trials, max_concurrent_trials=cfg.search.max_concurrent,
-                                        reuse_actors=cfg.search.cost_aware),
+                                        num_samples=cfg.search.num_trials, reuse_actors=cfg.search.cost_aware),
             run_config=tune.RunConfig(name=run_name, storage_path=str(storage), verbose=1,
                                       callbacks=[_close_stopped_trials(uri, cfg.phase2.epochs)]),
         )

@@ -566,3 +566,17 @@ def test_search_chooses_the_best_trial_and_its_best_epoch(tmp_path):
     failed = [t for t in out["trials"] if t["state"] == "fail"]
     assert failed and all("loss is nan" in t["error"] for t in failed)
     assert len(out["trials"]) == 6 and out["chosen"]["lr"] <= 0.01  # failed attempts spend the budget too
+
+
+def test_the_committed_record_stays_done_under_the_shipped_config():
+    """Every cell of jobs/results/reproduce_tuned was run under configs/reproduce.yaml: its setting hash must
+    still match, or `--resume` would silently run hours of finished cells again (a config field added with
+    a behaviour-preserving default, e.g. task.source, must not change the hash)."""
+    from lofit_ray.experiments.cells import cell_setting
+
+    record = Path(__file__).resolve().parents[1] / "jobs" / "results" / "reproduce_tuned" / "reproduce.json"
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "reproduce.yaml", schema=ReproduceConfig)
+    cells = json.loads(record.read_text())["cells"]
+    changed = [c["id"] for c in cells
+               if cell_setting(cfg, {k: c[k] for k in ("id", "model", "task", "method", "k", "seed")}) != c["setting"]]
+    assert len(cells) >= 48 and changed == []
