@@ -47,7 +47,17 @@ def test_the_wheel_holds_the_configs_and_the_lm_eval_tasks(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
                            "-w", str(tmp_path), str(source)], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    names = set(zipfile.ZipFile(next(tmp_path.glob("lofit_ray-*.whl"))).namelist())
+    wheel = zipfile.ZipFile(next(tmp_path.glob("lofit_ray-*.whl")))
+    names = set(wheel.namelist())
     assert {f"lofit_ray/configs/{p.name}" for p in (REPO / "configs").glob("*.yaml")} <= names
     assert {"lofit_ray/lm_eval_tasks/lofit_truthfulqa_mc1.yaml", "lofit_ray/lm_eval_tasks/utils.py",
             "lofit_ray/tracking/pyfunc.py", "lofit_ray/tasks/source.py", "lofit_ray/cli/data.py"} <= names
+    # installed, it finds its configs by name with no checkout around it
+    wheel.extractall(tmp_path / "site")
+    code = "import lofit_ray; from lofit_ray.config import load_config, shipped_configs; " \
+           "print(sorted(shipped_configs()), load_config('smoke').name, lofit_ray.__file__)"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(tmp_path / "site")})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split("]")[0].count("'") == 2 * len(list((REPO / "configs").glob("*.yaml")))
+    assert proc.stdout.split()[-2:] == ["smoke", str(tmp_path / "site" / "lofit_ray" / "__init__.py")]

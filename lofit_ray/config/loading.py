@@ -156,15 +156,10 @@ def parse_set(pairs: list[str]) -> dict:
 
 def shipped_configs() -> dict[str, Path]:
     """The configs that come with lofit-ray, by name: configs/ of this checkout, or, in an installed wheel,
-    the package lofit_ray.configs (the same files)."""
+    lofit_ray/configs/ (the same files, shipped as package data)."""
     folder = Path(__file__).resolve().parents[2] / "configs"
     if not folder.is_dir():
-        from importlib import resources
-
-        try:
-            folder = Path(str(resources.files("lofit_ray.configs")))
-        except ModuleNotFoundError:
-            return {}
+        folder = Path(__file__).resolve().parents[1] / "configs"  # site-packages/lofit_ray/configs
     return {p.stem: p for p in sorted(folder.glob("*.yaml"))}
 
 
