@@ -279,7 +279,8 @@ def test_two_node_search_with_a_tracking_server(mlflow_server, two_node_ray, tmp
 
     # -- the artifacts went through the server into its --artifacts-destination, nowhere near the driver --
     stored = list(mlflow_server["artifacts"].rglob("offsets.safetensors"))
-    assert len(stored) == 2, stored
+    assert len(stored) == 4, stored  # each trial's adapter twice: the run's adapter/ and its MLflow model's
+    assert sum("/models/" in str(p) for p in stored) == 2, stored
     assert sorted(p.name for p in cwd.iterdir()) == [], f"the driver wrote into its cwd: {list(cwd.rglob('*'))}"
     assert not list(home.rglob("mlflow.db")) and not list(home.rglob("mlruns")) and not list(home.rglob("mlartifacts"))
 
