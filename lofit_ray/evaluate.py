@@ -215,6 +215,21 @@ def generate(loaded, prompts: list[str], max_new_tokens: int, batch_size: int = 
     return out
 
 
+def generate_items(loaded, items, batch_size: int = 8) -> list[str]:
+    """Greedy generations of generation items, grouped by their max_new_tokens; each stops once its match
+    against the item's answers is settled."""
+    from .tasks import match_settled
+
+    texts = [""] * len(items)
+    for max_new in sorted({item.max_new_tokens for item in items}):
+        idx = [i for i, item in enumerate(items) if item.max_new_tokens == max_new]
+        generated = generate(loaded, [items[i].prompt for i in idx], max_new, batch_size,
+                             settled=lambda j, text, idx=idx: match_settled(text, items[idx[j]]))
+        for i, text in zip(idx, generated):
+            texts[i] = text
+    return texts
+
+
 def item_id(index: int, item) -> str:
     """A per-item record's key: position and a hash of what is asked, so two evaluations pair up only
     when they scored the same items in the same order."""
@@ -226,7 +241,7 @@ def item_id(index: int, item) -> str:
 def evaluate_items(loaded, items, batch_size: int = 8, progress: bool = False) -> tuple[dict, list[dict]]:
     """(metrics, one row per item). Metrics are the means of the rows' metric columns, with n and wall
     time; rows carry what each item was scored on and its own MC1/MC2 or EM/lenient EM/answer log-prob."""
-    from .tasks import match_item, match_settled
+    from .tasks import match_item
 
     if not items:
         raise ValueError("no evaluation items: the evaluation split is empty")
@@ -239,13 +254,7 @@ def evaluate_items(loaded, items, batch_size: int = 8, progress: bool = False) -
             rows.append({"id": item_id(i, item), "question": item.question, "choices": item.choices,
                          "labels": item.labels, "choice_logprobs": s, "mc1": mc1, "mc2": mc2})
     else:
-        texts = [""] * len(items)
-        for max_new in sorted({item.max_new_tokens for item in items}):
-            idx = [i for i, item in enumerate(items) if item.max_new_tokens == max_new]
-            generated = generate(loaded, [items[i].prompt for i in idx], max_new, batch_size,
-                                 settled=lambda j, text, idx=idx: match_settled(text, items[idx[j]]))
-            for i, text in zip(idx, generated):
-                texts[i] = text
+        texts = generate_items(loaded, items, batch_size)
         logprobs = answer_logprobs(loaded, items)
         rows = []
         for i, (item, text, lp) in enumerate(zip(items, texts, logprobs)):

@@ -65,21 +65,15 @@ class AdapterModel(mlflow.pyfunc.PythonModel):
     def predict(self, context, model_input, params=None):
         import pandas as pd
 
-        from ..evaluate import evaluate_items, generate, item_id
-        from ..tasks import match_settled
+        from ..evaluate import evaluate_items, generate_items, item_id
 
         records = model_input.to_dict("records") if hasattr(model_input, "to_dict") else list(model_input)
         items = [self._item(r) for r in records]
         batch_size = int((params or {}).get("batch_size", 8))
         if self.kind != "mc" and not all(_given(r, "answers") for r in records):  # prompts only: generate
-            rows = [{"id": item_id(i, item), "prompt": item.prompt, "generated": ""} for i, item in enumerate(items)]
-            for max_new in sorted({item.max_new_tokens for item in items}):
-                idx = [i for i, item in enumerate(items) if item.max_new_tokens == max_new]
-                texts = generate(self.loaded, [items[i].prompt for i in idx], max_new, batch_size,
-                                 settled=lambda j, text, idx=idx: match_settled(text, items[idx[j]]))
-                for i, text in zip(idx, texts):
-                    rows[i]["generated"] = text
-            return pd.DataFrame(rows)
+            texts = generate_items(self.loaded, items, batch_size)
+            return pd.DataFrame([{"id": item_id(i, item), "prompt": item.prompt, "generated": text}
+                                 for i, (item, text) in enumerate(zip(items, texts))])
         _, rows = evaluate_items(self.loaded, items, batch_size=batch_size)
         if self.kind == "mc":
             for record, row in zip(records, rows):  # no labels given: scores only, no MC1/MC2
