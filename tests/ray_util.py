@@ -98,13 +98,17 @@ def ray_cluster_pids(temp_dir: str | os.PathLike | None = None, port: int | None
 
 
 def terminate(procs: list, grace: float = 20.0) -> None:
-    """SIGTERM these psutil processes, then SIGKILL whichever is still alive after `grace` seconds."""
+    """SIGTERM these psutil processes, then SIGKILL whichever is still alive after `grace` seconds, and wait
+    (up to 10 s) until the killed ones are gone."""
     for proc in procs:
         with contextlib.suppress(psutil.Error):
             proc.terminate()
-    for proc in psutil.wait_procs(procs, timeout=grace)[1]:
+    survivors = psutil.wait_procs(procs, timeout=grace)[1]
+    for proc in survivors:
         with contextlib.suppress(psutil.Error):
             proc.kill()
+    # SIGKILL is not instant: a process is listed until the kernel has torn it down
+    psutil.wait_procs(survivors, timeout=10)
 
 
 def _processes(pids) -> list:

@@ -154,6 +154,13 @@ def two_node_ray(tmp_path):
         # only this cluster's processes: the node daemons recorded above and every worker they spawned since
         stopped = sorted(p.pid for p in _marked(marker))
         terminate(_marked(marker))
+        # a raylet may fork a worker while it dies: sweep those too, without grace
+        for _ in range(3):
+            late = _marked(marker)
+            if not late:
+                break
+            stopped += [p.pid for p in late]
+            terminate(late, grace=0)
         left = [p.pid for p in _marked(marker)]
         shutil.rmtree(marker, ignore_errors=True)
         assert not left, f"Ray processes still alive after the teardown: {left} (stopped {stopped})"
