@@ -33,7 +33,6 @@ import json
 import os
 import platform
 import socket
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -46,8 +45,10 @@ except ImportError:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lofit_ray import HeadOffsets, load_model
-from lofit_ray.architectures import decoder_layers, o_projs
-from lofit_ray.batching import Batch, Sequence, collate
+from lofit_ray.bench.flops import TRAINING_FLOPS_FORMULA, matmul_peak_flops, training_flops_per_token
+from lofit_ray.bench.reference import per_head_loop_hooks
+from lofit_ray.bench.timing import synthetic_batch, time_steps
+from lofit_ray.batching import Batch, Sequence
 from lofit_ray.config import Phase1Config, Phase2Config
 from lofit_ray.frozen_layers import capture, tail_only
 from lofit_ray.losses import answer_logprobs, l1_penalty
@@ -55,69 +56,6 @@ from lofit_ray.train import TorchStepper
 
 RESULTS = Path(__file__).parent / "results"
 CPU_NOTE = "CPU smoke run on a tiny model: NOT a GPU number; run on a GPU machine for real numbers"
-FLOPS_FORMULA = ("per token: 2*P*n (layer matmuls, forward) + 2*P*n (backward: activation gradients only, the "
-                 "base weights are frozen) + 12*n*T*H*D (attention scores and weighted sum over all T keys, "
-                 "forward 4 + backward 8) + 4*d*V*a (LM head and its input gradient at answer positions only); "
-                 "P = parameters of one decoder layer, n = layers run (all in phase 1, from the lowest selected "
-                 "head up in phase 2), T = seq_len, H*D = heads*head_dim, d = hidden, V = vocab, a = answer "
-                 "positions per token; norms, softmax and elementwise ops are not counted")
-
-
-def fixed_batch(vocab: int, batch: int, length: int, device) -> Batch:
-    gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(10, vocab, (batch, length), generator=gen)
-    return collate([Sequence(row.tolist(), length - max(1, length // 4)) for row in ids], 0).to(device)
-
-
-def per_head_loop_hooks(model, scale: torch.Tensor, head_dim: int) -> list:
-    """The paper's way: per layer, a Python loop over heads writing each head's scaled slice."""
-    def make(layer):
-        def hook(module, args):
-            x = args[0]
-            out = x.clone()
-            for h in range(scale.shape[1]):
-                cols = slice(h * head_dim, (h + 1) * head_dim)
-                out[..., cols] = x[..., cols] * (1 + scale[layer, h]).to(x.dtype)
-            return (out,) + tuple(args[1:])
-        return hook
-    return [proj.register_forward_pre_hook(make(layer)) for layer, proj in enumerate(o_projs(model))]
-
-
-def flops_per_token(model, layout, batch: Batch, layers_run: int) -> float:
-    cfg = model.config
-    layers = decoder_layers(model)
-    per_layer = sum(p.numel() for p in layers.parameters()) / len(layers)
-    T, width = batch.input_ids.shape[1], layout.num_heads * layout.head_dim
-    answer_per_token = batch.answer_mask[:, 1:].sum().item() / batch.input_ids.numel()
-    return (4 * per_layer * layers_run + 12 * layers_run * T * width
-            + 4 * cfg.hidden_size * cfg.vocab_size * answer_per_token)
-
-
-def peak_tflops(dtype: torch.dtype, device: str, sync) -> dict:
-    n = 8192 if device == "cuda" else 1024
-    a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
-    for _ in range(5 if device == "cuda" else 1):  # warm-up: kernel choice, clocks
-        a @ b
-    sync()
-    reps, start = (50 if device == "cuda" else 5), time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    sync()
-    seconds = (time.perf_counter() - start) / reps
-    return {"tflops": 2 * n ** 3 / seconds / 1e12, "matmul": f"{n}x{n} @ {n}x{n} {str(dtype)[6:]}", "reps": reps}
-
-
-def time_steps(step, steps: int, warmup: int, sync) -> tuple[float, float]:
-    for _ in range(warmup):
-        step()
-    times, loss = [], float("nan")
-    for _ in range(steps):
-        sync()
-        start = time.perf_counter()
-        loss = step()
-        sync()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), loss
 
 
 def training_step(stepper, loss_fn):
@@ -232,14 +170,16 @@ def main(argv=None) -> int:
 
     loaded = load_model(args.model, dtype=args.dtype, device=device)
     model, layout = loaded.model, loaded.layout
-    batch = fixed_batch(model.config.vocab_size, args.batch_size, args.seq_len, device)
+    batch = synthetic_batch(model.config.vocab_size, args.batch_size, args.seq_len, max(1, args.seq_len // 4)).to(device)
     tokens = batch.input_ids.numel()
     gen = torch.Generator().manual_seed(0)
     pool = [(l, h) for l in range(layout.num_layers // 3, layout.num_layers) for h in range(layout.num_heads)]
     heads = sorted(pool[i] for i in torch.randperm(len(pool), generator=gen)[: min(args.k, len(pool))].tolist())
-    peak = peak_tflops(getattr(torch, args.dtype), device, sync)
-    full = flops_per_token(model, layout, batch, layout.num_layers)
-    tail = flops_per_token(model, layout, batch, layout.num_layers - min(l for l, _ in heads))
+    n = 8192 if gpu else 1024
+    peak = {"tflops": matmul_peak_flops(getattr(torch, args.dtype), device, n=n, sync=sync) / 1e12,
+            "matmul": f"best of 5 timings of 3 {n}x{n} @ {n}x{n} {args.dtype}"}
+    full = training_flops_per_token(model, layout, batch, layout.num_layers)
+    tail = training_flops_per_token(model, layout, batch, layout.num_layers - min(l for l, _ in heads))
     report = {
         "gpu": gpu, "device_name": torch.cuda.get_device_name(0) if gpu else cpu_name(),
         "note": CPU_NOTE if not gpu else f"GPU run ({args.dtype}) on one device",
@@ -248,7 +188,7 @@ def main(argv=None) -> int:
         "threads": torch.get_num_threads(), "versions": versions(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "layout": [layout.num_layers, layout.num_heads, layout.head_dim], "phase2_heads": [list(h) for h in heads],
-        "peak": peak, "flops_formula": FLOPS_FORMULA, "cases": {},
+        "peak": peak, "flops_formula": TRAINING_FLOPS_FORMULA, "cases": {},
     }
 
     def run(name: str, make, flops: float) -> None:
