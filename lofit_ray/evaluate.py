@@ -63,36 +63,15 @@ def _pack(own: list[int], choices: list[list[int]], start: int) -> _Packed:
 
 
 def _packed_mask(packed: list[_Packed], shared: int, width: int, config, dtype) -> torch.Tensor | dict:
-    """Additive attention mask [rows, 1, width, shared + width]: the shared prefix, then causal within the
-    question and within each choice, choices never seeing each other (pad queries see the prefix only).
-    Models with sliding-window layers get {layer type: mask}, the window applied by position."""
+    """The attention mask of packed question rows after a `shared`-token prefix: each row one span whose
+    trunk is the question and whose branches are its choices (batching.tree_attention_mask)."""
     segment = torch.full((len(packed), width), -2)
     positions = torch.zeros((len(packed), width), dtype=torch.long)
     for r, p in enumerate(packed):
         segment[r, : len(p.ids)] = torch.tensor(p.segment)
         positions[r, : len(p.ids)] = torch.tensor(p.positions)
-    t = torch.arange(width)
-    q_seg, k_seg = segment[:, :, None], segment[:, None, :]
-    own = (t[None, :, None] >= t[None, None, :]) & (k_seg >= -1) & (q_seg >= -1) & ((k_seg == -1) | (k_seg == q_seg))
-    allowed = torch.cat([torch.ones((len(packed), width, shared), dtype=torch.bool), own], 2)
-    key_pos = torch.cat([torch.arange(shared).expand(len(packed), -1), positions], 1)
-    window = _sliding_window(config)
-    if window is None:
-        masks = {"full_attention": allowed}
-    else:
-        sliding = allowed & (positions[:, :, None] - key_pos[:, None, :] < window)
-        masks = {"full_attention": allowed, "sliding_attention": sliding} if getattr(config, "layer_types", None) \
-            else {"sliding_attention": sliding}  # no layer types (Mistral): every layer slides
-    floats = {name: torch.zeros(m.shape, dtype=dtype).masked_fill(~m, torch.finfo(dtype).min)[:, None]
-              for name, m in masks.items()}
-    return floats if len(floats) > 1 else next(iter(floats.values()))
-
-
-def _sliding_window(config) -> int | None:
-    """The sliding window of a model whose layers (some or all) use one, else None."""
-    window = getattr(config, "sliding_window", None)
-    types = getattr(config, "layer_types", None)
-    return None if types is not None and "sliding_attention" not in types else window
+    group = torch.where(segment >= -1, 0, -1)
+    return batching.tree_attention_mask(group, segment, positions, config, dtype, prefix=shared)
 
 
 def mc_scores(loaded, items, share_prefix: bool = True, progress: bool = False,
@@ -111,7 +90,7 @@ def mc_scores(loaded, items, share_prefix: bool = True, progress: bool = False,
     pad = tok.pad_token_id or 0
     prefixes = [tok(item.prefix, add_special_tokens=True)["input_ids"] for item in items]
     shared = _common_prefix(prefixes) if share_prefix and len(items) > 1 else 0
-    if shared >= (_sliding_window(model.config) or shared + 1):
+    if shared >= (batching.sliding_window(model.config) or shared + 1):
         shared = 0  # a sliding-window cache would keep only the prefix's last tokens: run it with each row
     packed = [_pack(prefix[shared:], [tok(c, add_special_tokens=False)["input_ids"] for c in item.choices], shared)
               for prefix, item in zip(prefixes, items)]

@@ -66,6 +66,6 @@ def embeds_batch(batch: Batch, hidden: list[torch.Tensor]) -> torch.Tensor:
     """Place each sequence's cached hidden states where the batch holds its tokens: [R, T, hidden]."""
     R, T = batch.input_ids.shape
     embeds = hidden[0].new_zeros(R, T, hidden[0].shape[-1])
-    for (row, start, length), h in zip(batch.slots, hidden):
-        embeds[row, start: start + length] = h
+    for (row, start, length, skip), h in zip(batch.slots, hidden):
+        embeds[row, start: start + length] = h[skip: skip + length]
     return embeds

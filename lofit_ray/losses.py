@@ -11,7 +11,7 @@ import json
 import torch
 import torch.nn.functional as F
 
-from .batching import Batch
+from .batching import Batch, tree_attention_mask
 
 
 def answer_logprobs(model, batch: Batch, past_key_values=None, inputs_embeds=None) -> torch.Tensor:
@@ -19,18 +19,21 @@ def answer_logprobs(model, batch: Batch, past_key_values=None, inputs_embeds=Non
 
     With `past_key_values` (a shared prefix already run), the batch holds only the tokens after
     it; right padding needs no mask then, since padding only ever follows real tokens. A packed batch
-    (batching.pack) passes its position ids and no mask. With `inputs_embeds` (hidden states cached by
-    lofit_ray.frozen_layers), the decoder starts there.
+    (batching.pack) passes its position ids and no mask, or, when its pairs share prompts, the tree mask
+    of its spans. With `inputs_embeds` (hidden states cached by lofit_ray.frozen_layers), the decoder
+    starts there.
     """
     mask = None if past_key_values is not None else batch.attention_mask
+    if batch.group is not None:
+        dtype = inputs_embeds.dtype if inputs_embeds is not None else next(model.parameters()).dtype
+        mask = tree_attention_mask(batch.group, batch.branch, batch.position_ids, model.config, dtype)
     inputs = {"inputs_embeds": inputs_embeds} if inputs_embeds is not None else {"input_ids": batch.input_ids}
     hidden = model.get_decoder()(**inputs, attention_mask=mask, position_ids=batch.position_ids,
                                  cache=past_key_values, use_cache=past_key_values is not None,
                                  ).last_hidden_state
-    # Position t predicts token t+1: gather hidden states just before each answer token.
-    rows, cols = batch.answer_mask[:, 1:].nonzero(as_tuple=True)
-    token_logp = token_logprobs(model, hidden[rows, cols], batch.input_ids[rows, cols + 1])
-    owner = batch.sequence[rows, cols + 1]
+    rows, states, cols = batch.answer_positions()
+    token_logp = token_logprobs(model, hidden[rows, states], batch.input_ids[rows, cols])
+    owner = batch.sequence[rows, cols]
     return torch.zeros(batch.num_sequences, device=token_logp.device, dtype=token_logp.dtype).index_add(
         0, owner, token_logp)
 
@@ -46,7 +49,7 @@ def token_logprobs(model, states: torch.Tensor, targets: torch.Tensor) -> torch.
 
 def sft_loss(model, batch: Batch) -> torch.Tensor:
     """Mean negative log-likelihood per answer token."""
-    return -answer_logprobs(model, batch).sum() / batch.answer_mask[:, 1:].sum().clamp(min=1)
+    return -answer_logprobs(model, batch).sum() / batch.answer_mask.sum().clamp(min=1)
 
 
 def dpo_loss(policy_logp: torch.Tensor, reference_logp: torch.Tensor, beta: float) -> torch.Tensor:

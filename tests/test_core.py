@@ -381,33 +381,40 @@ def test_generation_batched_by_length_and_stopped_early_scores_like_one_prompt_a
 
 @pytest.mark.parametrize("spec", ["tiny-llama", "tiny-gemma3-wide"])
 def test_packed_training_batches_give_the_padded_log_probs_and_gradients(spec):
-    """batching.pack (several sequences per row, attention kept within each) against one right-padded
-    sequence per row: the same per-sequence log-probs and the same offset gradients, with and without the
-    frozen layers below the heads cached (the path phase 2 takes)."""
+    """batching.pack (several sequences per row, attention kept within each), with and without each pair's
+    prompt run once for both answers, against one right-padded sequence per row: the same per-sequence
+    log-probs and the same offset gradients, with and without the frozen layers below the heads cached
+    (the path phase 2 takes)."""
     from lofit_ray import batching, frozen_layers
     from lofit_ray.losses import answer_logprobs
 
     loaded = load_model(spec)
     examples = get_task("truthfulqa").train_examples(limit=6)
     encoded = batching.encode_examples(loaded.tokenizer, examples, 64)
-    padded, packed = (batching.batch_items(encoded, 0, packed=p) for p in (False, True))
+    padded = batching.batch_items(encoded, 0)
+    packed, shared = (batching.batch_items(encoded, 0, packed=True, share_prompts=s) for s in (False, True))
     assert packed.input_ids.numel() < padded.input_ids.numel()  # fewer pad tokens
+    real = [int((b.sequence >= 0).sum()) for b in (packed, shared)]
+    prompts = sum(c.answer_start for c, _ in encoded)
+    assert shared.group is not None and real[1] == real[0] - prompts  # each prompt once
     layout = loaded.layout
     offsets = HeadOffsets(layout, offset_heads=[(1, 0), (layout.num_layers - 1, 1)], seed=0).attach(loaded.model)
     try:
         results = []
-        for batch in (padded, packed):
+        for batch in (padded, packed, shared):
             logp = answer_logprobs(loaded.model, batch)
             logp.sum().backward()
             results.append((logp.detach(), offsets.offset.grad.clone()))
             offsets.offset.grad = None
-        torch.testing.assert_close(results[1][0], results[0][0], atol=1e-4, rtol=1e-5)
-        torch.testing.assert_close(results[1][1], results[0][1], atol=1e-4, rtol=1e-4)
+        for logp, grad in results[1:]:
+            torch.testing.assert_close(logp, results[0][0], atol=1e-4, rtol=1e-5)
+            torch.testing.assert_close(grad, results[0][1], atol=1e-4, rtol=1e-4)
         flat = [s for pair in encoded for s in pair]
         hidden = frozen_layers.capture(loaded.model, flat, 1, 0)
         rows = [hidden[2 * i] for i in range(len(encoded))] + [hidden[2 * i + 1] for i in range(len(encoded))]
-        with frozen_layers.tail_only(loaded.model, 1):
-            tail = answer_logprobs(loaded.model, packed, inputs_embeds=frozen_layers.embeds_batch(packed, rows))
-        torch.testing.assert_close(tail.detach(), results[0][0], atol=1e-4, rtol=1e-5)
+        for batch in (packed, shared):
+            with frozen_layers.tail_only(loaded.model, 1):
+                tail = answer_logprobs(loaded.model, batch, inputs_embeds=frozen_layers.embeds_batch(batch, rows))
+            torch.testing.assert_close(tail.detach(), results[0][0], atol=1e-4, rtol=1e-5)
     finally:
         offsets.detach()

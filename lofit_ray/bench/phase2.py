@@ -3,7 +3,7 @@
 With every lever on, `lever_loop` does what train.train_loop does (same order, batches, init, optimizer);
 with every lever off it is the reference-style loop: a per-head Python hook on every layer, anomaly detection
 on, the DPO reference log-probs recomputed every step, full-vocabulary logits at every position, all layers
-run, one right-padded sequence per row. `library_loop` runs train_loop itself for the same numbers.
+run, one right-padded sequence per row (so each pair's prompt runs twice). `library_loop` runs train_loop itself for the same numbers.
 """
 from __future__ import annotations
 
@@ -26,15 +26,16 @@ from .timing import log
 # reference's behaviour (leave-one-out).
 LEVERS = {"vectorized_hook": "lib_with_per_head_loop_hook", "anomaly_detection_off": "lib_with_anomaly_detection",
           "cached_reference": "lib_with_reference_recomputed_each_step", "answer_only_logits": "lib_with_full_vocab_logits",
-          "skip_frozen_layers": "lib_without_layer_skipping", "packed_batches": "lib_with_padded_batches"}
+          "skip_frozen_layers": "lib_without_layer_skipping", "packed_batches": "lib_with_padded_batches",
+          "shared_prompts": "lib_with_unshared_prompts"}
 
 
 def lever_loop(loaded, examples, heads, training: TrainingConfig, epochs: int, lr: float, *, vectorized_hook: bool,
                anomaly_detection_off: bool, cached_reference: bool, answer_only_logits: bool, skip_frozen_layers: bool,
-               packed_batches: bool, label: str) -> dict:
+               packed_batches: bool, shared_prompts: bool, label: str) -> dict:
     """Phase-2 DPO with each lever switchable. Returns per-epoch and per-step times, per-step losses, setup time.
     With a lever off and layer skipping on, the per-step reference forward also starts from the cached hidden
-    states (what a natural implementation does)."""
+    states (what a natural implementation does). Prompts are shared only in packed batches."""
     model = loaded.model
     pad = pad_id(loaded)
     t_start = time.perf_counter()
@@ -72,7 +73,8 @@ def lever_loop(loaded, examples, heads, training: TrainingConfig, epochs: int, l
                 for step in range(steps):
                     t_step = time.perf_counter()
                     idx = order[step * training.batch_size: (step + 1) * training.batch_size]
-                    batch = batching.batch_items([encoded[i] for i in idx], pad, packed=packed_batches)
+                    batch = batching.batch_items([encoded[i] for i in idx], pad, packed=packed_batches,
+                                                 share_prompts=shared_prompts)
                     logp = logprobs(batch, idx)
                     if reference is not None:
                         ref = reference[idx]

@@ -9,7 +9,7 @@ import torch
 
 from .. import losses
 from ..architectures import o_projs
-from ..batching import Batch, Sequence, collate
+from ..batching import Batch, Sequence, collate, tree_attention_mask
 from ..offsets import HeadOffsets
 
 
@@ -65,14 +65,17 @@ class LoopOffsets:
 def full_vocab_logprobs(model, batch: Batch, inputs_embeds=None) -> torch.Tensor:
     """Logits at every position over the whole vocabulary, log_softmax over [B, T, V], then gather the answer
     tokens: the value of losses.answer_logprobs (which runs the LM head at answer positions only).
-    use_cache=False as in answer_logprobs, so only the logits differ."""
+    use_cache=False and the same mask as answer_logprobs, so only the logits differ."""
     inputs = {"inputs_embeds": inputs_embeds} if inputs_embeds is not None else {"input_ids": batch.input_ids}
-    logits = model(**inputs, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
-                   use_cache=False).logits
+    mask = batch.attention_mask
+    if batch.group is not None:
+        dtype = inputs_embeds.dtype if inputs_embeds is not None else next(model.parameters()).dtype
+        mask = tree_attention_mask(batch.group, batch.branch, batch.position_ids, model.config, dtype)
+    logits = model(**inputs, attention_mask=mask, position_ids=batch.position_ids, use_cache=False).logits
     logp = torch.log_softmax(logits.float(), dim=-1)
-    token_logp = logp[:, :-1].gather(-1, batch.input_ids[:, 1:, None])[..., 0]
-    rows, cols = batch.answer_mask[:, 1:].nonzero(as_tuple=True)
-    return token_logp.new_zeros(batch.num_sequences).index_add(0, batch.sequence[rows, cols + 1], token_logp[rows, cols])
+    rows, states, cols = batch.answer_positions()
+    token_logp = logp[rows, states, batch.input_ids[rows, cols]]
+    return token_logp.new_zeros(batch.num_sequences).index_add(0, batch.sequence[rows, cols], token_logp)
 
 
 def per_question_mc_scores(loaded, items) -> list[list[float]]:
