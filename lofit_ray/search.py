@@ -209,6 +209,8 @@ def trial_fn(config: dict, ctx: dict) -> None:
         last: dict = {}
 
         def on_epoch(epoch: int, stats: dict) -> None:
+            if epoch < phase2.epochs and not cfg.search.asha:
+                return  # only ASHA acts on an intermediate score: without it, evaluate once, at the end
             e0 = time.time()
             scores, rows = evaluate_items(loaded, splits.select)
             timing["eval_s"] += time.time() - e0

@@ -235,6 +235,8 @@ def test_ray_job_submit_runs_a_search_that_registers_a_champion(ray_head):
     assert len(trials) == 4 and finished
     assert failed and all("diverged" in r.data.tags[tracking.FAILURE_REASON_TAG] for r in failed)
     assert all(r.data.params["phase2_lr"] == "0.5" for r in failed)
+    # without ASHA nothing acts on an intermediate score: each trial is evaluated once, after its last epoch
+    assert all({m.step for m in c.get_metric_history(r.info.run_id, "sel_metric")} == {2} for r in finished)
     versions = c.search_model_versions(f"name='{name}'")
     assert len(versions) == len(finished)
     assert all({"k", "sel_metric", "trial_id"} <= set(v.tags) for v in versions)

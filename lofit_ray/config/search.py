@@ -94,7 +94,8 @@ class SearchConfig:
                         "token for generation: continuous, so a small selection split still ranks trials), "
                         "score (mean of MC1 and MC2; EM + 1e-3 lenient EM), mc1, mc2, em, em_lenient, "
                         "answer_logprob", "auto")
-    asha: bool = _help("stop weak trials early (ASHA on the per-epoch selection metric)", True)
+    asha: bool = _help("stop weak trials early (ASHA on the per-epoch selection metric); off, a trial is "
+                       "evaluated once, after its last epoch: cheaper when an evaluation costs more than an epoch", True)
     grace_period: int = _help("ASHA: epochs every trial gets", 1)
     reduction_factor: int = _help("ASHA: keep 1 in this many at each rung", 2)
     space: SearchSpaceConfig = _help("what is searched", factory=SearchSpaceConfig)
