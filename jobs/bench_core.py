@@ -1,6 +1,6 @@
 """Benchmark the LoFiT core on SmolLM2-135M (CPU fp32 by default) and merge the results into a JSON file.
 
-    python jobs/bench_core.py [--only phase1,phase2,mc,gen] [--model smollm2-135m] [--out jobs/results/bench_core.json]
+    python jobs/bench_core.py [--only phase1,phase2,mc,gen,selectors] [--model smollm2-135m] [--out jobs/results/bench_core.json]
 
 Wrap timed runs in `flock /tmp/heavy.lock ...` on a shared machine: two torch jobs on 2 cores ruin timings.
 Sections (default: all; --only picks some, and only those keys of the JSON are replaced):
@@ -23,6 +23,11 @@ Sections (default: all; --only picks some, and only those keys of the JSON are r
           questions, the previous scorer (per_question_mc_scores: primer cache, one padded batch per question).
   gen     lofit_ray.evaluate.evaluate on --gen-items MQuAKE val items: tokens/s (prompt + generated) and the same
           style of FLOP floor (gen_flop_floor).
+  selectors  each head selector (lofit_ray/selectors.py) ranking the same --selector-examples training examples
+          of TruthfulQA (DPO) and MQuAKE (SFT), side by side in one process, with the reproduction's settings
+          (l1 and gates: 2 epochs; grad and grad_x_act: one pass): seconds and the ratio to l1's (l1 runs first and
+          last; their mean is the denominator, their spread the noise), and the layers of each top --k.
+          An untimed grad pass first fills the DPO reference cache and warms the kernels.
 
 FLOP floor: lofit_ray/bench/flops.py (forward only; the peak is the best of a few timed 2048^3 fp32 matmuls
 with the same thread count). It ignores memory bandwidth, which bounds small-batch generation far above it,
@@ -52,8 +57,9 @@ from lofit_ray.bench.timing import git_commit, log, synthetic_batch, timed
 from lofit_ray.config import Phase1Config, TrainingConfig
 from lofit_ray.tasks import get_task
 
-SECTIONS = ("phase1", "phase2", "mc", "gen")
-SECTION_KEYS = {"phase1": "phase1", "phase2": "phase2", "mc": "mc_scoring", "gen": "generation"}
+SECTIONS = ("phase1", "phase2", "mc", "gen", "selectors")
+SECTION_KEYS = {"phase1": "phase1", "phase2": "phase2", "mc": "mc_scoring", "gen": "generation",
+                "selectors": "selectors"}
 # The 8 heads the previous version of this bench selected (1 phase-1 epoch on 64 TruthfulQA pairs, smollm2-135m):
 # the default phase-2 head set, so the section needs no phase-1 run. --heads / --select-heads override it.
 DEFAULT_HEADS = [(11, 6), (10, 8), (18, 0), (16, 4), (14, 2), (15, 3), (15, 2), (11, 8)]
@@ -221,6 +227,36 @@ def bench_gen(loaded, args, peak: float) -> dict:
     return res
 
 
+def bench_selectors(loaded, args) -> dict:
+    """Each selector's ranking time on the same data, side by side, and its ratio to l1's (the issue's 'cost of
+    head selection'): the reproduction's phase-1 settings (configs/reproduce.yaml), one process, one seed."""
+    from lofit_ray.selectors import select_heads
+
+    training = TrainingConfig(batch_size=8, max_length=192)
+    order = ("l1", "gates", "grad", "grad_x_act", "l1")
+    res = {"examples": args.selector_examples, "k": args.k, "training": {"batch_size": 8, "max_length": 192},
+           "settings": {"l1": "2 epochs, lr 5e-3, l1 1e-3", "gates": "2 epochs, lr 5e-3, l0 1e-3",
+                        "grad": "one pass", "grad_x_act": "one pass"}, "order": list(order), "tasks": {}}
+    for task in ("truthfulqa", "mquake"):
+        examples = get_task(task).train_examples(limit=args.selector_examples)
+        log(f"selectors: {task} warm-up (one untimed grad pass)")
+        select_heads(loaded, examples, training, Phase1Config(selector="grad"), task=task)
+        runs = []
+        for selector in order:
+            phase1 = Phase1Config(selector=selector, epochs=2, lr=5e-3, l1=1e-3, l0=1e-3)
+            t0 = time.perf_counter()
+            head_set = select_heads(loaded, examples, training, phase1, task=task)
+            seconds = time.perf_counter() - t0
+            runs.append({"selector": selector, "seconds": seconds,
+                         "top_k_layers": sorted(int(l) for l, _ in head_set.top(args.k))})
+            log(f"selectors: {task} {selector} {seconds:.1f}s")
+        l1 = [r["seconds"] for r in runs if r["selector"] == "l1"]
+        for r in runs:
+            r["over_l1"] = r["seconds"] / (sum(l1) / len(l1))
+        res["tasks"][task] = {"runs": runs, "l1_first_over_last": l1[0] / l1[-1]}
+    return res
+
+
 # --------------------------------------------------------------------------------------------------------------
 def merge_into(path: Path, update: dict) -> dict:
     """The JSON at `path` (if any) with `update`'s sections replacing its own."""
@@ -244,6 +280,8 @@ def main(argv=None) -> int:
     parser.add_argument("--mc-questions", type=int, default=0, help="mc: first N questions (0: all 408)")
     parser.add_argument("--mc-side-by-side", type=int, default=50, help="mc: questions timed with both scorers")
     parser.add_argument("--gen-items", type=int, default=16)
+    parser.add_argument("--selector-examples", type=int, default=96, help="selectors: training examples per task "
+                        "(96: the reproduction's)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "bench_core.json"))
     args = parser.parse_args(argv)
     only = [s.strip() for s in args.only.split(",") if s.strip()]
@@ -267,7 +305,8 @@ def main(argv=None) -> int:
         peak = matmul_peak_flops()
         log(f"peak {peak / 1e9:.1f} GFLOP/s")
     runners = {"phase1": lambda: bench_phase1(loaded, args), "phase2": lambda: bench_phase2(loaded, args),
-               "mc": lambda: bench_mc(loaded, args, peak), "gen": lambda: bench_gen(loaded, args, peak)}
+               "mc": lambda: bench_mc(loaded, args, peak), "gen": lambda: bench_gen(loaded, args, peak),
+               "selectors": lambda: bench_selectors(loaded, args)}
     for section in SECTIONS:
         if section not in only:
             continue

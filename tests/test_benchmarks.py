@@ -7,6 +7,7 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 JOBS = Path(__file__).resolve().parents[1] / "jobs"
@@ -24,7 +25,7 @@ def test_bench_core_variants_agree_with_the_library(tmp_path):
     out = tmp_path / "bench.json"
     assert _job("bench_core").main(["--model", "tiny-llama", "--repeats", "1", "--k", "3", "--phase2-pairs", "8",
                           "--phase2-variants", "all", "--mc-questions", "4", "--mc-side-by-side", "3",
-                          "--gen-items", "2", "--out", str(out)]) == 0
+                          "--gen-items", "2", "--selector-examples", "8", "--out", str(out)]) == 0
     report = json.loads(out.read_text())
     phase2 = report["phase2"]
     assert set(phase2["variants"]) == {"library", "reference", "bench_all_levers", "library_repeat",
@@ -38,6 +39,12 @@ def test_bench_core_variants_agree_with_the_library(tmp_path):
     assert mc["side_by_side"]["metrics_previous"]["mc1"] == mc["side_by_side"]["metrics_library"]["mc1"]
     assert mc["floor_s"] > 0 and mc["floor"]["tokens"] > mc["floor"]["answer_tokens"] > 0
     assert report["generation"]["floor_s"] > 0 and report["phase1"]["lofit_phase1_step_s"] > 0
+    for task, timed_runs in report["selectors"]["tasks"].items():  # every selector timed against l1's mean
+        runs = timed_runs["runs"]
+        assert [r["selector"] for r in runs] == ["l1", "gates", "grad", "grad_x_act", "l1"], task
+        l1_mean = (runs[0]["seconds"] + runs[-1]["seconds"]) / 2
+        for r in runs:
+            assert r["over_l1"] == pytest.approx(r["seconds"] / l1_mean) and len(r["top_k_layers"]) == 3
 
 
 def test_bench_gpu_cpu_smoke(tmp_path):

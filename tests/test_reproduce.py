@@ -268,13 +268,18 @@ def test_selectors_and_reft_added_to_a_finished_record_run_only_their_cells(tiny
     section = text.split("## Selectors (phase 1)")[1].split("## ")[0]
     sel_rows = [[x.strip() for x in line.split("|")[1:-1]] for line in section.splitlines()
                 if line.startswith("| tiny-llama |")]
-    assert len(sel_rows) == len(TASKS) * len(KS) * (1 + len(added))
-    for model, task, k, selector, seeds, seconds, ratio, overlap in sel_rows:
-        method = {"l1": "lofit", **{v: m for m, v in selector_of.items()}}[selector]
+    assert len(sel_rows) == len(TASKS) * len(KS) * (2 + len(added))  # l1, the added selectors, random
+    for model, task, k, selector, seeds, seconds, ratio, overlap, layers in sel_rows:
+        method = {"l1": "lofit", "random": "random_heads", **{v: m for m, v in selector_of.items()}}[selector]
         cell, l1 = cells[f"{model}|{task}|{method}|k={k}|seed=0"], cells[f"{model}|{task}|lofit|k={k}|seed=0"]
         mine, theirs = {tuple(h) for h in cell["heads"]}, {tuple(h) for h in l1["heads"]}
         assert float(overlap) == pytest.approx(len(mine & theirs) / len(mine | theirs), abs=5e-3)
-        assert float(ratio) == pytest.approx(cell["phase1_seconds"] / l1["phase1_seconds"], rel=1e-2, abs=1e-3)
+        heads_layers = sorted(h[0] for h in cell["heads"])
+        assert layers.startswith(f"{heads_layers[0]}-{heads_layers[-1]} (")
+        if method == "random_heads":  # no ranking to time
+            assert seconds == ratio == "-"
+        else:
+            assert float(ratio) == pytest.approx(cell["phase1_seconds"] / l1["phase1_seconds"], rel=1e-2, abs=1e-3)
 
 
 def copy_record(src: Path, dst: Path) -> Path:

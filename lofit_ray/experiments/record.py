@@ -309,26 +309,32 @@ def render_markdown(doc: dict, base: Path | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
-SELECTOR_METHODS = {"lofit": "l1", "gates_heads": "gates", "grad_heads": "grad", "grad_x_act_heads": "grad_x_act"}
+# The methods whose heads come from a selector (lofit_ray/selectors.py), in the order the selectors section lists
+# them; random heads are the chance level of the Jaccard column.
+SELECTOR_METHODS = {"lofit": "l1", "gates_heads": "gates", "grad_heads": "grad", "grad_x_act_heads": "grad_x_act",
+                    "random_heads": "random"}
 
 
 def render_selectors(cells: list[dict]) -> list[str]:
     """Per model x task x K, what each selector's ranking cost and how far its top K is from l1's (LoFiT's):
-    the ranking's seconds (mean over seeds), that over l1's, and the Jaccard overlap of the heads each
-    seed's cell trained. Only records with a selector besides l1 get this section."""
-    if not any(c["method"] in SELECTOR_METHODS and c["method"] != "lofit" for c in cells):
+    the ranking's seconds (mean over seeds), that over l1's, the Jaccard overlap of the heads each seed's cell
+    trained, and the layers those heads sit in (where a selector looks is often what it gets wrong). Only
+    records with a selector besides l1 and random get this section."""
+    if not any(c["method"] in SELECTOR_METHODS and c["method"] not in ("lofit", "random_heads") for c in cells):
         return []
     lines = ["## Selectors (phase 1)", "",
              "Each selector ranks every head once per seed on the training split (lofit_ray/selectors.py); phase 2 "
              "then trains the top K exactly as for LoFiT. 'x l1' is the ranking's time over l1's on the same "
-             "data and seed; Jaccard compares the K heads with l1's, seed by seed.", "",
-             "| model | task | K | selector | seeds | ranking s | x l1 | Jaccard vs l1 |", "|---|---|---|---|---|---|---|---|"]
+             "data and seed; Jaccard compares the K heads with l1's, seed by seed (random heads give its chance "
+             "level); layers are those of the K heads over all seeds: lowest-highest (median).", "",
+             "| model | task | K | selector | seeds | ranking s | x l1 | Jaccard vs l1 | layers |",
+             "|---|---|---|---|---|---|---|---|---|"]
     groups: dict = {}
     for c in cells:
         if c["method"] in SELECTOR_METHODS and c.get("heads"):
             groups.setdefault((c["model"], c["task"], c["k"]), {}).setdefault(c["method"], {})[c["seed"]] = c
     for (model, task, k), by_method in groups.items():
-        if set(by_method) == {"lofit"}:
+        if set(by_method) <= {"lofit", "random_heads"}:
             continue  # no other selector ran on this task
         l1 = by_method.get("lofit", {})
         for method in SELECTOR_METHODS:
@@ -345,9 +351,11 @@ def render_selectors(cells: list[dict]) -> list[str]:
                 if seed in l1:
                     mine, theirs = {tuple(h) for h in c["heads"]}, {tuple(h) for h in l1[seed]["heads"]}
                     overlaps.append(len(mine & theirs) / len(mine | theirs))
+            layers = sorted(h[0] for c in recs.values() for h in c["heads"])
             lines.append(f"| {model} | {task} | {k} | {SELECTOR_METHODS[method]} | {len(recs)} | "
                          + ("-" if mean_s is None else f"{mean_s:.1f}") + f" | {ratio} | "
-                         + (f"{statistics.fmean(overlaps):.2f}" if overlaps else "-") + " |")
+                         + (f"{statistics.fmean(overlaps):.2f}" if overlaps else "-")
+                         + f" | {layers[0]}-{layers[-1]} ({statistics.median(layers):g}) |")
     lines.append("")
     return lines
 
