@@ -83,7 +83,7 @@ def cmd_list(args) -> None:
             print("(val_* is scored once, on the report split, for the champion and the controls only; trials are "
                   "ranked by sel_metric on the selection split)")
     if rankings:
-        print(f"\nphase-1 rankings (every head ranked; trials take their top K from one of these):")
+        print("\nphase-1 rankings (every head ranked; trials take their top K from one of these):")
         print(_table(["RUN", "MODEL", "TASK", "SELECTOR", "STATUS"],
                      [[r["run_id"], r["model"] or "-", r["task"] or "-", r["method"] or "-", r["status"]]
                       for r in rankings]))
