@@ -23,11 +23,8 @@ Sections (default: all; --only picks some, and only those keys of the JSON are r
           questions, the previous scorer (per_question_mc_scores: primer cache, one padded batch per question).
   gen     lofit_ray.evaluate.evaluate on --gen-items MQuAKE val items: tokens/s (prompt + generated) and the same
           style of FLOP floor (gen_flop_floor).
-  selectors  each head selector (lofit_ray/selectors.py) ranking the same --selector-examples training examples
-          of TruthfulQA (DPO) and MQuAKE (SFT), side by side in one process, with the reproduction's settings
-          (l1 and gates: 2 epochs; grad and grad_x_act: one pass): seconds and the ratio to l1's (l1 runs first and
-          last; their mean is the denominator, their spread the noise), and the layers of each top --k.
-          An untimed grad pass first fills the DPO reference cache and warms the kernels.
+  selectors  every head selector ranking the same --selector-examples examples of TruthfulQA and MQuAKE, side
+          by side: seconds and the ratio to l1's (lofit_ray/bench/selectors.py).
 
 FLOP floor: lofit_ray/bench/flops.py (forward only; the peak is the best of a few timed 2048^3 fp32 matmuls
 with the same thread count). It ignores memory bandwidth, which bounds small-batch generation far above it,
@@ -53,6 +50,7 @@ from lofit_ray import HeadOffsets, HeadSet, load_model, losses
 from lofit_ray.bench.flops import gen_flop_floor, matmul_peak_flops, mc_flop_floor
 from lofit_ray.bench.phase2 import LEVERS, VARIANTS, run_variants, summarize
 from lofit_ray.bench.reference import per_head_loop_hooks, per_question_mc_scores
+from lofit_ray.bench.selectors import time_selectors
 from lofit_ray.bench.timing import git_commit, log, synthetic_batch, timed
 from lofit_ray.config import Phase1Config, TrainingConfig
 from lofit_ray.tasks import get_task
@@ -227,36 +225,6 @@ def bench_gen(loaded, args, peak: float) -> dict:
     return res
 
 
-def bench_selectors(loaded, args) -> dict:
-    """Each selector's ranking time on the same data, side by side, and its ratio to l1's (the issue's 'cost of
-    head selection'): the reproduction's phase-1 settings (configs/reproduce.yaml), one process, one seed."""
-    from lofit_ray.selectors import select_heads
-
-    training = TrainingConfig(batch_size=8, max_length=192)
-    order = ("l1", "gates", "grad", "grad_x_act", "l1")
-    res = {"examples": args.selector_examples, "k": args.k, "training": {"batch_size": 8, "max_length": 192},
-           "settings": {"l1": "2 epochs, lr 5e-3, l1 1e-3", "gates": "2 epochs, lr 5e-3, l0 1e-3",
-                        "grad": "one pass", "grad_x_act": "one pass"}, "order": list(order), "tasks": {}}
-    for task in ("truthfulqa", "mquake"):
-        examples = get_task(task).train_examples(limit=args.selector_examples)
-        log(f"selectors: {task} warm-up (one untimed grad pass)")
-        select_heads(loaded, examples, training, Phase1Config(selector="grad"), task=task)
-        runs = []
-        for selector in order:
-            phase1 = Phase1Config(selector=selector, epochs=2, lr=5e-3, l1=1e-3, l0=1e-3)
-            t0 = time.perf_counter()
-            head_set = select_heads(loaded, examples, training, phase1, task=task)
-            seconds = time.perf_counter() - t0
-            runs.append({"selector": selector, "seconds": seconds,
-                         "top_k_layers": sorted(int(l) for l, _ in head_set.top(args.k))})
-            log(f"selectors: {task} {selector} {seconds:.1f}s")
-        l1 = [r["seconds"] for r in runs if r["selector"] == "l1"]
-        for r in runs:
-            r["over_l1"] = r["seconds"] / (sum(l1) / len(l1))
-        res["tasks"][task] = {"runs": runs, "l1_first_over_last": l1[0] / l1[-1]}
-    return res
-
-
 # --------------------------------------------------------------------------------------------------------------
 def merge_into(path: Path, update: dict) -> dict:
     """The JSON at `path` (if any) with `update`'s sections replacing its own."""
@@ -306,7 +274,7 @@ def main(argv=None) -> int:
         log(f"peak {peak / 1e9:.1f} GFLOP/s")
     runners = {"phase1": lambda: bench_phase1(loaded, args), "phase2": lambda: bench_phase2(loaded, args),
                "mc": lambda: bench_mc(loaded, args, peak), "gen": lambda: bench_gen(loaded, args, peak),
-               "selectors": lambda: bench_selectors(loaded, args)}
+               "selectors": lambda: time_selectors(loaded, args.selector_examples, args.k)}
     for section in SECTIONS:
         if section not in only:
             continue

@@ -1,0 +1,42 @@
+"""Each head selector's ranking time on the same data, side by side in one process (jobs/bench_core.py
+--only selectors): what head selection costs, as a ratio to the paper's l1."""
+from __future__ import annotations
+
+import time
+
+from ..config import Phase1Config, TrainingConfig
+from ..selectors import select_heads
+from ..tasks import get_task
+from .timing import log
+
+# l1 runs first and last: their mean is the denominator, their spread the run-to-run noise
+ORDER = ("l1", "gates", "grad", "grad_x_act", "l1")
+
+
+def time_selectors(loaded, n_examples: int, k: int, tasks=("truthfulqa", "mquake")) -> dict:
+    """Seconds per selector on the first `n_examples` training examples of each task, with the reproduction's
+    phase-1 settings (configs/reproduce.yaml: l1 and gates 2 epochs, lr 5e-3; grad and grad_x_act one pass),
+    the ratio to l1's mean and the layers of each top `k`. An untimed grad pass first fills the DPO reference
+    cache and warms the kernels."""
+    training = TrainingConfig(batch_size=8, max_length=192)
+    res = {"examples": n_examples, "k": k, "training": {"batch_size": 8, "max_length": 192},
+           "settings": {"l1": "2 epochs, lr 5e-3, l1 1e-3", "gates": "2 epochs, lr 5e-3, l0 1e-3",
+                        "grad": "one pass", "grad_x_act": "one pass"}, "order": list(ORDER), "tasks": {}}
+    for task in tasks:
+        examples = get_task(task).train_examples(limit=n_examples)
+        log(f"selectors: {task} warm-up (one untimed grad pass)")
+        select_heads(loaded, examples, training, Phase1Config(selector="grad"), task=task)
+        runs = []
+        for selector in ORDER:
+            phase1 = Phase1Config(selector=selector, epochs=2, lr=5e-3, l1=1e-3, l0=1e-3)
+            t0 = time.perf_counter()
+            head_set = select_heads(loaded, examples, training, phase1, task=task)
+            seconds = time.perf_counter() - t0
+            runs.append({"selector": selector, "seconds": seconds,
+                         "top_k_layers": sorted(int(layer) for layer, _ in head_set.top(k))})
+            log(f"selectors: {task} {selector} {seconds:.1f}s")
+        l1 = [r["seconds"] for r in runs if r["selector"] == "l1"]
+        for r in runs:
+            r["over_l1"] = r["seconds"] / (sum(l1) / len(l1))
+        res["tasks"][task] = {"runs": runs, "l1_first_over_last": l1[0] / l1[-1]}
+    return res
