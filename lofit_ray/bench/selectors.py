@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import asdict
 
 from ..config import Phase1Config, TrainingConfig
 from ..selectors import select_heads
@@ -19,18 +20,17 @@ def time_selectors(loaded, n_examples: int, k: int, tasks=("truthfulqa", "mquake
     the ratio to l1's mean and the layers of each top `k`. An untimed grad pass first fills the DPO reference
     cache and warms the kernels."""
     training = TrainingConfig(batch_size=8, max_length=192)
-    res = {"examples": n_examples, "k": k, "training": {"batch_size": 8, "max_length": 192},
-           "settings": {"l1": "2 epochs, lr 5e-3, l1 1e-3", "gates": "2 epochs, lr 5e-3, l0 1e-3",
-                        "grad": "one pass", "grad_x_act": "one pass"}, "order": list(ORDER), "tasks": {}}
+    configs = {s: Phase1Config(selector=s, epochs=2, lr=5e-3, l1=1e-3, l0=1e-3) for s in ORDER}
+    res = {"examples": n_examples, "k": k, "training": asdict(training), "order": list(ORDER), "tasks": {},
+           "settings": {s: phase1.settings() for s, phase1 in configs.items()}}  # what each selector reads
     for task in tasks:
         examples = get_task(task).train_examples(limit=n_examples)
         log(f"selectors: {task} warm-up (one untimed grad pass)")
         select_heads(loaded, examples, training, Phase1Config(selector="grad"), task=task)
         runs = []
         for selector in ORDER:
-            phase1 = Phase1Config(selector=selector, epochs=2, lr=5e-3, l1=1e-3, l0=1e-3)
             t0 = time.perf_counter()
-            head_set = select_heads(loaded, examples, training, phase1, task=task)
+            head_set = select_heads(loaded, examples, training, configs[selector], task=task)
             seconds = time.perf_counter() - t0
             runs.append({"selector": selector, "seconds": seconds,
                          "top_k_layers": sorted(int(layer) for layer, _ in head_set.top(k))})

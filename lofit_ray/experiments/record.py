@@ -313,6 +313,7 @@ def render_markdown(doc: dict, base: Path | None = None) -> str:
 # them; random heads are the chance level of the Jaccard column.
 SELECTOR_METHODS = {"lofit": "l1", "gates_heads": "gates", "grad_heads": "grad", "grad_x_act_heads": "grad_x_act",
                     "random_heads": "random"}
+BASELINE_SELECTORS = {"lofit", "random_heads"}  # the section needs another selector to compare with these
 
 
 def render_selectors(cells: list[dict]) -> list[str]:
@@ -320,7 +321,7 @@ def render_selectors(cells: list[dict]) -> list[str]:
     the ranking's seconds (mean over seeds), that over l1's, the Jaccard overlap of the heads each seed's cell
     trained, and the layers those heads sit in (where a selector looks is often what it gets wrong). Only
     records with a selector besides l1 and random get this section."""
-    if not any(c["method"] in SELECTOR_METHODS and c["method"] not in ("lofit", "random_heads") for c in cells):
+    if not any(c["method"] in SELECTOR_METHODS and c["method"] not in BASELINE_SELECTORS for c in cells):
         return []
     lines = ["## Selectors (phase 1)", "",
              "Each selector ranks every head once per seed on the training split (lofit_ray/selectors.py); phase 2 "
@@ -334,7 +335,7 @@ def render_selectors(cells: list[dict]) -> list[str]:
         if c["method"] in SELECTOR_METHODS and c.get("heads"):
             groups.setdefault((c["model"], c["task"], c["k"]), {}).setdefault(c["method"], {})[c["seed"]] = c
     for (model, task, k), by_method in groups.items():
-        if set(by_method) <= {"lofit", "random_heads"}:
+        if set(by_method) <= BASELINE_SELECTORS:
             continue  # no other selector ran on this task
         l1 = by_method.get("lofit", {})
         for method in SELECTOR_METHODS:
