@@ -2,10 +2,13 @@
 --only selectors): what head selection costs, as a ratio to the paper's l1."""
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import asdict
 
-from ..config import Phase1Config, TrainingConfig
+from ..config import Phase1Config
+from ..config.loading import load_config
+from ..config.reproduce import ReproduceConfig
 from ..selectors import select_heads
 from ..tasks import get_task
 from .timing import log
@@ -16,11 +19,13 @@ ORDER = ("l1", "gates", "grad", "grad_x_act", "l1")
 
 def time_selectors(loaded, n_examples: int, k: int, tasks=("truthfulqa", "mquake")) -> dict:
     """Seconds per selector on the first `n_examples` training examples of each task, with the reproduction's
-    phase-1 settings (configs/reproduce.yaml: l1 and gates 2 epochs, lr 5e-3; grad and grad_x_act one pass),
-    the ratio to l1's mean and the layers of each top `k`. An untimed grad pass first fills the DPO reference
+    training and phase-1 settings (configs/reproduce.yaml: l1 and gates train its phase-1 epochs, grad and
+    grad_x_act take one pass; lr, l1 and l0, which it searches, are fixed at values from its grids), the
+    ratio to l1's mean and the layers of each top `k`. An untimed grad pass first fills the DPO reference
     cache and warms the kernels."""
-    training = TrainingConfig(batch_size=8, max_length=192)
-    configs = {s: Phase1Config(selector=s, epochs=2, lr=5e-3, l1=1e-3, l0=1e-3) for s in ORDER}
+    shipped = load_config("reproduce", schema=ReproduceConfig)
+    training = shipped.training
+    configs = {s: dataclasses.replace(shipped.phase1, selector=s, lr=5e-3, l1=1e-3, l0=1e-3) for s in ORDER}
     res = {"examples": n_examples, "k": k, "training": asdict(training), "order": list(ORDER), "tasks": {},
            "settings": {s: phase1.settings() for s, phase1 in configs.items()}}  # what each selector reads
     for task in tasks:
