@@ -474,7 +474,8 @@ def _search_one_model(cfg: SearchJobConfig, model: str, ctx: dict, storage: Path
 
     out["report"] = score_report(cfg, model, uri, name, run_id, ctx["parent_run_id"])
     out["report_text"] = report_text(model, name, version, out["report"])
-    print(out["report_text"], flush=True)
+    print(f"[lofit-ray] {model}: champion {name} v{version} scored on the report split (the table follows at the "
+          f"end)", flush=True)
     return out
 
 

@@ -2,6 +2,7 @@
 package lofit_ray.configs) and the lm-eval task files; and the CLI finds a shipped config by name."""
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -61,3 +62,14 @@ def test_the_wheel_holds_the_configs_and_the_lm_eval_tasks(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.split("]")[0].count("'") == 2 * len(list((REPO / "configs").glob("*.yaml")))
     assert proc.stdout.split()[-2:] == ["smoke", str(tmp_path / "site" / "lofit_ray" / "__init__.py")]
+    # and the installed CLI runs phase 1 on the tiny model
+    from lofit_ray.tasks import DATA_DIR_ENV, data_dir
+
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(tmp_path / "site"), DATA_DIR_ENV: str(data_dir()),
+           "LOFIT_HOME": str(tmp_path / "home"), "HOME": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "-m", "lofit_ray.cli", "select", "--model", "tiny-llama", "--task",
+                           "truthfulqa", "--k", "2", "--limit", "8", "--out", "heads.json"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    head_set = json.loads((tmp_path / "heads.json").read_text())
+    assert head_set["model"] == "tiny-llama" and head_set["k"] == 2 and len(head_set["ranking"]) == 16

@@ -290,6 +290,7 @@ def test_ray_job_submit_runs_a_search_that_registers_a_champion(ray_head):
     assert sum(r["mc2"] for r in champion_rows) / 8 == pytest.approx(m["tiny-llama.val_mc2"])
     assert {Path(f.path).name for f in c.list_artifacts(parent.info.run_id, "report")} == {"tiny-llama_report.png"}
     assert "champion - random heads" in res.stdout and "champion - 0-shot" in res.stdout
+    assert res.stdout.count("; report split") == 1  # the report is printed once, at the end
 
 
 def _trial_outcomes(uri: str) -> dict:

@@ -297,6 +297,21 @@ def test_cli_heads_list(store, capsys):
     assert "champion: " + f"{name}/1" in out[-1] and "head sets" in out[-1]
 
 
+def test_cli_heads_list_puts_phase1_rankings_apart_with_their_settings(store, capsys):
+    uri = store["uri"]
+    exp = tracking.ensure_experiment("lofit-rankings", uri)
+    rid = tracking.start_run(uri, exp, "phase1-tiny", {"phase1": {"selector": "gates", "l1": 0.002, "lr": 0.01,
+                                                                   "epochs": 2}}, {"lofit.kind": "phase1"})
+    tracking.log_head_set(uri, rid, make_head_set(3))
+    tracking.end_run(uri, rid)
+    assert run_cli(["heads", "list", "--tracking-uri", uri, "--experiment", "lofit-rankings"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    header = out.index(next(line for line in out if line.startswith("phase-1 rankings"))) + 1
+    assert out[header].split() == ["RUN", "MODEL", "TASK", "SELECTOR", "L1", "LR", "EPOCHS", "STATUS"]
+    assert out[header + 1].split() == [rid, "tiny-llama", "truthfulqa", "gates", "0.002", "0.01", "2", "FINISHED"]
+    assert "0 head sets and 1 ranking" in out[-1]
+
+
 def test_cli_heads_show(store, capsys):
     hs = store["sets"][0]
     assert run_cli(["heads", "show", f"models:/{store['name']}@champion", "--tracking-uri", store["uri"]]) == 0

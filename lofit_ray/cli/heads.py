@@ -84,9 +84,11 @@ def cmd_list(args) -> None:
                   "ranked by sel_metric on the selection split)")
     if rankings:
         print("\nphase-1 rankings (every head ranked; trials take their top K from one of these):")
-        print(_table(["RUN", "MODEL", "TASK", "SELECTOR", "STATUS"],
-                     [[r["run_id"], r["model"] or "-", r["task"] or "-", r["method"] or "-", r["status"]]
-                      for r in rankings]))
+        print(_table(["RUN", "MODEL", "TASK", "SELECTOR", "L1", "LR", "EPOCHS", "STATUS"],
+                     [[r["run_id"], r["model"] or "-", r["task"] or "-",
+                       r["params"].get("phase1.selector") or r["method"] or "-",
+                       *[_short(r["params"].get(f"phase1.{p}")) for p in ("l1", "lr", "epochs")], r["status"]]
+                      for r in rankings], right=[4, 5, 6]))
     experiments = sorted({r["experiment"] for r in rows})
     print(f"{len(adapters)} head set{'s' * (len(adapters) != 1)} and {len(rankings)} ranking"
           f"{'s' * (len(rankings) != 1)} in {len(experiments)} experiment{'s' * (len(experiments) != 1)} "

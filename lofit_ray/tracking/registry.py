@@ -16,8 +16,8 @@ from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
 
 from ..heads import HeadSet
 from .runs import _download_head_set, _get_run, _search_all, set_tags
-from .store import (ADAPTER_DIR, CHAMPION, HEAD_SET_FILE, HEADS_K_TAG, HPARAM_COLUMNS, LOGGED_MODEL_NAME, METHOD_TAG,
-                    MODEL_ID_TAG, MODEL_TAG, PARENT_RUN_TAG, PHASE1_KEY_TAG, SELECT_FP_TAG, TASK_TAG,
+from .store import (ADAPTER_DIR, CHAMPION, HEAD_SET_FILE, HEADS_K_TAG, HPARAM_COLUMNS, METHOD_TAG,
+                    MODEL_ID_TAG, MODEL_TAG, RANKING_PARAMS, PARENT_RUN_TAG, PHASE1_KEY_TAG, SELECT_FP_TAG, TASK_TAG,
                     _absolute_sqlite, client, _experiment_ids, flatten_params, _model_version, _resolve_models_uri,
                     resolve_tracking_uri, _retry, _tags)
 
@@ -45,8 +45,8 @@ def log_adapter(tracking_uri: str, run_id: str, adapter: "Adapter") -> str:
         params = flatten_params({"base_model": adapter.config.base_model, "task": adapter.config.task,
                                  "method": adapter.config.method, "k": len(adapter.config.heads), "heads": heads,
                                  **adapter.config.hparams})
-        # not named ADAPTER_DIR: MLflow 3 resolves runs:/RUN/<name> to a logged model of that name first
-        model = _retry(c.create_logged_model, run.info.experiment_id, name=LOGGED_MODEL_NAME, source_run_id=run_id,
+        model = _retry(c.create_logged_model, run.info.experiment_id, name=logged_model_name(adapter.config),
+                       source_run_id=run_id,
                        params=params, tags={"lofit.fingerprint": adapter.config.fingerprint},
                        model_type="lofit-adapter")
         _retry(c.log_model_artifacts, model.model_id, str(tmp / "model"))
@@ -57,6 +57,14 @@ def log_adapter(tracking_uri: str, run_id: str, adapter: "Adapter") -> str:
                                     "lofit.adapter_parameters": adapter.num_parameters,
                                     MODEL_ID_TAG: model.model_id})
     return model.model_id
+
+
+def logged_model_name(config) -> str:
+    """What the Models view lists an adapter as: its registered name, the method unless LoFiT, and K
+    ("lofit-smollm2-135m-truthfulqa-k16", "...-random-k16"). Never ADAPTER_DIR: MLflow 3 resolves
+    runs:/RUN/<name> to a logged model of that name before the run's artifacts."""
+    method = "" if config.method == "lofit" else f"-{config.method}"
+    return f"{registered_name(config.base_model, config.task)}{method}-k{len(config.heads)}"
 
 
 def registered_name(model_spec: str, task: str) -> str:
@@ -231,7 +239,7 @@ def list_head_sets(tracking_uri: str, experiment: str | None = None, model: str 
             "method": tags.get(METHOD_TAG, ""),
             "kind": tags.get("lofit.kind") or ("phase1" if not tags.get(HEADS_K_TAG, "").isdigit() else ""),
             "k": int(tags[HEADS_K_TAG]) if tags.get(HEADS_K_TAG, "").isdigit() else None,
-            "params": {k: run.data.params[k] for k in HPARAM_COLUMNS if k in run.data.params},
+            "params": {k: run.data.params[k] for k in (*HPARAM_COLUMNS, *RANKING_PARAMS) if k in run.data.params},
             "phase1_key": tags.get(PHASE1_KEY_TAG),
             "metrics": dict(run.data.metrics),
             "registered": [{"name": v.name, "version": str(v.version), "aliases": _aliases(c, v)}

@@ -21,8 +21,8 @@ from ..paths import lofit_home
 PHASE1_KEY_TAG = "lofit.phase1_key"
 FAILURE_REASON_TAG = "lofit.failure_reason"
 HPARAM_COLUMNS = ("selector", "phase1_lr", "l1", "phase2_lr")  # the trial params `heads list` shows
+RANKING_PARAMS = ("phase1.selector", "phase1.l1", "phase1.lr", "phase1.epochs")  # ... and a phase-1 ranking's
 MODEL_ID_TAG = "lofit.model_id"  # the run's adapter as an MLflow model (log_adapter)
-LOGGED_MODEL_NAME = "lofit-adapter"
 OUTCOME_TAG = "lofit.outcome"  # completed | stopped_early | failed: how a trial's run ended
 PARENT_RUN_TAG = "mlflow.parentRunId"
 RUN_NAME_TAG = "mlflow.runName"
