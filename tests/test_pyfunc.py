@@ -64,7 +64,7 @@ def test_a_registered_adapter_loads_as_a_model_and_scores_like_lofit_ray_eval(ti
     c = tracking.client(uri)
     logged = c.get_logged_model(model_id)  # the Models view: params, metrics, the run it came from
     assert logged.params["k"] == "2" and logged.params["heads"] == "L1.H2 L3.H0"
-    assert logged.name == f"{name}-k2"  # what the Models view lists: the registered name and K
+    assert logged.name == "lofit-k2-tiny-llama"  # what the Models view lists: method, K, base model
     assert [(m.key, m.value) for m in logged.metrics] == [("sel_mc2", 0.61)]
     assert c.get_model_version(name, version).source == logged.artifact_location  # the version points at it
     assert json.loads(c.get_logged_model(model_id).tags["mlflow.modelVersions"]) == [{"name": name,

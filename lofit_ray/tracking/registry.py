@@ -60,20 +60,24 @@ def log_adapter(tracking_uri: str, run_id: str, adapter: "Adapter") -> str:
 
 
 def logged_model_name(config) -> str:
-    """What the Models view lists an adapter as: its registered name, the method unless LoFiT, and K
-    ("lofit-smollm2-135m-truthfulqa-k16", "...-random-k16"). Never ADAPTER_DIR: MLflow 3 resolves
-    runs:/RUN/<name> to a logged model of that name before the run's artifacts."""
-    method = "" if config.method == "lofit" else f"-{config.method}"
-    return f"{registered_name(config.base_model, config.task)}{method}-k{len(config.heads)}"
+    """What the Models view lists an adapter as, method and K first so a narrow column still shows them
+    ("lofit-k16-smollm2-135m", "random-k16-smollm2-135m"; the task is a param beside it). Never ADAPTER_DIR:
+    MLflow 3 resolves runs:/RUN/<name> to a logged model of that name before the run's artifacts."""
+    return f"{config.method}-k{len(config.heads)}-{_model_slug(config.base_model)}"
 
 
 def registered_name(model_spec: str, task: str) -> str:
     """"lofit-<model>-<task>", lower case, [a-z0-9-] only; paths contribute their basename."""
+    return "-".join(part for part in ("lofit", _model_slug(model_spec), _slug(task)) if part)
+
+
+def _model_slug(model_spec: str) -> str:
     base = Path(str(model_spec).rstrip("/\\")).name or str(model_spec)
-    base = re.sub(r"\.(gguf|safetensors|bin|pt)$", "", base, flags=re.IGNORECASE)
-    parts = ["lofit", base, task]
-    slug = "-".join(re.sub(r"[^a-z0-9]+", "-", p.lower()).strip("-") for p in parts if p)
-    return re.sub(r"-+", "-", slug).strip("-")
+    return _slug(re.sub(r"\.(gguf|safetensors|bin|pt)$", "", base, flags=re.IGNORECASE))
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", str(text).lower()).strip("-")
 
 
 def register_adapter(tracking_uri: str, name: str, run_id: str, tags: dict) -> str:
