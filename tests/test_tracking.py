@@ -379,6 +379,43 @@ def test_cli_heads_promote(store, capsys):
     assert "nothing changed" in capsys.readouterr().out
 
 
+def test_cli_ui_links_each_experiments_trials_best_first(tmp_path):
+    """`lofit-ray ui` prints, per experiment, a runs-view link listing the search's trials flat and best first;
+    the link's filter and order are ones MLflow's own run search accepts and sorts by."""
+    import signal
+    import socket
+
+    uri = tracking.resolve_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = tracking.ensure_experiment("lofit-ui", uri)
+    parent = tracking.start_run(uri, exp, "search", {}, {"lofit.kind": "search"})
+    scores = {}
+    for score in (0.4, 0.6, 0.5):
+        run_id = tracking.start_run(uri, exp, f"trial-{score}", {}, {"lofit.kind": "trial"}, parent_run_id=parent)
+        tracking.log_metrics(uri, run_id, {"sel_metric": score})
+        tracking.end_run(uri, run_id)
+        scores[run_id] = score
+    tracking.end_run(uri, parent)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "lofit_ray.cli", "ui", "--tracking-uri", uri, "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+    try:
+        lines = [proc.stdout.readline().strip() for _ in range(2)]
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)  # the CLI and the MLflow server it started, nothing else
+        proc.wait(timeout=60)
+    assert lines[0].startswith(f"MLflow UI for {uri} at http://127.0.0.1:{port}/#/experiments?workflowType=")
+    name, link = lines[1].split(": trials, best first: ")
+    assert name == "lofit-ui"
+    route, query = urllib.parse.urlsplit(link).fragment.split("?")
+    assert route == f"/experiments/{exp}/runs"
+    q = dict(urllib.parse.parse_qsl(query))
+    order = f"{q['orderByKey']} {'ASC' if q['orderByAsc'] == 'true' else 'DESC'}"
+    runs = tracking.client(uri).search_runs([exp], filter_string=q["searchFilter"], order_by=[order])
+    assert [r.info.run_id for r in runs] == sorted(scores, key=lambda r: -scores[r])
+
+
 def test_cli_heads_without_mlflow_says_which_extra(tmp_path):
     """With mlflow unimportable, `lofit-ray heads list` prints one line naming the extra and exits 2."""
     code = ("import sys\n"

@@ -13,6 +13,7 @@ from __future__ import annotations
 import ipaddress
 import sys
 import time
+import urllib.parse
 from pathlib import Path
 from dataclasses import replace
 
@@ -161,12 +162,20 @@ def _loopback(host: str) -> bool:
         return False
 
 
+# The runs view with a search's trials flat (MLflow folds child runs under their parent only when sorted by
+# creation time), best selection score first.
+TRIALS_BEST_FIRST = urllib.parse.urlencode({"workflowType": "machine_learning",
+                                            "searchFilter": "tags.`lofit.kind` = 'trial'",
+                                            "orderByKey": "metrics.`sel_metric`", "orderByAsc": "false"},
+                                           quote_via=urllib.parse.quote)
+
+
 def cmd_ui(args):
     """Open the MLflow UI on the default store, bound to loopback unless told otherwise."""
     import subprocess
 
     require("mlflow", "service")
-    from ..tracking import resolve_tracking_uri
+    from ..tracking import experiments, resolve_tracking_uri
 
     uri = resolve_tracking_uri(args.tracking_uri)
     if not _loopback(args.host):
@@ -174,8 +183,10 @@ def cmd_ui(args):
               f"{args.port} can read every run and artifact and change the registry (MLflow has no login here); "
               f"keep the default 127.0.0.1 and use an SSH tunnel unless the network is trusted", file=sys.stderr)
     # MLflow 3 opens in GenAI mode ("Evaluations") unless the link asks for model training
-    print(f"MLflow UI for {uri} at http://{args.host}:{args.port}/#/experiments?workflowType=machine_learning "
-          f"(Ctrl-C to stop)", flush=True)
+    base = f"http://{args.host}:{args.port}/#/experiments"
+    print(f"MLflow UI for {uri} at {base}?workflowType=machine_learning (Ctrl-C to stop)", flush=True)
+    for experiment_id, name in experiments(uri):
+        print(f"  {name}: trials, best first: {base}/{experiment_id}/runs?{TRIALS_BEST_FIRST}", flush=True)
     subprocess.run([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", args.host,
                     "--port", str(args.port), "--workers", "1"], check=False)
 

@@ -31,7 +31,7 @@ from .store import (ADAPTER_DIR, CHAMPION, EXPERIMENT_KIND_TAG, FAILURE_REASON_T
                     HEAD_SET_FILE, HEATMAP_FILE, HPARAM_COLUMNS, ITEMS_DIR, MAIN_METRICS,
                     METHOD_TAG, MODEL_ID_TAG, MODEL_TAG, OUTCOME_TAG, PARENT_RUN_TAG, PHASE1_KEY_TAG, RUN_NAME_TAG,
                     RUN_STATUSES, SELECT_FP_TAG, StoreError, TASK_TAG, client, default_artifact_location,
-                    ensure_experiment, ensure_store, flatten_params, resolve_tracking_uri)
+                    ensure_experiment, ensure_store, experiments, flatten_params, resolve_tracking_uri)
 
 __all__ = [
     "best_version", "download_adapter", "get_champion", "list_head_sets", "load_head_set", "log_adapter", "promote",
@@ -42,6 +42,6 @@ __all__ = [
     "HEADS_K_TAG", "HEAD_SET_FILE", "HEATMAP_FILE", "HPARAM_COLUMNS", "ITEMS_DIR",
     "MAIN_METRICS", "METHOD_TAG", "MODEL_ID_TAG", "MODEL_TAG", "OUTCOME_TAG", "PARENT_RUN_TAG", "PHASE1_KEY_TAG",
     "RUN_NAME_TAG", "RUN_STATUSES", "SELECT_FP_TAG", "StoreError", "TASK_TAG", "client",
-    "default_artifact_location", "ensure_experiment", "ensure_store", "flatten_params", "resolve_tracking_uri",
+    "default_artifact_location", "ensure_experiment", "ensure_store", "experiments", "flatten_params", "resolve_tracking_uri",
     "lofit_home",
 ]

@@ -17,7 +17,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
 from ..heads import HeadSet
 from .runs import _download_head_set, _get_run, _search_all, set_tags
 from .store import (ADAPTER_DIR, CHAMPION, HEAD_SET_FILE, HEADS_K_TAG, HPARAM_COLUMNS, METHOD_TAG,
-                    MODEL_ID_TAG, MODEL_TAG, RANKING_PARAMS, PARENT_RUN_TAG, PHASE1_KEY_TAG, SELECT_FP_TAG, TASK_TAG,
+                    MODEL_ID_TAG, MODEL_TAG, PARENT_RUN_TAG, PHASE1_KEY_TAG, RANKING_PARAMS, SELECT_FP_TAG, TASK_TAG,
                     _absolute_sqlite, client, _experiment_ids, flatten_params, _model_version, _resolve_models_uri,
                     resolve_tracking_uri, _retry, _tags)
 
@@ -46,8 +46,7 @@ def log_adapter(tracking_uri: str, run_id: str, adapter: "Adapter") -> str:
                                  "method": adapter.config.method, "k": len(adapter.config.heads), "heads": heads,
                                  **adapter.config.hparams})
         model = _retry(c.create_logged_model, run.info.experiment_id, name=logged_model_name(adapter.config),
-                       source_run_id=run_id,
-                       params=params, tags={"lofit.fingerprint": adapter.config.fingerprint},
+                       source_run_id=run_id, params=params, tags={"lofit.fingerprint": adapter.config.fingerprint},
                        model_type="lofit-adapter")
         _retry(c.log_model_artifacts, model.model_id, str(tmp / "model"))
         _retry(c.finalize_logged_model, model.model_id, "READY")

@@ -226,6 +226,12 @@ def _experiment_ids(c: MlflowClient, experiment: str | None) -> list[str]:
 
 # -- params, tags, metrics -----------------------------------------------------------------------
 
+def experiments(tracking_uri: str) -> list[tuple[str, str]]:
+    """(id, name) of the store's active experiments but MLflow's empty "Default", for `lofit-ray ui`'s links."""
+    return [(e.experiment_id, e.name) for e in client(tracking_uri).search_experiments(view_type=ViewType.ACTIVE_ONLY)
+            if e.name != "Default"]
+
+
 def _key(key: Any) -> str:
     key = re.sub(r"[^A-Za-z0-9_\-. /]", "_", str(key))
     return key[:_MAX_KEY]
