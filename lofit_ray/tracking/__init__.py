@@ -42,6 +42,6 @@ __all__ = [
     "HEADS_K_TAG", "HEAD_SET_FILE", "HEATMAP_FILE", "HPARAM_COLUMNS", "ITEMS_DIR",
     "MAIN_METRICS", "METHOD_TAG", "MODEL_ID_TAG", "MODEL_TAG", "OUTCOME_TAG", "PARENT_RUN_TAG", "PHASE1_KEY_TAG",
     "RUN_NAME_TAG", "RUN_STATUSES", "SELECT_FP_TAG", "StoreError", "TASK_TAG", "client",
-    "default_artifact_location", "ensure_experiment", "ensure_store", "experiments", "flatten_params", "resolve_tracking_uri",
-    "lofit_home",
+    "default_artifact_location", "ensure_experiment", "ensure_store", "experiments", "flatten_params",
+    "resolve_tracking_uri", "lofit_home",
 ]
