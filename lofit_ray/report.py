@@ -76,7 +76,7 @@ def _random_control(cfg: SearchJobConfig, loaded, splits, champion: Adapter, see
     run_id = tracking.start_run(uri, experiment_id, f"control-random-{slug}-seed{seed}",
                                 params={"k": len(champion.config.heads), "seed": seed, "phase2_lr": phase2.lr,
                                         "phase2_epochs": phase2.epochs},
-                                tags={"lofit.kind": "control", "lofit.control_key": control_key,
+                                tags={tracking.KIND_TAG: "control", "lofit.control_key": control_key,
                                       tracking.MODEL_TAG: loaded.spec, tracking.TASK_TAG: cfg.task.name,
                                       tracking.METHOD_TAG: "random"}, parent_run_id=parent)
     try:

@@ -131,7 +131,7 @@ def run_phase1_jobs(cfg: SearchJobConfig, jobs: list[dict], ctx: dict, name: str
         run_id = tracking.start_run(uri, ctx["experiment_id"], f"phase1-{spec_slug(job['model'])}-{job['key'][:8]}",
                                     params={"training": job["training"], "phase1": job["phase1"], "model": job["model"],
                                             "workers": sc.num_workers, "zero_stage": cfg.deepspeed.zero_stage},
-                                    tags={tracking.PHASE1_KEY_TAG: job["key"], "lofit.kind": "phase1"},
+                                    tags={tracking.PHASE1_KEY_TAG: job["key"], tracking.KIND_TAG: "phase1"},
                                     parent_run_id=ctx["parent_run_id"])
         for epoch in out["history"]:
             tracking.log_metrics(uri, run_id, {"phase1_loss": epoch["loss"]}, step=epoch["epoch"])
@@ -188,7 +188,7 @@ def trial_fn(config: dict, ctx: dict) -> None:
     run_id = tracking.start_run(uri, ctx["experiment_id"], f"trial-{spec_slug(model)}-{trial_id}",
                                 params={**params, "model": model, "task": cfg.task.name,
                                         "phase2_epochs": phase2.epochs, "cost_aware": cost_aware},
-                                tags={"lofit.kind": "trial", "lofit.trial_id": trial_id, tracking.MODEL_TAG: model,
+                                tags={tracking.KIND_TAG: "trial", "lofit.trial_id": trial_id, tracking.MODEL_TAG: model,
                                       tracking.TASK_TAG: cfg.task.name}, parent_run_id=ctx["parent_run_id"])
     timing = {"phase1_s": 0.0, "phase2_s": 0.0, "eval_s": 0.0}
     recorded = False  # set once the trial's run is recorded as FINISHED
@@ -374,7 +374,7 @@ def run_search(cfg: SearchJobConfig, resume: bool = False) -> dict:
     state = json.loads(state_path.read_text()) if resume and state_path.is_file() else {}
     if not state.get("parent_run_id"):
         state["parent_run_id"] = tracking.start_run(
-            uri, experiment_id, cfg.name, params=to_dict(cfg), tags={"lofit.kind": "search"})
+            uri, experiment_id, cfg.name, params=to_dict(cfg), tags={tracking.KIND_TAG: "search"})
         state_path.write_text(json.dumps(state))
     parent = state["parent_run_id"]
     if resume:  # runs a killed driver left open: closed now; their trials run again

@@ -165,7 +165,7 @@ def _loopback(host: str) -> bool:
 # The runs view with a search's trials flat (MLflow folds child runs under their parent only when sorted by
 # creation time), best selection score first.
 TRIALS_BEST_FIRST = urllib.parse.urlencode({"workflowType": "machine_learning",
-                                            "searchFilter": "tags.`lofit.kind` = 'trial'",
+                                            "searchFilter": "tags.`lofit.kind` = 'trial'",  # tracking.KIND_TAG
                                             "orderByKey": "metrics.`sel_metric`", "orderByAsc": "false"},
                                            quote_via=urllib.parse.quote)
 

@@ -61,7 +61,7 @@ def cell_params(cell: dict, report_split: str, n_train, n_select, dtype: str, de
 
 def cell_tags(cell: dict) -> dict:
     return {tracking.MODEL_TAG: cell["model"], tracking.TASK_TAG: cell["task"], tracking.METHOD_TAG: cell["method"],
-            "lofit.kind": "reproduce-cell", "lofit.cell": cell["id"]}
+            tracking.KIND_TAG: "reproduce-cell", "lofit.cell": cell["id"]}
 
 
 def cell_metrics(record: dict) -> dict:
@@ -330,7 +330,8 @@ class Runner:
                                       "task": task_name, "method": method, "k": "-" if k is None else k,
                                       **{f"chosen.{key}": v for key, v in found["chosen"].items()}},
                               tags={tracking.MODEL_TAG: self.loaded.spec, tracking.TASK_TAG: task_name,
-                                    tracking.METHOD_TAG: method, "lofit.kind": "reproduce-search", "lofit.search": sid},
+                                    tracking.METHOD_TAG: method, tracking.KIND_TAG: "reproduce-search",
+                                    "lofit.search": sid},
                               parent_run_id=doc.get("parent_run_id"))
         for t in found["trials"]:
             if t["value"] is not None:
@@ -501,7 +502,7 @@ class Runner:
         if parent:
             print(f"[reproduce] parent run {parent} is deleted or not in this store; starting a new one", flush=True)
         parent = tr.start_run(self.uri, self.experiment_id, self.cfg.name, params=dataclasses.asdict(self.cfg),
-                              tags={"lofit.kind": "reproduce", "lofit.out_dir": str(self.out_dir)})
+                              tags={tracking.KIND_TAG: "reproduce", "lofit.out_dir": str(self.out_dir)})
         doc.update(parent_run_id=parent, tracking_uri=self.uri)
         return parent
 

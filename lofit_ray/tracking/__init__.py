@@ -28,7 +28,7 @@ from .runs import (child_runs, close_dangling_runs, close_stopped_run, end_run, 
                    finished_trial_run, load_item_rows, log_file, log_head_set, log_item_rows, log_metrics,
                    log_params, log_rows_table, reopen_run, run_exists, set_tags, start_run)
 from .store import (ADAPTER_DIR, CHAMPION, EXPERIMENT_KIND_TAG, FAILURE_REASON_TAG, HEADS_DIR, HEADS_K_TAG,
-                    HEAD_SET_FILE, HEATMAP_FILE, HPARAM_COLUMNS, ITEMS_DIR, MAIN_METRICS,
+                    HEAD_SET_FILE, HEATMAP_FILE, HPARAM_COLUMNS, ITEMS_DIR, KIND_TAG, MAIN_METRICS,
                     METHOD_TAG, MODEL_ID_TAG, MODEL_TAG, OUTCOME_TAG, PARENT_RUN_TAG, PHASE1_KEY_TAG, RUN_NAME_TAG,
                     RUN_STATUSES, SELECT_FP_TAG, StoreError, TASK_TAG, client, default_artifact_location,
                     ensure_experiment, ensure_store, experiments, flatten_params, resolve_tracking_uri)
@@ -39,7 +39,7 @@ __all__ = [
     "end_run", "find_head_set", "finished_child_run", "finished_trial_run", "load_item_rows", "log_file",
     "log_head_set", "log_item_rows", "log_metrics", "log_params", "log_rows_table", "reopen_run", "run_exists",
     "set_tags", "start_run", "ADAPTER_DIR", "CHAMPION", "EXPERIMENT_KIND_TAG", "FAILURE_REASON_TAG", "HEADS_DIR",
-    "HEADS_K_TAG", "HEAD_SET_FILE", "HEATMAP_FILE", "HPARAM_COLUMNS", "ITEMS_DIR",
+    "HEADS_K_TAG", "HEAD_SET_FILE", "HEATMAP_FILE", "HPARAM_COLUMNS", "ITEMS_DIR", "KIND_TAG",
     "MAIN_METRICS", "METHOD_TAG", "MODEL_ID_TAG", "MODEL_TAG", "OUTCOME_TAG", "PARENT_RUN_TAG", "PHASE1_KEY_TAG",
     "RUN_NAME_TAG", "RUN_STATUSES", "SELECT_FP_TAG", "StoreError", "TASK_TAG", "client",
     "default_artifact_location", "ensure_experiment", "ensure_store", "experiments", "flatten_params",

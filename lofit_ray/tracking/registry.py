@@ -16,7 +16,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
 
 from ..heads import HeadSet
 from .runs import _download_head_set, _get_run, _search_all, set_tags
-from .store import (ADAPTER_DIR, CHAMPION, HEAD_SET_FILE, HEADS_K_TAG, HPARAM_COLUMNS, METHOD_TAG,
+from .store import (ADAPTER_DIR, CHAMPION, HEAD_SET_FILE, HEADS_K_TAG, HPARAM_COLUMNS, KIND_TAG, METHOD_TAG,
                     MODEL_ID_TAG, MODEL_TAG, PARENT_RUN_TAG, PHASE1_KEY_TAG, RANKING_PARAMS, SELECT_FP_TAG, TASK_TAG,
                     _absolute_sqlite, client, _experiment_ids, flatten_params, _model_version, _resolve_models_uri,
                     resolve_tracking_uri, _retry, _tags)
@@ -240,7 +240,7 @@ def list_head_sets(tracking_uri: str, experiment: str | None = None, model: str 
             "model": tags.get(MODEL_TAG, ""),
             "task": tags.get(TASK_TAG, ""),
             "method": tags.get(METHOD_TAG, ""),
-            "kind": tags.get("lofit.kind") or ("phase1" if not tags.get(HEADS_K_TAG, "").isdigit() else ""),
+            "kind": tags.get(KIND_TAG) or ("phase1" if not tags.get(HEADS_K_TAG, "").isdigit() else ""),
             "k": int(tags[HEADS_K_TAG]) if tags.get(HEADS_K_TAG, "").isdigit() else None,
             "params": {k: run.data.params[k] for k in (*HPARAM_COLUMNS, *RANKING_PARAMS) if k in run.data.params},
             "phase1_key": tags.get(PHASE1_KEY_TAG),

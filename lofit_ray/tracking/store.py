@@ -22,6 +22,7 @@ PHASE1_KEY_TAG = "lofit.phase1_key"
 FAILURE_REASON_TAG = "lofit.failure_reason"
 HPARAM_COLUMNS = ("selector", "phase1_lr", "l1", "phase2_lr")  # the trial params `heads list` shows
 RANKING_PARAMS = ("phase1.selector", "phase1.l1", "phase1.lr", "phase1.epochs")  # ... and a phase-1 ranking's
+KIND_TAG = "lofit.kind"  # search | phase1 | trial | control | reproduce*: what a run is
 MODEL_ID_TAG = "lofit.model_id"  # the run's adapter as an MLflow model (log_adapter)
 OUTCOME_TAG = "lofit.outcome"  # completed | stopped_early | failed: how a trial's run ended
 PARENT_RUN_TAG = "mlflow.parentRunId"
