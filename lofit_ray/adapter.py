@@ -34,6 +34,7 @@ class AdapterConfig:
     head_set: dict = field(default_factory=dict)  # provenance of the heads: method, task, seed, k
     hparams: dict = field(default_factory=dict)
     format_version: int = 1
+    eval_kind: str = ""  # "mc" | "generation": how the task scores (a user task's kind decides); "" = from the task name
 
 
 class Adapter:

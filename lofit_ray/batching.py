@@ -193,6 +193,26 @@ def by_token_budget(lengths: list[int], budget: int) -> list[list[int]]:
     return groups + [group] if group else groups
 
 
+def count_truncated(tokenizer, examples, max_length: int) -> int:
+    """How many training examples `encode` cuts to max_length (a DPO pair counts once, if either side is cut)."""
+    def cut(prompt: str, answer: str, eos: bool) -> bool:
+        n = len(tokenizer(prompt, add_special_tokens=True)["input_ids"])
+        n += len(tokenizer(answer, add_special_tokens=False)["input_ids"]) + int(eos and tokenizer.eos_token_id is not None)
+        return n > max_length
+
+    if examples and hasattr(examples[0], "chosen"):
+        return sum(cut(ex.prompt, ex.chosen, False) or cut(ex.prompt, ex.rejected, False) for ex in examples)
+    return sum(cut(ex.prompt, ex.completion, True) for ex in examples)
+
+
+def truncation_note(truncated: int, total: int) -> str | None:
+    """A warning when more than 1% of the training examples are cut, naming the field that sets the length."""
+    if total and truncated / total > 0.01:
+        return (f"{truncated} of {total} training examples ({truncated / total:.0%}) are longer than "
+                f"training.max_length and are cut from the left of the prompt; raise training.max_length to keep them")
+    return None
+
+
 def encode_examples(tokenizer, examples, max_length: int) -> list:
     """SFT examples -> [Sequence]; preference examples -> [(chosen Sequence, rejected Sequence)]."""
     out = []

@@ -114,12 +114,9 @@ def phase1_train_func(config: dict) -> None:
 
 def job_examples(job: dict) -> list:
     """The training examples a phase-1 job names (the same carve the trial uses)."""
-    from .splits import build_splits
-    from .tasks import get_task
+    from .splits import splits_from_spec
 
-    t = job["task"]
-    task = get_task(t["name"], **t.get("kwargs", {}))
-    return build_splits(task, **t["splits"]).train
+    return splits_from_spec(job["task"])[1].train
 
 
 def run_phase1(jobs: list[dict], *, num_workers: int, cpus_per_worker: float, use_gpu: bool, zero_stage: int,

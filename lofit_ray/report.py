@@ -24,7 +24,7 @@ def score_report(cfg: SearchJobConfig, model: str, uri: str, name: str, run_id: 
     """Score the champion once on the held-out report split beside the 0-shot model and the random-heads
     controls, every metric with its 95% interval and every difference paired item by item."""
     loaded = get_model(model, cfg.dtype)
-    _, splits = get_splits(task_spec(cfg))
+    _, splits = get_splits(task_spec(cfg, model))
     slug = spec_slug(model)
     rows = {}
     zero, rows["zero-shot"] = evaluate_items(loaded, splits.report)
@@ -41,7 +41,7 @@ def score_report(cfg: SearchJobConfig, model: str, uri: str, name: str, run_id: 
     if controls:
         rows["random heads"] = evidence.mean_rows(controls)
     columns = evidence.metric_columns(rows["champion"])
-    report = {"split": cfg.task.report, "n": champ["n"], "k": len(adapter.config.heads), "controls": len(controls),
+    report = {"split": cfg.task.report or f"{cfg.task.report_fraction:.0%} of {cfg.task.train}, carved", "n": champ["n"], "k": len(adapter.config.heads), "controls": len(controls),
               "champion": champ, "zero_shot": zero,
               "intervals": {label: evidence.with_intervals(r) for label, r in rows.items()},
               "vs_zero_shot": evidence.compare_rows(rows["champion"], rows["zero-shot"])}
@@ -110,6 +110,15 @@ def report_text(model: str, name: str, version: str, report: dict) -> str:
 
     out = [f"[lofit-ray] {model}: champion {name} v{version} (K={report['k']}); report split "
            f"{report['split']}, n={report['n']}, 95% intervals over items (paired bootstrap, 10,000 resamples)"]
+    data = report.get("data")
+    if data:
+        dropped = data.get("dropped_in_report", 0) + data.get("dropped_select_in_report", 0) + \
+            data.get("dropped_train_in_select", 0)
+        out.append(f"  data: {data['n_train']} train / {data['n_select']} selection / {data['n_report']} report; "
+                   f"{dropped} rows dropped so that no prompt is in two splits; {data['truncated_train']} training "
+                   f"examples cut to training.max_length={data['max_length']}")
+        if data.get("truncation_warning"):
+            out.append(f"  warning: {data['truncation_warning']}")
     labels = {"champion": "champion", "zero-shot": "0-shot", "random heads": "random heads"}
     for key, label in labels.items():
         if key in report["intervals"]:

@@ -34,10 +34,9 @@ from .distributed import assigned_threads
 from .evaluate import evaluate_items, selection_score
 from .evidence import METRIC_COLUMNS
 from .heads import HeadSet
-from .models import check_spec, load_model, spec_slug
+from .models import check_spec, load_model, load_tokenizer, spec_slug
 from .offsets import detach_all
-from .splits import build_splits, selection_fingerprint
-from .tasks import get_task
+from .splits import selection_fingerprint, split_spec, splits_from_spec
 from .train import NaNLossError, phase1_key, reference_logprobs, train_offsets
 
 SEARCHED = ("k", "selector", "l1", "phase1_lr", "phase2_lr")
@@ -46,26 +45,16 @@ _CACHE: dict = {}  # per-process: loaded models and splits, kept across trials w
 
 # -- config -> pieces ---------------------------------------------------------------------
 
-def task_spec(cfg: SearchJobConfig) -> dict:
-    """What a worker needs to rebuild the same splits (data dir resolved to an absolute path)."""
-    from .tasks.base import data_dir
-
-    t = cfg.task
-    kwargs = {"data_dir": str(data_dir(t.data_dir).resolve()), "source": t.source} if t.name != "jsonl" else {}
-    if t.name == "jsonl":
-        kwargs = {"train_path": str(Path(t.train).resolve()), "eval_path": str(Path(t.report).resolve())}
-    return {"name": t.name, "kwargs": kwargs,
-            "splits": {"train": t.train, "report": t.report, "select": t.select,
-                       "select_fraction": t.select_fraction, "carve_seed": t.carve_seed,
-                       "limit_train": t.limit_train, "limit_select": t.limit_select, "limit_report": t.limit_report}}
+def task_spec(cfg: SearchJobConfig, model: str | None = None) -> dict:
+    """What a worker needs to rebuild the same splits (splits.split_spec)."""
+    return split_spec(cfg.task, model)
 
 
 def get_splits(spec: dict, cache: bool = True):
     key = ("splits", json.dumps(spec, sort_keys=True))
     if cache and key in _CACHE:
         return _CACHE[key]
-    task = get_task(spec["name"], **spec["kwargs"])
-    value = (task, build_splits(task, **spec["splits"]))
+    value = splits_from_spec(spec)
     if cache:
         _CACHE[key] = value
     return value
@@ -104,7 +93,7 @@ def _tune_domain(space: Space, integer: bool = False):
 
 def phase1_job(cfg: SearchJobConfig, model: str, loaded, splits, phase1: Phase1Config) -> dict:
     """What a Ray Train worker needs to compute one phase-1 ranking, and its memo key."""
-    job = {"model": model, "dtype": cfg.dtype, "task": task_spec(cfg), "training": asdict(cfg.training),
+    job = {"model": model, "dtype": cfg.dtype, "task": task_spec(cfg, model), "training": asdict(cfg.training),
            "phase1": asdict(phase1),
            "key": phase1_key(loaded.fingerprint, splits.train_hash(), cfg.task.name, cfg.training, phase1)}
     encoded = batching.encode_examples(loaded.tokenizer, splits.train, cfg.training.max_length)
@@ -150,7 +139,7 @@ def precompute_phase1(cfg: SearchJobConfig, ctx: dict) -> int:
     jobs = []
     for model in cfg.models:
         loaded = get_model(model, cfg.dtype)
-        _, splits = get_splits(task_spec(cfg))
+        _, splits = get_splits(task_spec(cfg, model))
         keys = set()  # grad and random read neither l1 nor the lr: one ranking serves all their values
         for selector, l1, lr in itertools.product(space.selector, space.l1.values, space.phase1_lr.values):
             phase1, _ = trial_configs(cfg, {"selector": selector, "l1": l1, "phase1_lr": lr,
@@ -196,7 +185,7 @@ def trial_fn(config: dict, ctx: dict) -> None:
     try:
         loaded = get_model(model, cfg.dtype, cache=cost_aware)
         detach_all(loaded.model)  # a kept model may still hold the hooks of a trial ASHA stopped
-        task, splits = get_splits(task_spec(cfg), cache=cost_aware)
+        task, splits = get_splits(task_spec(cfg, model), cache=cost_aware)
         k = int(params["k"])
         t0 = time.time()
         job = phase1_job(cfg, model, loaded, splits, phase1)
@@ -228,6 +217,7 @@ def trial_fn(config: dict, ctx: dict) -> None:
             raise NaNLossError(f"loss is nan (fault point trial.diverge, phase2_lr={phase2.lr})")
         adapter = train_offsets(loaded, head_set, k, splits.train, cfg.training, phase2, task=cfg.task.name,
                                 reference=reference, on_epoch=on_epoch)
+        adapter.config.eval_kind = task.eval_kind
         # Record everything before the last report: Tune stops the trial as soon as it sees the final
         # epoch, and code after that report would never run.
         version = _finish_trial(uri, ctx, run_id, trial_id, adapter, params, last["metrics"],
@@ -314,14 +304,27 @@ def _state_file(storage: Path, cfg: SearchJobConfig) -> Path:
 
 def check_inputs(cfg: SearchJobConfig) -> None:
     """Read the task's splits and resolve every model spec before MLflow or Ray is touched, so a missing
-    file or a wrong spec fails in seconds with its own message (TaskDataError / ModelSpecError)."""
-    get_splits(task_spec(cfg))
+    file or a wrong spec fails in seconds with its own message (TaskDataError / ModelSpecError). Warns when
+    more than 1% of the training examples are longer than training.max_length."""
     k_high = int(cfg.search.space.k.bounds()[1])
     for model in cfg.models:
+        note = data_note(cfg, model)
+        if note.get("truncation_warning"):
+            print(f"[lofit-ray] warning: {model}: {note['truncation_warning']}", flush=True)
         total = check_spec(model).total_heads
         if k_high > total:
             raise ConfigError(f"search.space.k: K up to {k_high} is larger than {model}'s {total} heads; "
                               f"keep K within 1..{total} (about 3-10% of heads)")
+
+
+def data_note(cfg: SearchJobConfig, model: str) -> dict:
+    """What the search trains and scores on for `model`: split sizes, the prompts dropped so that the splits are
+    disjoint, and how many training examples training.max_length cuts. Goes into the summary and the report."""
+    _, splits = get_splits(task_spec(cfg, model))
+    truncated = batching.count_truncated(load_tokenizer(model), splits.train, cfg.training.max_length)
+    note = {**splits.carve, "truncated_train": truncated, "max_length": cfg.training.max_length}
+    warning = batching.truncation_note(truncated, len(splits.train))
+    return {**note, "truncation_warning": warning} if warning else note
 
 
 def check_resources(cfg: SearchJobConfig, cluster_cpus: float) -> str | None:
@@ -418,7 +421,7 @@ def _search_one_model(cfg: SearchJobConfig, model: str, ctx: dict, storage: Path
     uri = ctx["tracking_uri"]
     metric = cfg.search.metric
     name = tracking.registered_name(model, cfg.task.name)
-    select_fp = selection_fingerprint(get_splits(task_spec(cfg))[1].select, cfg.search.metric)
+    select_fp = selection_fingerprint(get_splits(task_spec(cfg, model))[1].select, cfg.search.metric)
     trial_ctx = {**ctx, "model": model, "registered_name": name, "select_fingerprint": select_fp}
     # ctx goes in through the object store, not the param space: Tune would print it with every trial
     trainable = tune.with_resources(tune.with_parameters(trial_fn, ctx=trial_ctx),
@@ -461,7 +464,7 @@ def _search_one_model(cfg: SearchJobConfig, model: str, ctx: dict, storage: Path
                        "error": str(r.error)[:300] if r.error else None,
                        **{k: m.get(k) for k in ("phase1_s", "phase2_s", "eval_s", "total_s", "memo_hit")}})
     out = {"registered_model": name, "metric": metric, "trials": trials, "study": study_name,
-           "study_storage": study_url}
+           "study_storage": study_url, "data": data_note(cfg, model)}
     log_study_plots(uri, ctx["parent_run_id"], study_url, study_name)
     champion = tracking.best_version(uri, name, tag="sel_metric", select_fingerprint=select_fp)
     if champion is None:
@@ -472,7 +475,7 @@ def _search_one_model(cfg: SearchJobConfig, model: str, ctx: dict, storage: Path
     out.update(champion_version=version, champion_run_id=run_id)
     from .report import report_text, score_report
 
-    out["report"] = score_report(cfg, model, uri, name, run_id, ctx["parent_run_id"])
+    out["report"] = {**score_report(cfg, model, uri, name, run_id, ctx["parent_run_id"]), "data": out["data"]}
     out["report_text"] = report_text(model, name, version, out["report"])
     print(f"[lofit-ray] {model}: champion {name} v{version} scored on the report split (the table follows at the "
           f"end)", flush=True)

@@ -7,12 +7,13 @@
     lofit-ray compare A B                            (paired difference of two recorded evaluations)
     lofit-ray export  --model smollm2-135m --adapter adapter/ --out merged/
     lofit-ray search  [--config configs/smoke.yaml] [--set KEY=VALUE] [--resume]   (Ray + MLflow)
+    lofit-ray study   --config my_task.yaml          (LoFiT vs random heads, LoRA, ReFT, ITI on your task)
     lofit-ray heads   list | show | compare | promote   (reads MLflow)
     lofit-ray ui                                     (MLflow UI on the default store, 127.0.0.1)
     lofit-ray iti | lora | lora-eval                 (baselines)
     lofit-ray data fetch [--to DIR]                  (the paper's splits of the three tasks; needs a network once)
 
-Modules: common (shared flags, loading, errors), core, baselines, heads, search, data. Each imports
+Modules: common (shared flags, loading, errors), core, baselines, heads, search, study, data. Each imports
 only `common`; this file imports them inside `build_parser`, so any one imports alone.
 Ray, MLflow and peft are optional: a command that needs a missing one says which extra to install.
 """
@@ -23,11 +24,11 @@ import sys
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import baselines, core, data, heads, search
+    from . import baselines, core, data, heads, search, study
 
     parser = argparse.ArgumentParser(prog="lofit-ray", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    for module in (core, search, heads, baselines, data):
+    for module in (core, search, study, heads, baselines, data):
         module.add_parsers(sub)
     return parser
 

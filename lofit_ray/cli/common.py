@@ -145,7 +145,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_task_args(p: argparse.ArgumentParser, split_help: str) -> None:
-    p.add_argument("--task", default=field_default(TaskConfig, "name"), help=field_help(TaskConfig, "name"))
+    p.add_argument("--task", default=field_default(TaskConfig, "name"),
+                   help=field_help(TaskConfig, "name") + "; or a search YAML whose task section describes your own task")
     p.add_argument("--data-dir", default=None, help=field_help(TaskConfig, "data_dir"))
     p.add_argument("--source", default=None, help=field_help(TaskConfig, "source"))
     p.add_argument("--split", default=None, help=split_help)
@@ -177,8 +178,12 @@ def add_model_command(sub, name: str, help: str, func, split_help: str | None = 
 
 def task_from_args(args, train: str | None = None, eval: str | None = None):
     """The task of --task; a jsonl task reads its training and/or evaluation file from `train` / `eval`."""
-    from ..tasks import get_task
+    from ..tasks import get_task, make_task
 
+    if args.task.endswith((".yaml", ".yml")):  # your own task: the task section of a search config
+        from ..config import load_config
+
+        return make_task(load_config(args.task).task, model=getattr(args, "model", None))
     if args.task == "jsonl":
         return get_task("jsonl", train_path=train, eval_path=eval)
     return get_task(args.task, data_dir=args.data_dir, source=args.source)

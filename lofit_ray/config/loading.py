@@ -197,6 +197,11 @@ def load_config(path: str | Path | None = None, overrides: dict | None = None, s
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a mapping of config fields at the top level, got "
                               f"{type(data).__name__}")
+    return build(schema, apply_overrides(data, overrides), "", normalize=_shorthands)
+
+
+def apply_overrides(data: dict, overrides: dict | None) -> dict:
+    """Put `--set a.b=VALUE` overrides ({"a.b": value}) into a config's plain data, in place."""
     for dotted, value in (overrides or {}).items():
         node = data
         *parents, leaf = dotted.split(".")
@@ -208,7 +213,7 @@ def load_config(path: str | Path | None = None, overrides: dict | None = None, s
                 raise ConfigError(f"--set {dotted}: {part} is not a section")
             node = child
         node[leaf] = value
-    return build(schema, data, "", normalize=_shorthands)
+    return data
 
 
 def to_dict(cfg) -> dict:

@@ -189,7 +189,8 @@ class ReproduceConfig:
     threads: int | None = _help("torch threads; default all cores", None)
     data_dir: str | None = _help("task data folder of tasks without their own; default as task.data_dir",
                                  None)
-    tasks: dict[str, TaskConfig] = _help(f"task name ({', '.join(REPRODUCE_TASKS)}) -> its splits",
+    tasks: dict[str, TaskConfig] = _help(f"task name ({', '.join(REPRODUCE_TASKS)}, or your own with `kind` set) "
+                                         f"-> its splits",
                                          factory=lambda: {t: TaskConfig(name=t) for t in REPRODUCE_TASKS})
     transfer: dict[str, str] | None = _help("task -> the task whose phase-1 heads transfer_heads borrows; default "
                                             "the next task, cyclic", None)
@@ -225,8 +226,9 @@ class ReproduceConfig:
         if not self.tasks:
             raise ConfigError(f"tasks: list at least one of {', '.join(REPRODUCE_TASKS)}")
         for name, task in self.tasks.items():
-            if name not in REPRODUCE_TASKS:
-                raise ConfigError(f"tasks.{name}: unknown task; choose from {', '.join(REPRODUCE_TASKS)}")
+            if name not in REPRODUCE_TASKS and task.kind is None:
+                raise ConfigError(f"tasks.{name}: unknown task; choose from {', '.join(REPRODUCE_TASKS)}, or describe "
+                                  f"your own (tasks.{name}.kind, .source, .columns: see docs/data.md)")
             if task.name not in (name, TaskConfig.name):
                 raise ConfigError(f"tasks.{name}.name: {task.name!r} differs from its key; leave `name` out, "
                                   f"the key names the task")

@@ -144,32 +144,98 @@ class ItiConfig:
 
 # -- data and records -------------------------------------------------------------------------
 
+TASK_KINDS = ("sft", "dpo", "mc", "generation")  # lofit_ray.tasks.generic: a user's task, configured in YAML
+
+
+@dataclass
+class TaskColumns:
+    """Which column of your data holds what (kind: sft | dpo | mc | generation). Column names as `datasets`
+    reads them; nested records: set task.records_key."""
+
+    SECTION: typing.ClassVar[str] = "task.columns"
+
+    prompt: str | None = _help("column holding the whole prompt (or give task.template instead)", None)
+    completion: str | None = _help("sft: the text trained on (and, in evaluation, the reference to match)", None)
+    answer: str | None = _help("generation: the right answer (a string, or a list of accepted strings); the first "
+                               "is trained on", None)
+    chosen: str | None = _help("dpo: the preferred answer", None)
+    rejected: str | None = _help("dpo: the dispreferred answer", None)
+    choices: list[str] | None = _help("mc: one column holding a list of choices ([options]), or several columns "
+                                      "holding one choice each ([opa, opb, opc, opd]); or give task.fixed_choices", None)
+    label: str | None = _help("mc: the right choice, as its 0-based index or as its text", None)
+
+
 @dataclass
 class TaskConfig:
-    """Which task and which splits: train minus a selection carve, and a report split scored once."""
+    """Which task and which splits: train minus a selection carve, and a report split scored once.
+
+    The paper's tasks are named (truthfulqa, mquake, clutrr) and need nothing else. Your own task sets `kind`,
+    a `source` and the `columns` (and usually a `template`); see docs/data.md."""
 
     SECTION: typing.ClassVar[str] = "task"
 
-    name: str = _help("truthfulqa | mquake | clutrr | jsonl", "truthfulqa")
+    name: str = _help("truthfulqa | mquake | clutrr | jsonl, or your own task's name when `kind` is set (registered "
+                      "models, experiments and champions are named after it)", "truthfulqa")
+    kind: str | None = _help("your own task: sft (train and match a completion), dpo (chosen vs rejected), mc "
+                             "(multiple choice: MC1/MC2), generation (exact match of a short answer); leave it out "
+                             "for the paper's tasks", None)
     data_dir: str | None = _help("task data folder; default $LOFIT_DATA_DIR, else ../shared/data when it exists, "
                                  "else $LOFIT_HOME/data (`lofit-ray data fetch` fills it)", None)
-    source: str | None = _help("where split names are read instead of the data dir's files: a save_to_disk "
-                               "folder with train/val/test, or a hub dataset id (truthfulqa/truthful_qa "
-                               "builds the paper's fold; needs a network once, then $LOFIT_CACHE_DIR)", None)
+    source: str | None = _help("where split names are read: a hub dataset id (owner/name or owner/name:config), a "
+                               "local .csv/.json/.jsonl/.parquet file, or a save_to_disk folder (the paper's tasks: "
+                               "instead of the data dir's files; truthfulqa/truthful_qa builds the paper's fold)", None)
+    records_key: str | None = _help("a .json source holding one object: the key its records sit under (e.g. "
+                                    "examples)", None)
     train: str = _help("split name or file trained on (minus the selection carve)", "train")
-    report: str = _help("held-out split name or file, scored once at the end (e.g. val, test, a path)", "val")
+    report: str | None = _help("held-out split name or file, scored once at the end (e.g. val, test, a path); "
+                               "default val for the paper's tasks; for your own task, null carves report_fraction "
+                               "of `train` (seeded by carve_seed)", None)
     select: str | None = _help("a separate selection split/file instead of carving train", None)
     select_fraction: float = _help("share of `train` carved off to choose hyperparameters on", 0.2)
-    carve_seed: int = _help("seed of the carve", 0)
+    report_fraction: float = _help("your own task with no report split: share of `train` carved off to report on",
+                                   0.2)
+    carve_seed: int = _help("seed of the carves", 0)
     limit_train: int | None = _help("use at most this many training examples (after the carve)", None)
     limit_select: int | None = _help("use at most this many selection examples", None)
     limit_report: int | None = _help("use at most this many report examples", None)
+    columns: TaskColumns = _help("your own task: which column holds what", factory=TaskColumns)
+    template: str | None = _help("your own task: the prompt as a format string over columns, e.g. "
+                                 "'Q: {question}\\nA:' (default: the columns.prompt column as it is)", None)
+    chat_template: bool = _help("wrap the prompt as a user turn in the tokenizer's chat template", False)
+    fixed_choices: list[str] | None = _help("mc: the same choices for every row (e.g. [yes, no]), when no column "
+                                            "holds them", None)
+    answer_prefix: str = _help("put before every answer, completion and choice: texts are joined as they are, "
+                               "so 'A:' + ' yes'", " ")
+    mc_training: str = _help("mc: train by dpo (the right choice over the first wrong one, as TruthfulQA) or sft "
+                             "(the right choice as the completion)", "dpo")
+    answer_regex: str | None = _help("generation/sft scoring: extract the answer from both the output and the "
+                                     "reference with this regex (its first group, else the match), e.g. "
+                                     "'answer is (\\S+)'", None)
+    stops: list[str] = _help("generation/sft scoring: the output is cut at the first of these", factory=lambda: ["\n"])
+    max_new_tokens: int = _help("generation/sft scoring: tokens generated per item", 16)
 
     def __post_init__(self):
-        if not 0 < self.select_fraction < 1:
-            raise ConfigError(f"task.select_fraction: {self.select_fraction} must be between 0 and 1")
+        for name, value in (("select_fraction", self.select_fraction), ("report_fraction", self.report_fraction)):
+            if not 0 < value < 1:
+                raise ConfigError(f"task.{name}: {value} must be between 0 and 1")
         for name in ("limit_train", "limit_select", "limit_report"):
             _at_least(getattr(self, name), 1, f"task.{name}", "or null for no limit")
+        _at_least(self.max_new_tokens, 1, "task.max_new_tokens")
+        if self.kind is None:
+            self._check_builtin()
+        else:
+            from ..tasks.generic import check_task_config
+
+            check_task_config(self)
+
+    def _check_builtin(self) -> None:
+        from ..tasks import TASK_NAMES
+
+        if self.report is None:
+            self.report = "val"
+        if self.name not in TASK_NAMES and not _registered_task(self.name):
+            raise ConfigError(f"task.name: {self.name!r} is not a built-in task ({', '.join(TASK_NAMES)}); for your "
+                              f"own data set task.kind (sft, dpo, mc or generation), task.source and task.columns")
         if self.source is not None:
             from ..tasks.source import is_hub_id
 
@@ -179,6 +245,13 @@ class TaskConfig:
             if not Path(self.source).expanduser().exists() and not is_hub_id(self.source):
                 raise ConfigError(f"task.source: {self.source!r} is neither an existing save_to_disk folder nor "
                                   f"a hub dataset id (owner/name or owner/name:config)")
+
+
+def _registered_task(name: str) -> bool:
+    """A task another package registers under the `lofit_ray.tasks` entry point group."""
+    from ..tasks import entry_point_tasks
+
+    return name in entry_point_tasks()
 
 
 @dataclass

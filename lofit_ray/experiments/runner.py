@@ -28,8 +28,7 @@ from ..evaluate import evaluate_items, selection_score
 from ..evidence import with_intervals
 from ..heads import HeadSet, random_ranking
 from ..models import check_spec, load_model, spec_slug
-from ..splits import build_splits
-from ..tasks import get_task
+from ..splits import split_spec, splits_from_spec
 from ..selectors import select_heads
 from ..train import phase1_key, train_offsets
 from .cells import SELECTOR_OF, cell_setting, k_values, plan_cells, search_id, search_setting
@@ -123,11 +122,9 @@ class Runner:
     # -- helpers ---------------------------------------------------------------------------------
     def splits(self, task_name: str):
         if task_name not in self._splits:
-            t = self.cfg.tasks[task_name]
-            task = get_task(task_name, data_dir=t.data_dir or self.cfg.data_dir, source=t.source)
-            s = build_splits(task, train=t.train, report=t.report, select=t.select, select_fraction=t.select_fraction,
-                             carve_seed=t.carve_seed, limit_train=t.limit_train, limit_select=t.limit_select,
-                             limit_report=t.limit_report)
+            t = dataclasses.replace(self.cfg.tasks[task_name])
+            t.data_dir = t.data_dir or self.cfg.data_dir
+            task, s = splits_from_spec(split_spec(t, self.loaded.spec if t.chat_template else None))
             self._splits[task_name] = (task, s)
             self.results.doc["splits"][task_name] = {
                 "train": t.train, "report": t.report, "carve": s.carve, "limit_train": t.limit_train,
@@ -477,6 +474,8 @@ class Runner:
             return
         self.loaded = None
         self._rankings.clear()
+        if any(t.chat_template for t in self.cfg.tasks.values()):  # their prompts follow the model's chat template
+            self._splits.clear()
         start = time.time()
         self.loaded = load_model(model, dtype=self.cfg.dtype, device=self.device)
         lay = self.loaded.layout

@@ -1,8 +1,10 @@
 """Task registry: turns each task's files into training examples and eval items.
 
-`get_task(name, **kw)` returns a Task object (see `Task`); the task modules are
-imported lazily so this package stays importable without torch or any task's
-extra dependencies. Built-in tasks read their rows through Hugging Face `datasets`
+`make_task(task_config)` builds the task a config's `task:` section describes: a built-in task by
+name, your own task (`kind` set: tasks/generic.py), or a task another package registers under the
+entry point group `lofit_ray.tasks` (name = "module:Class"; the class takes the keyword arguments
+`data_dir` and `source`). `get_task(name, **kw)` builds one by name. Task modules are imported lazily
+so this package stays importable without torch or any task's extra dependencies. Built-in tasks read their rows through Hugging Face `datasets`
 (tasks/source.py: local files, save_to_disk folders, hub ids).
 
 `exact_match` / `match_item` score greedy generations for the generation tasks
@@ -32,7 +34,8 @@ from .source import read_records
 __all__ = [
     "DATA_DIR_ENV", "GenerationItem", "MCQuestion", "PreferenceExample", "SFTExample",
     "TaskDataError", "data_dir", "limit_items", "require_file",
-    "Task", "SPLIT_NAMES", "TASK_NAMES", "get_task", "exact_match", "match_item",
+    "Task", "SPLIT_NAMES", "TASK_NAMES", "ENTRY_POINT_GROUP", "entry_point_tasks", "get_task", "make_task",
+    "exact_match", "match_item",
 ]
 
 SPLIT_NAMES = ("train", "val", "test")
@@ -114,16 +117,47 @@ _REGISTRY = {
     "jsonl": "lofit_ray.tasks.jsonl:JsonlTask",
 }
 TASK_NAMES = tuple(_REGISTRY)
+ENTRY_POINT_GROUP = "lofit_ray.tasks"
+
+
+def entry_point_tasks() -> dict:
+    """Tasks other packages register: {name: entry point} of the group `lofit_ray.tasks`."""
+    from importlib.metadata import entry_points
+
+    return {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
 
 
 def get_task(name: str, **kw) -> Task:
     """Build a task by name; keyword arguments go to its constructor
     (builtin tasks: data_dir=...; jsonl: train_path=..., eval_path=...)."""
     key = str(name).strip().lower()
-    if key not in _REGISTRY:
-        raise TaskDataError(f"unknown task {name!r}; known tasks: {', '.join(TASK_NAMES)}")
-    module, cls = _REGISTRY[key].split(":")
-    return getattr(importlib.import_module(module), cls)(**kw)
+    if key in _REGISTRY:
+        module, cls = _REGISTRY[key].split(":")
+        return getattr(importlib.import_module(module), cls)(**kw)
+    registered = entry_point_tasks()
+    if name in registered:
+        return registered[name].load()(**kw)
+    raise TaskDataError(f"unknown task {name!r}; known tasks: {', '.join(TASK_NAMES + tuple(registered))}; for "
+                        f"your own data set task.kind, task.source and task.columns")
+
+
+def make_task(config, model: str | None = None) -> Task:
+    """The task a TaskConfig describes. `model` (a model spec) is needed only by a task whose prompts go
+    through the model's chat template (task.chat_template)."""
+    if config.kind is not None:
+        from .generic import GenericTask
+
+        tokenizer = None
+        if config.chat_template:
+            if model is None:
+                raise TaskDataError("task.chat_template: the prompt depends on the model; build the task for one")
+            from ..models import load_tokenizer
+
+            tokenizer = load_tokenizer(model)
+        return GenericTask(config, tokenizer=tokenizer)
+    if config.name == "jsonl":
+        return get_task("jsonl", train_path=config.train, eval_path=config.report)
+    return get_task(config.name, data_dir=config.data_dir, source=config.source)
 
 
 # --- exact match for generation tasks ---------------------------------------
@@ -157,8 +191,19 @@ def exact_match(generated: str, answers: list[str], stops: Iterable[str] = ("\n"
 
 
 def match_item(generated: str, item: GenerationItem) -> tuple[bool, bool]:
-    """exact_match with the item's own stop strings (item.meta["stops"], e.g. CLUTRR cuts at '.')."""
-    return exact_match(generated, item.answers, stops=item.meta.get("stops", ("\n",)))
+    """exact_match with the item's own stop strings (item.meta["stops"], e.g. CLUTRR cuts at '.'). An item with
+    meta["answer_regex"] (a user task's task.answer_regex) compares the regex's extract of the output, cut at
+    the stops, with its answers (extracted the same way when the items were built)."""
+    stops = item.meta.get("stops", ("\n",))
+    regex = item.meta.get("answer_regex")
+    if regex:
+        from .generic import extract_answer
+
+        cut = generated.lstrip()
+        for stop in stops:
+            cut = cut.split(stop, 1)[0]
+        return exact_match(extract_answer(cut, regex) or "", item.answers, stops=())
+    return exact_match(generated, item.answers, stops=stops)
 
 
 def match_settled(generated: str, item: GenerationItem) -> bool:
@@ -168,6 +213,8 @@ def match_settled(generated: str, item: GenerationItem) -> bool:
     (false) once the stripped text is no longer the start of any accepted answer.
     """
     stops = item.meta.get("stops", ("\n",))
+    if item.meta.get("answer_regex"):  # the extract can change until the output is cut at a stop
+        return any(stop in generated.lstrip() for stop in stops)
     text = generated.strip()
     lenient_fixed = any(stop in generated.lstrip() for stop in stops)
     strict_fixed = bool(text) and not any(a.strip().startswith(text) for a in item.answers)

@@ -44,13 +44,17 @@ def is_hub_id(source: str) -> bool:
             and Path(text.split(":")[0]).suffix.lower() not in FILE_BUILDERS)
 
 
-def read_records(source, split: str | None = None) -> list[dict]:
+def read_records(source, split: str | None = None, records_key: str | None = None) -> list[dict]:
     """The rows of a data file, of a folder (`save_to_disk`, or a local copy of a hub dataset repository,
-    `folder:config` naming a config), or of a hub dataset; `split` names the split where there are several."""
+    `folder:config` naming a config), or of a hub dataset; `split` names the split where there are several.
+    `records_key`: a .json file holding one object whose records sit under that key."""
     text = str(source)
     path = Path(text).expanduser()
     if path.is_file():
-        return _from_file(path)
+        return _from_file(path, records_key)
+    if records_key is not None:
+        raise TaskDataError(f"task.records_key: {records_key!r} applies to a .json file holding one object; "
+                            f"{source} is not one. Drop task.records_key.")
     if path.is_dir() and ((path / "dataset_dict.json").is_file() or (path / "state.json").is_file()):
         return _from_disk(path, split)
     name, config = text, None
@@ -69,15 +73,20 @@ def _quiet():
     return datasets
 
 
-def _from_file(path: Path) -> list[dict]:
+def _from_file(path: Path, records_key: str | None = None) -> list[dict]:
     builder = FILE_BUILDERS.get(path.suffix.lower())
     if builder is None:
         raise TaskDataError(f"{path}: unknown data file type {path.suffix!r}; use one of "
                             f"{', '.join(FILE_BUILDERS)} or a `save_to_disk` folder.")
+    if records_key is not None and path.suffix.lower() != ".json":
+        raise TaskDataError(f"task.records_key: {records_key!r} applies to a .json file holding one object, not to "
+                            f"{path.name}. Drop task.records_key.")
     if builder == "json":
-        _check_json(path)
+        _check_json(path, records_key)
     datasets = _quiet()
     options = CSV_OPTIONS if builder == "csv" else {}
+    if records_key is not None:
+        options = {"field": records_key}
     try:
         ds = datasets.load_dataset(builder, data_files=str(path.resolve()), split="train",
                                    cache_dir=str(datasets_cache()), **options)
@@ -90,7 +99,7 @@ def _from_file(path: Path) -> list[dict]:
     return ds.to_list()
 
 
-def _check_json(path: Path) -> None:
+def _check_json(path: Path, records_key: str | None = None) -> None:
     """Parse a JSON / JSONL file with Python's json first: pyarrow's reader (under `datasets`) crashes the whole
     process on some malformed input (5000 unclosed brackets: a segfault), where a bad file must be an error
     that names it."""
@@ -110,6 +119,16 @@ def _check_json(path: Path) -> None:
         raise TaskDataError(f"{path}: not valid UTF-8 JSON ({reason}).") from None
     except OSError as e:
         raise TaskDataError(f"{path}: cannot read it ({e.strerror or e}).") from None
+    if records_key is not None:
+        if not isinstance(data, dict) or records_key not in data:
+            keys = sorted(data) if isinstance(data, dict) else f"a {type(data).__name__}, not an object"
+            raise TaskDataError(f"task.records_key: {path} has no key {records_key!r} at the top (it holds {keys}); "
+                                f"name the key the records sit under.")
+        data = data[records_key]
+    elif isinstance(data, dict):
+        lists = [k for k, v in data.items() if isinstance(v, list)]
+        raise TaskDataError(f"{path}: one JSON object, not a list of records; set task.records_key to the key the "
+                            f"records sit under{' (' + ', '.join(map(repr, lists)) + ' holds a list)' if lists else ''}.")
     if not (isinstance(data, list) and all(isinstance(row, dict) for row in data)):  # `null` crashes pyarrow too
         raise TaskDataError(f"{path}: expected a JSON list of objects (one per example), got "
                             f"{type(data).__name__}{' with non-object items' if isinstance(data, list) else ''}.")

@@ -28,15 +28,19 @@ MC_EXAMPLE = {"question": "What happens if you crack your knuckles a lot?",
 GENERATION_EXAMPLE = {"prompt": "Q: Imagine that the capital of France is Lyon. What is the capital of France? A:"}
 
 
-def eval_kind(task: str) -> str:
-    """"mc" or "generation": what the adapter's task evaluates, hence the model's input columns."""
+def eval_kind(config) -> str:
+    """"mc" or "generation": what the adapter's task evaluates, hence the model's input columns. Adapters
+    record it (a user task's kind decides); older ones are looked up by their built-in task's name."""
     from ..tasks import TASK_NAMES, get_task
 
+    if config.eval_kind:
+        return config.eval_kind
+    task = config.task
     return get_task(task).eval_kind if task in TASK_NAMES and task != "jsonl" else "generation"
 
 
-def signature_and_example(task: str) -> tuple[ModelSignature, dict]:
-    if eval_kind(task) == "mc":
+def signature_and_example(kind: str) -> tuple[ModelSignature, dict]:
+    if kind == "mc":
         return ModelSignature(inputs=MC_INPUT), MC_EXAMPLE
     return ModelSignature(inputs=GENERATION_INPUT), GENERATION_EXAMPLE
 
@@ -60,7 +64,7 @@ class AdapterModel(mlflow.pyfunc.PythonModel):
                              f"the adapter was trained on {config.fingerprint}: a different checkpoint; load the "
                              f"one the adapter was trained on")
         self.adapter.attach(self.loaded.model, self.loaded.fingerprint)
-        self.kind = eval_kind(config.task)
+        self.kind = eval_kind(config)
 
     def predict(self, context, model_input, params=None):
         import pandas as pd
@@ -107,13 +111,14 @@ def _given(record: dict, key: str) -> bool:
     return value is not None and not (isinstance(value, float) and value != value)  # NaN: a missing cell
 
 
-def save(path, adapter_dir, task: str) -> None:
-    """Write the pyfunc model folder (MLmodel, the pickled class, the adapter as an artifact)."""
+def save(path, adapter_dir, kind: str) -> None:
+    """Write the pyfunc model folder (MLmodel, the pickled class, the adapter as an artifact); `kind` ("mc" or
+    "generation") sets the input signature."""
     import logging
 
     import pandas as pd
 
-    signature, example = signature_and_example(task)
+    signature, example = signature_and_example(kind)
     log = logging.getLogger("mlflow.pyfunc")
     level = log.level
     log.setLevel(logging.ERROR)  # a trial's log needs neither the pickling caution nor "validating input example"

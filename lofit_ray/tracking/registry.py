@@ -40,7 +40,7 @@ def log_adapter(tracking_uri: str, run_id: str, adapter: "Adapter") -> str:
     try:
         adapter.save_pretrained(tmp / ADAPTER_DIR)
         _retry(c.log_artifacts, run_id, str(tmp / ADAPTER_DIR), ADAPTER_DIR)
-        pyfunc.save(tmp / "model", tmp / ADAPTER_DIR, adapter.config.task)
+        pyfunc.save(tmp / "model", tmp / ADAPTER_DIR, pyfunc.eval_kind(adapter.config))
         heads = " ".join(f"L{layer}.H{head}" for layer, head in adapter.config.heads)
         params = flatten_params({"base_model": adapter.config.base_model, "task": adapter.config.task,
                                  "method": adapter.config.method, "k": len(adapter.config.heads), "heads": heads,
