@@ -311,3 +311,33 @@ def test_the_study_runs_on_a_user_task_and_writes_the_comparison(tmp_path):
     assert methods == {"zero_shot", "lofit", "random_heads", "lora"}
     assert all(c["task"] == "mine" and c.get("status", "done") != "failed" for c in record["cells"])
     assert "mine" in (out / "reproduce.md").read_text()
+
+
+def test_public_schemas_nested_columns_named_labels_bools_and_chat_messages(tmp_path):
+    """Schemas of common public datasets: ARC-like nested choices with letter labels, a 1-based string label,
+    a boolean label over fixed choices, a template indexing a list column, and DPO pairs as chat messages."""
+    def read(rows, **fields):
+        (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return make_task(task(source=str(tmp_path / "d.jsonl"), **fields)).eval_items(str(tmp_path / "d.jsonl"))
+
+    arc = [{"question": "Which is a gas?", "choices": {"text": ["rock", "steam", "ice"], "label": ["A", "B", "C"]},
+            "answerKey": "B"}]
+    item = read(arc, kind="mc", template="{question}", columns={"choices": ["choices.text"], "label": "answerKey",
+                                                              "choice_labels": "choices.label"})[0]
+    assert item.best == 1 and item.choices == [" rock", " steam", " ice"]
+    wino = [{"sentence": "The cup fell because _ was slippery.", "option1": "it", "option2": "the table",
+             "answer": "1"}]
+    item = read(wino, kind="mc", template="{sentence}", label_names=["1", "2"],
+                columns={"choices": ["option1", "option2"], "label": "answer"})[0]
+    assert item.best == 0
+    boolq = [{"question": "is water wet", "answer": True}]
+    item = read(boolq, kind="mc", template="{question}?", fixed_choices=["no", "yes"], columns={"label": "answer"})[0]
+    assert item.choices[item.best] == " yes"
+    mmlu = [{"question": "2+2?", "choices": ["3", "4"], "answer": 1}]
+    item = read(mmlu, kind="mc", template="{question}\nA. {choices[0]}\nB. {choices[1]}\nAnswer:",
+                fixed_choices=["A", "B"], columns={"label": "answer"})[0]
+    assert item.prefix == "2+2?\nA. 3\nB. 4\nAnswer:" and item.best == 1
+    pairs = [{"prompt": "Hi?", "chosen": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello!"}],
+              "rejected": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Go away."}]}]
+    item = read(pairs, kind="dpo", columns={"prompt": "prompt", "chosen": "chosen", "rejected": "rejected"})[0]
+    assert item.choices == [" Hello!", " Go away."] and item.labels == [1, 0]

@@ -173,3 +173,5 @@ class SearchJobConfig:
         if self.training.batch_size % self.scaling.num_workers:
             raise ConfigError(f"training.batch_size ({self.training.batch_size}) must be divisible by "
                               f"scaling.num_workers ({self.scaling.num_workers})")
+        if self.task.kind is not None and self.mlflow.experiment == MLflowConfig.experiment:
+            self.mlflow.experiment = f"lofit-{self.task.name}"  # your task's runs apart from every other task's

@@ -150,7 +150,8 @@ TASK_KINDS = ("sft", "dpo", "mc", "generation")  # lofit_ray.tasks.generic: a us
 @dataclass
 class TaskColumns:
     """Which column of your data holds what (kind: sft | dpo | mc | generation). Column names as `datasets`
-    reads them; nested records: set task.records_key."""
+    reads them; `a.b` reads key b of a mapping column a (e.g. choices.text); records nested under a key of one
+    JSON object: set task.records_key."""
 
     SECTION: typing.ClassVar[str] = "task.columns"
 
@@ -162,7 +163,10 @@ class TaskColumns:
     rejected: str | None = _help("dpo: the dispreferred answer", None)
     choices: list[str] | None = _help("mc: one column holding a list of choices ([options]), or several columns "
                                       "holding one choice each ([opa, opb, opc, opd]); or give task.fixed_choices", None)
-    label: str | None = _help("mc: the right choice, as its 0-based index or as its text", None)
+    label: str | None = _help("mc: the right choice: its 0-based index, its text, or its name (see choice_labels)",
+                              None)
+    choice_labels: str | None = _help("mc: a column holding each choice's name as the label gives it (ARC's "
+                                      "choices.label: [A, B, C, D] with answerKey: B)", None)
 
 
 @dataclass
@@ -204,6 +208,8 @@ class TaskConfig:
     chat_template: bool = _help("wrap the prompt as a user turn in the tokenizer's chat template", False)
     fixed_choices: list[str] | None = _help("mc: the same choices for every row (e.g. [yes, no]), when no column "
                                             "holds them", None)
+    label_names: list[str] | None = _help("mc: the names the label gives the choices, in order, the same for every "
+                                          "row (e.g. ['1', '2'] for a 1-based label; [A, B, C, D])", None)
     answer_prefix: str = _help("put before every answer, completion and choice: texts are joined as they are, "
                                "so 'A:' + ' yes'", " ")
     mc_training: str = _help("mc: train by dpo (the right choice over the first wrong one, as TruthfulQA) or sft "
@@ -259,7 +265,7 @@ class MLflowConfig:
     """Where runs, head sets and adapters are recorded."""
 
     tracking_uri: str | None = _help("MLflow URI; default $MLFLOW_TRACKING_URI or sqlite:///$LOFIT_HOME/mlflow.db", None)
-    experiment: str = _help("MLflow experiment name", "lofit")
+    experiment: str = _help("MLflow experiment name (your own task: default lofit-<task name>)", "lofit")
     artifact_root: str | None = _help("artifact location of a new experiment; default beside the SQLite store", None)
 
 

@@ -30,7 +30,8 @@ from pathlib import Path
 from . import GenerationItem, MCQuestion, PreferenceExample, SFTExample, Task, TaskDataError, limit_items
 from .source import read_records
 
-CARVED_REPORT = "carved-report"  # the split name of the report carve (task.report: null)
+CARVED_REPORT = "carved-report"
+_MISSING = object()  # the split name of the report carve (task.report: null)
 _NEEDS = {  # kind -> the columns it cannot do without (mc also needs choices, from columns or fixed_choices)
     "sft": ("completion",),
     "generation": ("answer",),
@@ -94,6 +95,18 @@ def check_task_config(cfg) -> None:
 
 _WHAT = {"completion": "the text to train on", "answer": "the right answer", "chosen": "the preferred answer",
          "rejected": "the dispreferred answer", "label": "the right choice (its index or text)"}
+
+
+def lookup(row: dict, column: str):
+    """row[column], or, for "a.b", row["a"]["b"] (nested records as `datasets` reads them); _MISSING if absent."""
+    if column in row:
+        return row[column]
+    value = row
+    for part in column.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return _MISSING
+        value = value[part]
+    return value
 
 
 def extract_answer(text: str, regex: str) -> str | None:
@@ -182,23 +195,29 @@ class GenericTask(Task):
         self._rows[cfg.train] = [r for r, k in zip(rows, keys) if k not in reported]
 
     # -- one row -> text ---------------------------------------------------------------------------
-    def _column(self, row: dict, field: str, where: str):
-        column = getattr(self.config.columns, field)
-        if column not in row:
+    def _column(self, row: dict, field: str, where: str, column: str | None = None):
+        """The value of the column that task.columns.<field> names (or `column`); "a.b" reads key b of column a."""
+        column = column or getattr(self.config.columns, field)
+        value = lookup(row, column)
+        if value is _MISSING:
             raise TaskDataError(f"task.columns.{field}: {where} has no column {column!r}; its columns are "
-                                f"{sorted(row)}. Name one of them.")
-        return row[column]
+                                f"{sorted(row)}. Name one of them (a.b reads key b of column a).")
+        return value
 
     def prompt_text(self, row: dict, where: str) -> str:
         """The prompt before any chat template: the template over the row's columns, or the prompt column."""
         cfg = self.config
         if cfg.template is None:
             return str(self._column(row, "prompt", where))
-        missing = [f for f in template_fields(cfg.template) if f not in row]
+        missing = [f for f in template_fields(cfg.template) if re.split(r"[.\[]", f, maxsplit=1)[0] not in row]
         if missing:
             raise TaskDataError(f"task.template: field {{{missing[0]}}} is not a column of {where}; its columns are "
                                 f"{sorted(row)}. Fix the template or task.records_key.")
-        return cfg.template.format_map(row)
+        try:
+            return cfg.template.format_map(row)
+        except (KeyError, IndexError, TypeError, AttributeError, ValueError) as exc:
+            raise TaskDataError(f"task.template: cannot fill it from {where} ({type(exc).__name__}: {exc}); index a "
+                                f"list or mapping column as {{column[0]}} or {{column[key]}}") from None
 
     def prompt(self, row: dict, where: str) -> str:
         text = self.prompt_text(row, where)
@@ -208,6 +227,8 @@ class GenericTask(Task):
                                                   add_generation_prompt=True)
 
     def _text(self, value, field: str, where: str) -> str:
+        if isinstance(value, list) and value and all(isinstance(m, dict) and "content" in m for m in value):
+            value = value[-1]["content"]  # a conversation (chat messages): its last turn is the answer
         if not isinstance(value, (str, int, float)) or isinstance(value, bool) or str(value).strip() == "":
             raise TaskDataError(f"task.columns.{field}: {where} holds {value!r}; expected non-empty text")
         return str(value)
@@ -226,24 +247,20 @@ class GenericTask(Task):
             return list(cfg.fixed_choices)
         columns = cfg.columns.choices
         if len(columns) == 1:  # one column holding the list
-            value = self._column_named(row, columns[0], where)
+            value = self._column(row, "choices", where, columns[0])
             if not isinstance(value, list) or len(value) < 2:
                 raise TaskDataError(f"task.columns.choices: {where} column {columns[0]!r} holds {value!r}; one "
                                     f"column must hold a list of at least two choices (or list one column per choice)")
             return [self._text(v, "choices", where) for v in value]
-        return [self._text(self._column_named(row, c, where), "choices", where) for c in columns]
-
-    def _column_named(self, row: dict, column: str, where: str):
-        if column not in row:
-            raise TaskDataError(f"task.columns.choices: {where} has no column {column!r}; its columns are "
-                                f"{sorted(row)}")
-        return row[column]
+        return [self._text(self._column(row, "choices", where, c), "choices", where) for c in columns]
 
     def _label(self, row: dict, choices: list[str], where: str) -> int:
         value = self._column(row, "label", where)
         if isinstance(value, bool):
             value = int(value)
-        if isinstance(value, str) and value.strip().lstrip("-").isdigit() and value.strip() not in choices:
+        names = self._label_names(row, where)
+        if isinstance(value, str) and value.strip().lstrip("-").isdigit() and value.strip() not in choices \
+                and (names is None or value.strip() not in names):
             value = int(value.strip())
         if isinstance(value, int):
             if not 0 <= value < len(choices):
@@ -252,6 +269,12 @@ class GenericTask(Task):
                                     f"choices")
             return value
         wanted = str(value).strip()
+        names = self._label_names(row, where)
+        if names is not None:
+            if wanted not in names or len(names) != len(choices):
+                raise TaskDataError(f"task.columns.label: {where} gives {value!r}; the choices are named {names} "
+                                    f"({len(choices)} choices)")
+            return names.index(wanted)
         for i, choice in enumerate(choices):
             if choice.strip() == wanted:
                 return i
@@ -260,6 +283,18 @@ class GenericTask(Task):
             return folded[0]
         raise TaskDataError(f"task.columns.label: {where} gives {value!r}, which is none of its choices "
                             f"{choices}; give the right choice's text or its 0-based index")
+
+    def _label_names(self, row: dict, where: str) -> list[str] | None:
+        """What the label column calls each choice, when it names them (A/B/C/D, 1/2): task.label_names, or the
+        column task.columns.choice_labels names."""
+        if self.config.label_names is not None:
+            return [str(n).strip() for n in self.config.label_names]
+        if self.config.columns.choice_labels is None:
+            return None
+        names = self._column(row, "choice_labels", where)
+        if not isinstance(names, list):
+            raise TaskDataError(f"task.columns.choice_labels: {where} holds {names!r}; it must hold a list of names")
+        return [str(n).strip() for n in names]
 
     # -- rows -> examples and items ------------------------------------------------------------------
     def example_and_item(self, row: dict, where: str):
