@@ -341,3 +341,40 @@ def test_public_schemas_nested_columns_named_labels_bools_and_chat_messages(tmp_
               "rejected": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Go away."}]}]
     item = read(pairs, kind="dpo", columns={"prompt": "prompt", "chosen": "chosen", "rejected": "rejected"})[0]
     assert item.choices == [" Hello!", " Go away."] and item.labels == [1, 0]
+
+
+@pytest.mark.slow
+def test_a_search_on_a_user_task_registers_its_own_champion_that_scores_mc(tmp_path):
+    """jobs/search.py on a user mc task (tiny model): the registered model and experiment follow the task's name,
+    the summary says what the splits hold, and the champion's MLflow model scores MC items, not generations."""
+    import subprocess
+
+    import mlflow
+    import pandas as pd
+
+    from lofit_ray import tracking
+
+    source = tmp_path / "d.jsonl"
+    source.write_text("".join(json.dumps(r) + "\n" for r in mc_rows(40)))
+    config = yaml.safe_load((REPO / "configs" / "smoke.yaml").read_text())
+    config["task"] = {"name": "my-quiz", **MC, "source": str(source), "limit_train": 16}
+    config["search"].update(num_trials=2, controls=1)
+    config.pop("mlflow")
+    (tmp_path / "quiz.yaml").write_text(yaml.safe_dump(config))
+    env = {**__import__("os").environ, "LOFIT_HOME": str(tmp_path / "home"), "RAY_AUTH_MODE": "token"}
+    proc = subprocess.run([sys.executable, str(REPO / "jobs" / "search.py"), "--config", str(tmp_path / "quiz.yaml"),
+                           "--summary-out", str(tmp_path / "summary.json")], env=env, capture_output=True, text=True,
+                          timeout=1200, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    result = summary["models"]["tiny-llama"]
+    assert result["registered_model"] == "lofit-tiny-llama-my-quiz"
+    assert result["data"]["n_train"] == 16 and result["data"]["n_report"] == 8 and result["data"]["truncated_train"] == 0
+    assert "data: 16 train / 6 selection / 8 report" in proc.stdout
+    uri = summary["tracking_uri"]
+    assert tracking.client(uri).get_experiment(summary["experiment_id"]).name == "lofit-my-quiz"
+    mlflow.set_tracking_uri(uri)
+    model = mlflow.pyfunc.load_model("models:/lofit-tiny-llama-my-quiz@champion")
+    rows = model.predict(pd.DataFrame([{"question": "Q: Question 3?\nA:", "choices": [" a3", " b3", " c3"],
+                                        "labels": [1, 0, 0]}]))
+    assert {"mc1", "mc2"} <= set(rows.columns)

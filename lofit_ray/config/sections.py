@@ -253,6 +253,11 @@ class TaskConfig:
                                   f"a hub dataset id (owner/name or owner/name:config)")
 
 
+# The fields a user task added to TaskConfig: a record's settings leave them out while they hold their defaults.
+USER_TASK_FIELDS = ("kind", "records_key", "report_fraction", "columns", "template", "chat_template", "fixed_choices",
+                    "label_names", "answer_prefix", "mc_training", "answer_regex", "stops", "max_new_tokens")
+
+
 def _registered_task(name: str) -> bool:
     """A task another package registers under the `lofit_ray.tasks` entry point group."""
     from ..tasks import entry_point_tasks

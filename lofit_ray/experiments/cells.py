@@ -11,15 +11,14 @@ import hashlib
 import json
 import math
 
-from ..config import REPRODUCE_METHODS as METHODS, ReproduceConfig
+from ..config import ReproduceConfig, TaskConfig
+from ..config.sections import USER_TASK_FIELDS
+from ..methods import METHODS, HeadMethod
 
-PER_K = ("lofit", "iti", "random_heads", "transfer_heads", "gates_heads", "grad_heads",
-         "grad_x_act_heads")  # one cell per K and seed, in run order
-PHASE2 = ("lofit", "random_heads", "transfer_heads", "gates_heads", "grad_heads",
-          "grad_x_act_heads")  # the methods that train offsets (phase 2)
+PER_K = tuple(name for name, m in METHODS.items() if m.per_k)  # one cell per K and seed, in run order
+PHASE2 = tuple(name for name, m in METHODS.items() if isinstance(m, HeadMethod))  # the methods that train offsets
 # The methods whose heads come from a selector of lofit_ray.selectors (phase1.selector), and which one.
-SELECTOR_OF = {"lofit": "l1", "gates_heads": "gates", "grad_heads": "grad", "grad_x_act_heads": "grad_x_act",
-               "random_heads": "random"}
+SELECTOR_OF = {name: m.selector for name, m in METHODS.items() if m.selector}
 
 
 def k_values(fractions: list[float], total_heads: int) -> list[int]:
@@ -37,13 +36,13 @@ def plan_cells(cfg: ReproduceConfig, model: str, ks: list[int]) -> list[dict]:
     methods = [m for m in METHODS if m in cfg.methods]
     per_k = [m for m in PER_K if m in methods]
     for task in cfg.tasks:  # task by task, so a partial record holds whole tasks
-        if "zero_shot" in methods:
-            cells.append({"model": model, "task": task, "method": "zero_shot", "k": None, "seed": None})
+        cells += [{"model": model, "task": task, "method": m, "k": None, "seed": None}
+                  for m in methods if not METHODS[m].seeded]
         for seed in cfg.seeds:
             for k in ks:
                 cells += [{"model": model, "task": task, "method": m, "k": k, "seed": seed} for m in per_k]
             cells += [{"model": model, "task": task, "method": m, "k": None, "seed": seed}
-                      for m in ("lora", "reft") if m in methods]
+                      for m in methods if METHODS[m].seeded and not METHODS[m].per_k]
     for c in cells:
         c["id"] = cell_id(c["model"], c["task"], c["method"], c["k"], c["seed"])
     return cells
@@ -59,6 +58,10 @@ def _task_part(cfg: ReproduceConfig, name: str) -> dict:
     in the record are); a `source` is, since it may hold other rows than the data dir's files."""
     t = dataclasses.asdict(cfg.tasks[name])
     del t["data_dir"], t["name"]
+    defaults = dataclasses.asdict(TaskConfig())
+    for key in USER_TASK_FIELDS:  # at their defaults (the paper's tasks) they leave the setting as it was
+        if t[key] == defaults[key]:
+            del t[key]
     if t["source"] is None:  # the data dir's files, as before `source` existed: settings stay the same
         del t["source"]
     return t
@@ -79,28 +82,13 @@ def search_setting(cfg: ReproduceConfig, task: str, method: str) -> str:
             "search": {"num_trials": search.num_trials, "seed": search.seed, "metric": search.metric,
                        "asha": search.asha, "reduction_factor": search.reduction_factor,
                        "space": dataclasses.asdict(getattr(search.spaces, method))}}
-    if method in PHASE2:
-        part["phase2_epochs"] = cfg.phase2.epochs
-    if method == "lofit":
-        part["phase1_epochs"] = cfg.phase1.epochs
-    if method == "gates_heads":
-        part["phase1"] = {"epochs": cfg.phase1.epochs, "gate_parts": cfg.phase1.gate_parts}
-    if method == "transfer_heads":
-        source = cfg.transfer_source(task)
-        part["source"] = {"task": source, "lofit": search_setting(cfg, source, "lofit") if "lofit" in cfg.methods
-                          else dataclasses.asdict(cfg.phase1)}
-    if method == "iti":
-        part["iti_val_fraction"] = cfg.iti.val_fraction
-    if method == "lora":
-        part["lora"] = {k: v for k, v in dataclasses.asdict(cfg.lora).items() if k not in ("lr", "rank")}
-    if method == "reft":
-        part["reft"] = {k: v for k, v in dataclasses.asdict(cfg.reft).items() if k not in ("lr", "depth")}
+    part.update(METHODS[method].setting_part(cfg, task))
     return _hash(part)
 
 
 def cell_setting(cfg: ReproduceConfig, cell: dict) -> str:
     """A hash of the config parts a cell's result depends on: --resume re-runs a cell when it changes."""
-    if cell["method"] == "zero_shot":
-        return _hash({"dtype": cfg.dtype, "task": _task_part(cfg, cell["task"]), "method": "zero_shot",
+    if not METHODS[cell["method"]].searched:
+        return _hash({"dtype": cfg.dtype, "task": _task_part(cfg, cell["task"]), "method": cell["method"],
                       "eval_batch_size": cfg.eval_batch_size})
     return search_setting(cfg, cell["task"], cell["method"])

@@ -2,7 +2,8 @@
 
 Cells run one after another in this process (torch only). A cell's method is first searched, once per
 model x task x method x K, on the selection split (`search`: Optuna + ASHA, the same number of trials for
-every method); `trained` is the one place each method trains, for search trials and cells alike. The cell
+every method); each method trains through its own object in lofit_ray.methods (`trained` dispatches), for
+search trials and cells alike. The cell
 then trains the chosen setting with its own seed and scores the report split once; `run_cell` turns that
 into a record and a nested MLflow run. Each phase-1 ranking (model, task, seed, phase-1 lr and L1) is
 saved under <out-dir>/heads/ with its `train.phase1_key` and serves every trial, K and transfer_heads cell
@@ -10,7 +11,6 @@ that needs it. MLflow is reached only through `lofit_ray.tracking`.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import os
@@ -21,17 +21,16 @@ from pathlib import Path
 import torch
 
 from .. import faults, tracking
-from ..baselines import lora, reft
-from ..baselines.iti import fit_iti, iti_adapter
 from ..config import Phase1Config, ReproduceConfig
 from ..evaluate import evaluate_items, selection_score
 from ..evidence import with_intervals
-from ..heads import HeadSet, random_ranking
+from ..heads import HeadSet
+from ..methods import METHODS
 from ..models import check_spec, load_model, spec_slug
 from ..splits import split_spec, splits_from_spec
 from ..selectors import select_heads
-from ..train import phase1_key, train_offsets
-from .cells import SELECTOR_OF, cell_setting, k_values, plan_cells, search_id, search_setting
+from ..train import phase1_key
+from .cells import cell_setting, k_values, plan_cells, search_id, search_setting
 from .record import JSON_NAME, Results, hardware, metric_part, now, write_atomic
 from .tuning import run_search
 
@@ -116,7 +115,7 @@ class Runner:
 
             shutil.rmtree(out_dir / SEARCHES_DIR)
         self._splits: dict = {}
-        self._rankings: dict = {}
+        self.memo: dict = {}
         self.loaded = None
 
     # -- helpers ---------------------------------------------------------------------------------
@@ -152,8 +151,8 @@ class Runner:
         _, s = self.splits(task_name)
         training = self.training(seed)
         memo = phase1_key(loaded.fingerprint, s.train_hash(), task_name, training, phase1)
-        if memo in self._rankings:
-            return self._rankings[memo]
+        if memo in self.memo:
+            return self.memo[memo]
         path = self.ranking_path(loaded.spec, task_name, seed, memo)
         entry = None
         if path.is_file():
@@ -173,105 +172,14 @@ class Runner:
             "|".join(f"{key}={value}" for key, value in phase1.settings().items() if key != "epochs"))
         self.results.doc["phase1"][name] = {
             k: entry[k] for k in ("key", "seconds", "final_loss", "file")}
-        self._rankings[memo] = entry
+        self.memo[memo] = entry
         return entry
 
-    def heads(self, method: str, task_name: str, k: int, seed: int, params: dict) -> tuple[HeadSet, dict]:
-        """The K heads phase 2 trains for `method`, and what the record keeps about where they came from."""
-        loaded = self.loaded
-        if method == "random_heads":
-            return HeadSet(model=loaded.spec, fingerprint=loaded.fingerprint, layout=dataclasses.asdict(loaded.layout),
-                           ranking=random_ranking(loaded.layout, seed), k=k, method="random", task=task_name,
-                           seed=seed), {}
-        source = self.cfg.transfer_source(task_name) if method == "transfer_heads" else task_name
-        if method == "lofit":
-            phase1 = dataclasses.replace(self.cfg.phase1, selector="l1", lr=float(params["phase1_lr"]),
-                                         l1=float(params["l1"]))
-        elif method == "gates_heads":
-            phase1 = dataclasses.replace(self.cfg.phase1, selector="gates", lr=float(params["phase1_lr"]),
-                                         l0=float(params["l0"]))
-        elif method != "transfer_heads":  # grad_heads, grad_x_act_heads: one pass, nothing searched
-            phase1 = dataclasses.replace(self.cfg.phase1, selector=SELECTOR_OF[method])
-        elif "lofit" in self.cfg.methods:  # transfer_heads: the source task's LoFiT ranking at its chosen phase 1
-            chosen = self.search(source, "lofit", k)["chosen"]
-            phase1 = dataclasses.replace(self.cfg.phase1, selector="l1", lr=float(chosen["phase1_lr"]),
-                                         l1=float(chosen["l1"]))
-        else:
-            phase1 = dataclasses.replace(self.cfg.phase1, selector="l1")
-        entry = self.ranking(source, seed, phase1)
-        head_set = entry["head_set"].with_k(k)
-        info = {"phase1_seconds": entry["seconds"], "phase1_reused": entry["reused"], "ranking_file": entry["file"]}
-        if method == "transfer_heads":
-            head_set = HeadSet(**{**dataclasses.asdict(head_set), "method": "transfer",
-                                  "hparams": {**head_set.hparams, "transferred_from": source}})
-            info["heads_from"] = source
-        return head_set, info
-
-    def iti_fit(self, task_name: str, k: int, seed: int) -> dict:
-        """ITI's probes at K: fitted once per (task, K, seed) and kept, so each alpha a search tries costs
-        one evaluation."""
-        key = ("iti", self.loaded.spec, task_name, k, seed)
-        if key not in self._rankings:
-            task, s = self.splits(task_name)
-            t = self.cfg.tasks[task_name]
-            # Probe only on the rows phase 2 trains on: never on the selection carve or the report split.
-            prompts = [ex.prompt for ex in s.train]
-            statements = [st for st in task.labelled_statements(t.train) if any(st[0].startswith(p) for p in prompts)]
-            _, info = fit_iti(self.loaded, task.name, k, alphas=[1.0], statements=statements,
-                              batch_size=self.cfg.eval_batch_size, val_fraction=self.cfg.iti.val_fraction, seed=seed,
-                              score_base=False)
-            self._rankings[key] = info
-        return self._rankings[key]
-
-    @contextlib.contextmanager
     def trained(self, method: str, task_name: str, k: int | None, seed: int, params: dict, on_epoch=None):
-        """The model with `method` trained at `params` for the with-block, then as before. Trained methods run
-        params["epochs"] epochs when given, else the most a trial trains (phase2.epochs, lora.epochs), calling
-        on_epoch(epoch, stats) after each. Yields what the record keeps about the trained change."""
-        _, s = self.splits(task_name)
-        loaded, training = self.loaded, self.training(seed)
-        if method == "lora":
-            la = dataclasses.replace(self.cfg.lora, lr=float(params["lr"]), rank=int(params["rank"]),
-                                     epochs=int(params.get("epochs", self.cfg.lora.epochs)))
-            peft_model, info = lora.train_lora(loaded, s.train, training, la, on_epoch=on_epoch)
-            try:
-                yield {"trainable_params": info["trainable_parameters"], "total_params": info["total_parameters"]}
-            finally:
-                peft_model.unload()  # take the LoRA layers out of loaded.model again
-            return
-        if method == "reft":
-            rc = dataclasses.replace(self.cfg.reft, lr=float(params["lr"]), depth=float(params["depth"]),
-                                     epochs=int(params.get("epochs", self.cfg.reft.epochs)))
-            edit, info = reft.train_reft(loaded, s.train, training, rc, on_epoch=on_epoch)
-            try:
-                yield {"trainable_params": info["trainable_parameters"], "layer": info["layer"]}
-            finally:
-                edit.detach()
-            return
-        extra = {}
-        if method == "iti":
-            fit = self.iti_fit(task_name, k, seed)
-            adapter = iti_adapter(loaded, fit["heads"], fit["directions"], fit["sigma"], float(params["alpha"]),
-                                  task=task_name, head_set=fit["head_set"])
-            extra = {"heads": [list(h) for h in fit["heads"]], "probe_accuracy": fit["probe_accuracy"],
-                     "n_statements": fit["n_statements"]}
-        else:
-            head_set, extra = self.heads(method, task_name, k, seed, params)
-            phase2 = dataclasses.replace(self.cfg.phase2, lr=float(params["phase2_lr"]),
-                                         epochs=int(params.get("epochs", self.cfg.phase2.epochs)))
-            adapter = train_offsets(loaded, head_set, k, s.train, training, phase2, task=task_name,
-                                    on_epoch=on_epoch)
-            extra["heads"] = head_set.top(k)
-            if method in ("lofit", "gates_heads", "grad_heads", "grad_x_act_heads"):
-                extra["head_set"] = head_set  # its heatmap goes to the cell's MLflow run
-            if method == "lofit":
-                lay = loaded.layout
-                extra["phase1_params"] = lay.num_layers * lay.num_heads * lay.head_dim
-        offsets = adapter.attach(loaded.model)
-        try:
-            yield {"trainable_params": adapter.num_parameters, "adapter": adapter, **extra}
-        finally:
-            offsets.detach()
+        """The model with `method` trained at `params` for the with-block, then as before (lofit_ray.methods).
+        Trained methods run params["epochs"] epochs when given, else the most a trial trains (phase2.epochs,
+        lora.epochs), calling on_epoch(epoch, stats) after each. Yields what the record keeps."""
+        return METHODS[method].trained(self, task_name, k, seed, params, on_epoch=on_epoch)
 
     def search(self, task_name: str, method: str, k: int | None) -> dict:
         """The method's search at K on the selection split: from the record when its setting is unchanged, else
@@ -285,9 +193,9 @@ class Runner:
             self.search(self.cfg.transfer_source(task_name), "lofit", k)  # its chosen phase 1 gives the heads
         _, s = self.splits(task_name)
         cfg = self.cfg.search
-        space = {name: getattr(getattr(cfg.spaces, method), name)
-                 for name in (f.name for f in dataclasses.fields(getattr(cfg.spaces, method)))}
-        epoched = method != "iti"
+        method_space = getattr(cfg.spaces, METHODS[method].space)
+        space = {f.name: getattr(method_space, f.name) for f in dataclasses.fields(method_space)}
+        epoched = METHODS[method].epoched
 
         def objective(params: dict, report) -> None:
             def on_epoch(epoch: int, stats: dict) -> None:
@@ -343,7 +251,7 @@ class Runner:
         """A cell: the zero-shot model, or the method's searched setting trained with the cell's seed; each
         scored once on the report split."""
         _, s = self.splits(cell["task"])
-        if cell["method"] == "zero_shot":
+        if not METHODS[cell["method"]].searched:
             return {"metrics": self.score(s.report, rows=True), "trainable_params": 0, "hparams": {}}
         found = self.search(cell["task"], cell["method"], cell["k"])
         start = time.time()
@@ -451,7 +359,7 @@ class Runner:
 
     def recorded_head_set(self, record: dict) -> HeadSet | None:
         """The phase-1 ranking a recorded LoFiT cell used, from <out-dir>/heads/ (None if absent or another)."""
-        if record["method"] not in ("lofit", "gates_heads", "grad_heads", "grad_x_act_heads"):
+        if not METHODS[record["method"]].logs_ranking:
             return None
         path = self.out_dir / record.get("ranking_file", "-")
         if not path.is_file():
@@ -473,7 +381,7 @@ class Runner:
         if self.loaded is not None and self.loaded.spec == model:
             return
         self.loaded = None
-        self._rankings.clear()
+        self.memo.clear()
         if any(t.chat_template for t in self.cfg.tasks.values()):  # their prompts follow the model's chat template
             self._splits.clear()
         start = time.time()
@@ -566,7 +474,7 @@ class Runner:
                     ran += ok
                     failed += not ok
                 self.loaded = None
-                self._rankings.clear()
+                self.memo.clear()
         except BaseException as exc:
             self.tick()
             self.results.save()

@@ -223,8 +223,10 @@ class GenericTask(Task):
         text = self.prompt_text(row, where)
         if not self.config.chat_template:
             return text
-        return self.tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+        chat = self.tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
                                                   add_generation_prompt=True)
+        bos = self.tokenizer.bos_token  # the tokenizer adds it again when the prompt is encoded
+        return chat[len(bos):] if bos and chat.startswith(bos) else chat
 
     def _text(self, value, field: str, where: str) -> str:
         if isinstance(value, list) and value and all(isinstance(m, dict) and "content" in m for m in value):
