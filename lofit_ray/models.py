@@ -17,6 +17,7 @@ on the meta device, before any weights load.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
@@ -30,6 +31,7 @@ from pathlib import Path
 import torch
 
 from .architectures import HeadLayout, UnsupportedArchitectureError, check_model, head_layout
+from .config.fields import ATTN_IMPLEMENTATIONS
 from .paths import CACHE_ENV, cache_dir  # noqa: F401  (re-exported: model conversion caches live there)
 
 
@@ -248,9 +250,6 @@ def fingerprint(model: torch.nn.Module) -> str:
     return digest.hexdigest()[:16]
 
 
-ATTN_IMPLEMENTATIONS = ("auto", "eager", "sdpa", "flash_attention_2")
-
-
 def load_model(spec: str, dtype: str = "float32", device: str = "cpu", seed: int = 0,
                attn_implementation: str = "auto") -> LoadedModel:
     """Load a model spec frozen and in eval mode; raises ModelSpecError / UnsupportedArchitectureError early
@@ -274,14 +273,16 @@ def load_model(spec: str, dtype: str = "float32", device: str = "cpu", seed: int
         tokenizer = load_tokenizer(spec)
         torch.manual_seed(seed)
         config = tiny_config(spec[len("tiny-"):], vocab_size=len(tokenizer))
-        model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype, **attn)
+        with _kernel_errors(attn_implementation):
+            model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype, **attn)
         source_dtype = dtype
     else:
         directory = local_dir(spec)
         config = _read_config(directory)
         check_config(config)
         tokenizer = load_tokenizer(spec)
-        model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch_dtype, **attn)
+        with _kernel_errors(attn_implementation):
+            model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch_dtype, **attn)
         source_dtype = _dtype_name(getattr(config, "dtype", None)) or dtype
     check_model(model)
     model.to(device).eval()
@@ -289,6 +290,19 @@ def load_model(spec: str, dtype: str = "float32", device: str = "cpu", seed: int
         p.requires_grad_(False)
     return LoadedModel(spec=spec, model=model, tokenizer=tokenizer, fingerprint=fingerprint(model),
                        source_dtype=source_dtype)
+
+
+@contextlib.contextmanager
+def _kernel_errors(attn_implementation: str):
+    """transformers refuses a kernel a model lacks (e.g. Gemma-2 has no sdpa) in a paragraph; say it in a line."""
+    try:
+        yield
+    except (ValueError, ImportError) as exc:
+        if attn_implementation == "auto" or attn_implementation not in str(exc) and "attention implementation" \
+                not in str(exc):
+            raise
+        raise ModelSpecError(f"attn_implementation '{attn_implementation}': {str(exc).split('. ')[0].strip()}; "
+                             f"use auto or eager") from exc
 
 
 def _dtype_name(value) -> str | None:

@@ -478,7 +478,8 @@ class Runner:
         self.loaded = None
         self._rankings.clear()
         start = time.time()
-        self.loaded = load_model(model, dtype=self.cfg.dtype, device=self.device)
+        self.loaded = load_model(model, dtype=self.cfg.dtype, device=self.device,
+                                 attn_implementation=self.cfg.attn_implementation)
         lay = self.loaded.layout
         self.results.doc["models"][model] = {
             "layout": dataclasses.asdict(lay), "total_heads": lay.total_heads, "fingerprint": self.loaded.fingerprint,
