@@ -5,7 +5,7 @@
 
 `attach` hooks it onto a loaded model; `merge_and_unload` folds v into o_proj
 biases in place; `export` writes a plain transformers checkpoint whose logits
-equal the hooked model's.
+equal the hooked model's (lofit_ray.export says how, per family).
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .architectures import UnsupportedArchitectureError, family_of, head_layout, o_projs
+from .architectures import head_layout, o_projs
 from .offsets import HeadOffsets
 
 CONFIG_NAME = "adapter_config.json"
@@ -107,41 +107,36 @@ class Adapter:
     def merge_and_unload(self, model):
         """Fold v into o_proj biases in place: o_proj(z + v) = W z + (b + W v). No hooks remain."""
         self.check_compatible(model)
-        full = self.to_offsets().full_offset()
-        for layer, proj in enumerate(o_projs(model)):
-            if not full[layer].any():
-                continue
-            extra = proj.weight.detach().float() @ full[layer].flatten().to(proj.weight.device)
-            if proj.bias is None:
-                proj.bias = torch.nn.Parameter(torch.zeros(proj.out_features, dtype=proj.weight.dtype,
-                                                           device=proj.weight.device), requires_grad=False)
-            with torch.no_grad():
-                proj.bias.add_(extra.to(proj.bias.dtype))
-        return model
+        return merge_offsets(model, self.to_offsets().full_offset())
 
-    def export(self, loaded, directory: str | Path) -> Path:
-        """Write a plain transformers checkpoint with v merged, loadable by AutoModelForCausalLM alone."""
-        from transformers import AutoModelForCausalLM
+    def export(self, loaded, directory: str | Path, dtype: str | None = None) -> Path:
+        """Write a plain transformers checkpoint with v merged, loadable by AutoModelForCausalLM alone.
 
-        model = loaded.model
-        flag = family_of(model.config).bias_flag
-        if flag is None:
-            raise UnsupportedArchitectureError(
-                f"export: '{model.config.model_type}' hard-codes o_proj without a bias in transformers, so a "
-                f"merged checkpoint cannot be loaded by plain transformers; ship the adapter directory and "
-                f"attach it with lofit_ray.Adapter.from_pretrained(...).attach(model)")
-        config = model.config.__class__.from_dict(model.config.to_dict())
-        setattr(config, flag, True)
-        merged = AutoModelForCausalLM.from_config(config, dtype=next(model.parameters()).dtype)
-        missing, unexpected = merged.load_state_dict(model.state_dict(), strict=False)
-        if unexpected or any(not k.endswith(".bias") for k in missing):
-            raise RuntimeError(f"export: state dicts disagree (missing {missing[:3]}, unexpected {unexpected[:3]})")
-        with torch.no_grad():
-            for name in missing:  # the biases the flag switched on start at zero
-                merged.get_parameter(name).zero_()
-        self.merge_and_unload(merged)
+        dtype: of the written weights; default the checkpoint's own (loaded.source_dtype), so a bfloat16
+        model trained in float32 exports in bfloat16. Families whose config cannot give o_proj a bias are
+        re-expressed as an identical family that can (lofit_ray.export), or refused with the reason."""
+        from .export import merged_checkpoint
+
+        self.check_compatible(loaded.model)
+        dtype = dtype or getattr(loaded, "source_dtype", None) or str(next(loaded.model.parameters()).dtype)
+        merged = merged_checkpoint(loaded.model, self.to_offsets().full_offset())
+        merged.to(getattr(torch, dtype.removeprefix("torch.")))
         directory = Path(directory)
         merged.save_pretrained(directory)
         loaded.tokenizer.save_pretrained(directory)
         (directory / "lofit_adapter_config.json").write_text(json.dumps(asdict(self.config), indent=1))
         return directory
+
+
+def merge_offsets(model, full: torch.Tensor):
+    """Add W v to each o_proj's bias (creating a zero bias where there is none); full: [layers, heads, head_dim]."""
+    for layer, proj in enumerate(o_projs(model)):
+        if not full[layer].any():
+            continue
+        extra = proj.weight.detach().float() @ full[layer].flatten().to(proj.weight.device)
+        if proj.bias is None:
+            proj.bias = torch.nn.Parameter(torch.zeros(proj.out_features, dtype=proj.weight.dtype,
+                                                       device=proj.weight.device), requires_grad=False)
+        with torch.no_grad():
+            proj.bias.add_(extra.to(proj.bias.dtype))
+    return model

@@ -95,7 +95,8 @@ def phase1_train_func(config: dict) -> None:
     device = f"cuda:{ctx.get_local_rank()}" if torch.cuda.is_available() and config.get("use_gpu") else "cpu"
     outputs = []
     for job in config["jobs"]:
-        loaded = load_model(job["model"], dtype=job.get("dtype", "float32"), device=device)
+        loaded = load_model(job["model"], dtype=job.get("dtype", "float32"), device=device,
+                            attn_implementation=job.get("attn_implementation", "auto"))
         training, phase1 = TrainingConfig(**job["training"]), Phase1Config(**job["phase1"])
         micro, bf16, stage = training.batch_size // world, job.get("dtype") == "bfloat16", config.get("zero_stage", 2)
         make_stepper = (lambda offsets: DeepSpeedStepper(offsets, phase1.lr, stage, micro, bf16=bf16)) \

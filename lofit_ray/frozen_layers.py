@@ -3,8 +3,9 @@
 With offsets only in layers >= L, everything below L is a fixed function of the input.
 So the hidden state entering layer L is computed once per sequence, and training steps
 run only layers L.. (the decoder's layer list is swapped for its tail, and the cached
-state goes in as `inputs_embeds`; every family in architectures.FAMILIES scales its
-embeddings inside the embedding module, so the tail sees exactly what it saw before).
+state goes in as `inputs_embeds`; the first tail layer is handed that tensor as its
+hidden state, untouched by whatever the decoder does to embeddings, e.g. Granite's
+embedding_multiplier, so the tail sees exactly what it saw before).
 """
 from __future__ import annotations
 
@@ -13,22 +14,36 @@ import contextlib
 import torch
 from torch import nn
 
-from .architectures import _get, decoder_layers, family_of
+from .architectures import decoder_layers, layers_parent
 from .batching import Batch, collate
 
 
 @contextlib.contextmanager
 def tail_only(model, start: int):
-    """Temporarily make the decoder run layers[start:] only."""
-    family = family_of(model.config)
-    parent_path, _, name = family.layers.rpartition(".")
-    parent = _get(model, parent_path)
+    """Temporarily make the decoder run layers[start:] only, its first layer fed the `inputs_embeds` given."""
+    parent, name = layers_parent(model)
     full = getattr(parent, name)
+    given = {}
+
+    def keep(module, args, kwargs):  # the decoder's inputs_embeds, before any scaling it applies
+        given["h"] = kwargs.get("inputs_embeds")
+
+    def feed(module, args, kwargs):
+        if given.get("h") is None:
+            return None
+        if args:
+            return (given["h"],) + tuple(args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": given["h"]}
+
+    handles = [model.get_decoder().register_forward_pre_hook(keep, with_kwargs=True),
+               full[start].register_forward_pre_hook(feed, with_kwargs=True)]
     setattr(parent, name, nn.ModuleList(list(full)[start:]))
     try:
         yield
     finally:
         setattr(parent, name, full)
+        for handle in handles:
+            handle.remove()
 
 
 class _Stop(Exception):

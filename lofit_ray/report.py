@@ -23,7 +23,7 @@ from .train import train_offsets
 def score_report(cfg: SearchJobConfig, model: str, uri: str, name: str, run_id: str, parent: str) -> dict:
     """Score the champion once on the held-out report split beside the 0-shot model and the random-heads
     controls, every metric with its 95% interval and every difference paired item by item."""
-    loaded = get_model(model, cfg.dtype)
+    loaded = get_model(model, cfg.dtype, attn_implementation=cfg.attn_implementation)
     _, splits = get_splits(task_spec(cfg, model))
     slug = spec_slug(model)
     rows = {}

@@ -60,12 +60,12 @@ def get_splits(spec: dict, cache: bool = True):
     return value
 
 
-def get_model(spec: str, dtype: str, cache: bool = True):
-    key = ("model", spec, dtype)
+def get_model(spec: str, dtype: str, cache: bool = True, attn_implementation: str = "auto"):
+    key = ("model", spec, dtype, attn_implementation)
     if cache and key in _CACHE:
         return _CACHE[key]
-    device = "cuda" if torch.cuda.is_available() and dtype != "float32" else "cpu"
-    loaded = load_model(spec, dtype=dtype, device=device)
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # a GPU Ray gave this trial is used, whatever the dtype
+    loaded = load_model(spec, dtype=dtype, device=device, attn_implementation=attn_implementation)
     if cache:
         _CACHE[key] = loaded
     return loaded
@@ -93,7 +93,8 @@ def _tune_domain(space: Space, integer: bool = False):
 
 def phase1_job(cfg: SearchJobConfig, model: str, loaded, splits, phase1: Phase1Config) -> dict:
     """What a Ray Train worker needs to compute one phase-1 ranking, and its memo key."""
-    job = {"model": model, "dtype": cfg.dtype, "task": task_spec(cfg, model), "training": asdict(cfg.training),
+    job = {"model": model, "dtype": cfg.dtype, "attn_implementation": cfg.attn_implementation,
+           "task": task_spec(cfg, model), "training": asdict(cfg.training),
            "phase1": asdict(phase1),
            "key": phase1_key(loaded.fingerprint, splits.train_hash(), cfg.task.name, cfg.training, phase1)}
     encoded = batching.encode_examples(loaded.tokenizer, splits.train, cfg.training.max_length)
@@ -138,7 +139,7 @@ def precompute_phase1(cfg: SearchJobConfig, ctx: dict) -> int:
         return 0
     jobs = []
     for model in cfg.models:
-        loaded = get_model(model, cfg.dtype)
+        loaded = get_model(model, cfg.dtype, attn_implementation=cfg.attn_implementation)
         _, splits = get_splits(task_spec(cfg, model))
         keys = set()  # grad and random read neither l1 nor the lr: one ranking serves all their values
         for selector, l1, lr in itertools.product(space.selector, space.l1.values, space.phase1_lr.values):
@@ -183,7 +184,7 @@ def trial_fn(config: dict, ctx: dict) -> None:
     recorded = False  # set once the trial's run is recorded as FINISHED
     start = time.time()
     try:
-        loaded = get_model(model, cfg.dtype, cache=cost_aware)
+        loaded = get_model(model, cfg.dtype, cache=cost_aware, attn_implementation=cfg.attn_implementation)
         detach_all(loaded.model)  # a kept model may still hold the hooks of a trial ASHA stopped
         task, splits = get_splits(task_spec(cfg, model), cache=cost_aware)
         k = int(params["k"])

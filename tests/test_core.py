@@ -135,10 +135,13 @@ def test_export_gives_a_plain_transformers_model_with_the_same_logits(tiny, trai
     assert plain.config.attention_bias is True
 
 
-def test_export_refuses_families_without_an_o_proj_bias_switch():
-    loaded = load_model("tiny-qwen2")
+def test_export_refuses_a_model_no_stock_family_can_carry_merged():
+    """Mistral with a sliding window inside its context: no o_proj bias flag, and Llama (which has one) does
+    not slide; export says so and points at attaching the adapter, while the in-memory merge still works."""
+    loaded = load_model("tiny-mistral")
+    loaded.model.config.sliding_window = 24
     adapter = Adapter.from_offsets(HeadOffsets(loaded.layout, offset_heads=[(0, 0)]), loaded)
-    with pytest.raises(UnsupportedArchitectureError, match="attach it"):
+    with pytest.raises(UnsupportedArchitectureError, match="sliding window.*attach it"):
         adapter.export(loaded, "/tmp/never")
     model = adapter.merge_and_unload(loaded.model)  # in-memory merge still works
     assert o_projs(model)[0].bias is not None
@@ -164,7 +167,7 @@ def test_nan_loss_stops_with_a_clear_error(tiny):
         _train_offsets(tiny, offsets, [SFTExample("Q: a A:", " b")] * 4, TrainingConfig(batch_size=4), 1, 1e-2)
 
 
-def test_k_larger_than_the_head_count_and_unknown_models_fail_early(tiny):
+def test_k_larger_than_the_head_count_and_unknown_models_fail_early(tiny, monkeypatch):
     ranking = HeadSet("tiny-llama", tiny.fingerprint, asdict(tiny.layout), random_ranking(tiny.layout, 0))
     with pytest.raises(ValueError, match="larger than the 16 heads"):
         ranking.with_k(17)
@@ -172,15 +175,23 @@ def test_k_larger_than_the_head_count_and_unknown_models_fail_early(tiny):
         train_offsets(tiny, ranking, None, [SFTExample("a", " b")], TrainingConfig(), Phase2Config())
     with pytest.raises(ModelSpecError, match="bundled name"):
         load_model("no-such-model")
-    with pytest.raises(ModelSpecError, match="never downloads"):
-        load_model("some-org/not-cached-model")
+    with monkeypatch.context() as env:
+        env.setenv("HF_HUB_OFFLINE", "1")
+        with pytest.raises(ModelSpecError, match="'some-org/not-cached-model' is not in the Hugging Face cache and "
+                                                 "HF_HUB_OFFLINE is set.*hf download some-org/not-cached-model"):
+            load_model("some-org/not-cached-model")
 
 
-def test_unknown_architecture_is_named():
-    from transformers import GPT2Config
+def test_unsupported_architectures_are_named_with_what_is_missing():
+    from transformers import GPT2Config, MambaConfig
 
-    with pytest.raises(UnsupportedArchitectureError, match="'gpt2' is not supported"):
-        head_layout(GPT2Config())
+    from lofit_ray.models import check_config
+
+    with pytest.raises(UnsupportedArchitectureError, match="'gpt2' is not supported.*layer 0.*no attention output "
+                                                          "projection"):
+        check_config(GPT2Config(n_layer=2, n_embd=64, n_head=4))  # its projection is a Conv1D, not a Linear
+    with pytest.raises(UnsupportedArchitectureError, match="'mamba' is not supported.*declares no attention heads"):
+        head_layout(MambaConfig(num_hidden_layers=2, hidden_size=64))
 
 
 # -- evaluation -------------------------------------------------------------------------

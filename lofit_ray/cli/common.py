@@ -16,6 +16,7 @@ import typing
 from pathlib import Path
 
 from ..config import ConfigError, TaskConfig, TrainingConfig
+from ..config.fields import ATTN_HELP, ATTN_IMPLEMENTATIONS
 from ..evidence import METRIC_COLUMNS
 
 SCORE_KEYS = METRIC_COLUMNS  # the metrics a summary line shows
@@ -137,10 +138,13 @@ def field_default(cls, name: str):
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2-135m",
-                   help="bundled name (smollm2-135m, gemma3-270m), local checkpoint dir, .gguf file, cached HF id, "
-                        "or tiny-<family>")
+                   help="bundled name (smollm2-135m, gemma3-270m), local checkpoint dir, .gguf file, Hugging Face "
+                        "hub id (owner/name or owner/name@revision: downloaded once into the HF cache; "
+                        "HF_HUB_OFFLINE=1 reads only the cache), or tiny-<family>")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
                    help="float32 on CPU; bfloat16 on GPU")
+    p.add_argument("--attn-implementation", default="auto", choices=ATTN_IMPLEMENTATIONS,
+                   help=ATTN_HELP.replace("%", "%%"))
     p.add_argument("--device", default="cpu")
 
 
@@ -192,7 +196,8 @@ def task_from_args(args, train: str | None = None, eval: str | None = None):
 def load(args):
     from ..models import load_model
 
-    return load_model(args.model, dtype=args.dtype, device=args.device)
+    return load_model(args.model, dtype=args.dtype, device=args.device,
+                      attn_implementation=getattr(args, "attn_implementation", "auto"))
 
 
 def check_k(k: int | None) -> None:

@@ -26,6 +26,17 @@ def _positive(value, where: str) -> None:
         raise ConfigError(f"{where}: {value!r} must be a positive number")
 
 
+ATTN_IMPLEMENTATIONS = ("auto", "eager", "sdpa", "flash_attention_2")
+ATTN_HELP = ("attention kernel: auto (transformers' choice, sdpa where the model has it), eager, sdpa, or "
+             "flash_attention_2 (CUDA and the flash-attn package); LoFiT's hook sits after attention, so each "
+             "gives the same offsets")
+
+
+def _check_attn_implementation(value: str, where: str = "attn_implementation") -> None:
+    if value not in ATTN_IMPLEMENTATIONS:
+        raise ConfigError(f"{where}: '{value}' is not one of {', '.join(ATTN_IMPLEMENTATIONS)}")
+
+
 def _check_dtype(dtype: str, where: str = "dtype") -> None:
     if dtype not in ("float32", "bfloat16", "float16"):
         raise ConfigError(f"{where}: '{dtype}' is not one of float32 (CPU), bfloat16, float16 (GPU)")

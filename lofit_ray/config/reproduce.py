@@ -4,7 +4,7 @@ from __future__ import annotations
 import typing
 from dataclasses import dataclass
 
-from .fields import ConfigError, _at_least, _check_dtype, _help
+from .fields import ATTN_HELP, ConfigError, _at_least, _check_attn_implementation, _check_dtype, _help
 from .search import Space
 from .sections import (SELECTION_METRICS, ItiConfig, LoraConfig, MLflowConfig, Phase1Config, Phase2Config, ReftConfig,
                        TaskConfig, TrainingConfig)
@@ -185,6 +185,7 @@ class ReproduceConfig:
     name: str = _help("job name: the parent MLflow run and the record's title", "reproduce")
     models: list[str] = _help("model specs, run one after another", factory=lambda: ["smollm2-135m", "gemma3-270m"])
     dtype: str = _help("float32 on CPU; bfloat16 on GPU", "float32")
+    attn_implementation: str = _help(ATTN_HELP, "auto")
     device: str = _help("auto (cuda when available) | cpu | cuda", "auto")
     threads: int | None = _help("torch threads; default all cores", None)
     data_dir: str | None = _help("task data folder of tasks without their own; default as task.data_dir",
@@ -220,6 +221,7 @@ class ReproduceConfig:
         if not all(self.models):
             raise ConfigError("models: a model spec is empty; remove it or name a model")
         _check_dtype(self.dtype)
+        _check_attn_implementation(self.attn_implementation)
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"device: {self.device!r} is not one of auto, cpu, cuda")
         _at_least(self.threads, 1, "threads", "or null for all cores")

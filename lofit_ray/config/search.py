@@ -5,7 +5,7 @@ import math
 import typing
 from dataclasses import dataclass
 
-from .fields import ConfigError, _at_least, _check_dtype, _help
+from .fields import ATTN_HELP, ConfigError, _at_least, _check_attn_implementation, _check_dtype, _help
 from .sections import (SELECTION_METRICS, SELECTORS, MLflowConfig, Phase1Config, Phase2Config, TaskConfig,
                        TrainingConfig)
 
@@ -154,6 +154,7 @@ class SearchJobConfig:
     name: str = _help("job name: Ray run names and the summary file", "lofit-search")
     models: list[str] = _help("model specs, searched one after another", factory=lambda: ["smollm2-135m"])
     dtype: str = _help("float32 on CPU; bfloat16 on GPU", "float32")
+    attn_implementation: str = _help(ATTN_HELP, "auto")
     task: TaskConfig = _help("task and splits", factory=TaskConfig)
     training: TrainingConfig = _help("batching shared by both phases", factory=TrainingConfig)
     phase1: Phase1Config = _help("phase 1; search.space.selector / l1 / phase1_lr override selector / l1 / lr "
@@ -170,6 +171,7 @@ class SearchJobConfig:
         if not self.models or not all(isinstance(m, str) and m for m in self.models):
             raise ConfigError("models: list at least one model spec, e.g. [smollm2-135m]")
         _check_dtype(self.dtype)
+        _check_attn_implementation(self.attn_implementation)
         if self.training.batch_size % self.scaling.num_workers:
             raise ConfigError(f"training.batch_size ({self.training.batch_size}) must be divisible by "
                               f"scaling.num_workers ({self.scaling.num_workers})")

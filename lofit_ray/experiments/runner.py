@@ -385,7 +385,8 @@ class Runner:
         if any(t.chat_template for t in self.cfg.tasks.values()):  # their prompts follow the model's chat template
             self._splits.clear()
         start = time.time()
-        self.loaded = load_model(model, dtype=self.cfg.dtype, device=self.device)
+        self.loaded = load_model(model, dtype=self.cfg.dtype, device=self.device,
+                                 attn_implementation=self.cfg.attn_implementation)
         lay = self.loaded.layout
         self.results.doc["models"][model] = {
             "layout": dataclasses.asdict(lay), "total_heads": lay.total_heads, "fingerprint": self.loaded.fingerprint,
