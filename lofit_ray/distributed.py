@@ -102,7 +102,7 @@ def phase1_train_func(config: dict) -> None:
         make_stepper = (lambda offsets: DeepSpeedStepper(offsets, phase1.lr, stage, micro, bf16=bf16)) \
             if config.get("deepspeed", True) else None
         reference = torch.tensor(job["reference"]) if job.get("reference") is not None else None
-        head_set = select_heads(loaded, job_examples(job), training, phase1, task=job["task"]["name"],
+        head_set = select_heads(loaded, job_examples(job), training, phase1, task=job["task_name"],
                                 make_stepper=make_stepper, rank=rank, world=world, reference=reference)
         head_set.hparams.update(workers=world, zero_stage=config.get("zero_stage"))
         outputs.append({"key": job.get("key"), "head_set": json.loads(head_set.to_json()),

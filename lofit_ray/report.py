@@ -41,7 +41,8 @@ def score_report(cfg: SearchJobConfig, model: str, uri: str, name: str, run_id: 
     if controls:
         rows["random heads"] = evidence.mean_rows(controls)
     columns = evidence.metric_columns(rows["champion"])
-    report = {"split": cfg.task.report or f"{cfg.task.report_fraction:.0%} of {cfg.task.train}, carved", "n": champ["n"], "k": len(adapter.config.heads), "controls": len(controls),
+    split = cfg.task.report or f"{cfg.task.report_fraction:.0%} of {cfg.task.train}, carved"
+    report = {"split": split, "n": champ["n"], "k": len(adapter.config.heads), "controls": len(controls),
               "champion": champ, "zero_shot": zero,
               "intervals": {label: evidence.with_intervals(r) for label, r in rows.items()},
               "vs_zero_shot": evidence.compare_rows(rows["champion"], rows["zero-shot"])}

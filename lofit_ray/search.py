@@ -94,7 +94,7 @@ def _tune_domain(space: Space, integer: bool = False):
 def phase1_job(cfg: SearchJobConfig, model: str, loaded, splits, phase1: Phase1Config) -> dict:
     """What a Ray Train worker needs to compute one phase-1 ranking, and its memo key."""
     job = {"model": model, "dtype": cfg.dtype, "attn_implementation": cfg.attn_implementation,
-           "task": task_spec(cfg, model), "training": asdict(cfg.training),
+           "task": task_spec(cfg, model), "task_name": cfg.task.name, "training": asdict(cfg.training),
            "phase1": asdict(phase1),
            "key": phase1_key(loaded.fingerprint, splits.train_hash(), cfg.task.name, cfg.training, phase1)}
     encoded = batching.encode_examples(loaded.tokenizer, splits.train, cfg.training.max_length)

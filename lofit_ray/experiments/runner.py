@@ -294,6 +294,7 @@ class Runner:
             if "head_set" in artifacts:
                 tr.log_head_set(self.uri, run_id, artifacts["head_set"], k=cell["k"])
             if "adapter" in artifacts:  # an MLflow model, with the cell's report metrics
+                artifacts["adapter"].config.eval_kind = self.splits(cell["task"])[0].eval_kind
                 model_id = tr.log_adapter(self.uri, run_id, artifacts["adapter"])
                 tr.log_metrics(self.uri, run_id, cell_metrics(record), model_id=model_id)
             tr.end_run(self.uri, run_id)
