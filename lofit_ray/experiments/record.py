@@ -222,7 +222,8 @@ def render_markdown(doc: dict, base: Path | None = None) -> str:
             sel = f"selection = '{carve.get('select')}', n={s['n_select']}"
         lines.append(f"  - {task}: train n={s['n_train']} (rest of '{s['train']}'"
                      f"{', limit ' + str(s['limit_train']) if s.get('limit_train') else ''}); {sel}; "
-                     f"report = '{s['report']}', n={s['n_report']}")
+                     f"report = {s['report'] if 'carve of' in str(s['report']) else repr(s['report'])}, "
+                     f"n={s['n_report']}")
     seeds = sorted({c["seed"] for c in doc.get("cells", []) if c.get("seed") is not None}) or cfg.get("seeds", [])
     searched = "search" in cfg  # records before the per-method searches chose from fixed grids
     lines.append(f"- Seeds {', '.join(map(str, seeds))}: ± is the sample std over seeds (no ± with one seed); "
@@ -430,7 +431,8 @@ def render_comparisons(cells: list[dict], models: list[str], tasks: list[str], b
            "At n = 82-100 one standard error of a single MC1 or EM is about 0.05, so gaps under that are noise; "
            "this record has no per-item rows, so the tally counts any nonzero gap")
     lines = ["## LoFiT minus each baseline", "",
-             f"Means over the seeds each method has; MC1 / MC2 on TruthfulQA, strict EM on MQuAKE and CLUTRR; {how}.",
+             f"Means over the seeds each method has; MC1 / MC2 on multiple-choice tasks (TruthfulQA), strict EM on "
+             f"generation tasks (MQuAKE, CLUTRR); {how}.",
              "", "| model | task | K | LoFiT | vs " + " | vs ".join(baselines) + " |", "|" + "---|" * (4 + len(baselines))]
     lines += rows
     lines.append("")

@@ -126,7 +126,9 @@ class Runner:
             task, s = splits_from_spec(split_spec(t, self.loaded.spec if t.chat_template else None))
             self._splits[task_name] = (task, s)
             self.results.doc["splits"][task_name] = {
-                "train": t.train, "report": t.report, "carve": s.carve, "limit_train": t.limit_train,
+                "train": t.train,
+                "report": t.report or f"a {t.report_fraction:.0%} carve of '{t.train}' (carve_seed {t.carve_seed})",
+                "carve": s.carve, "limit_train": t.limit_train,
                 "n_train": len(s.train), "n_select": len(s.select), "n_report": len(s.report),
                 "train_hash": s.train_hash(), "objective": task.objective, "eval_kind": task.eval_kind}
         return self._splits[task_name]
