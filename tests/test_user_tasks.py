@@ -378,3 +378,19 @@ def test_a_search_on_a_user_task_registers_its_own_champion_that_scores_mc(tmp_p
     rows = model.predict(pd.DataFrame([{"question": "Q: Question 3?\nA:", "choices": [" a3", " b3", " c3"],
                                         "labels": [1, 0, 0]}]))
     assert {"mc1", "mc2"} <= set(rows.columns)
+
+
+def test_the_study_tunes_lofit_over_the_search_configs_space():
+    from lofit_ray.cli.study import study_config
+    from lofit_ray.config import SearchJobConfig, load_config
+
+    search = load_config(REPO / "configs" / "bbh_sports.yaml")
+    study = study_config(search)
+    assert study.search.spaces.lofit.l1 == search.search.space.l1
+    assert study.search.spaces.lofit.phase2_lr == search.search.space.phase2_lr
+    assert study.search.spaces.random_heads.phase2_lr == search.search.space.phase2_lr
+    default = SearchJobConfig().search.space  # and the two configs' own defaults are one definition
+    from lofit_ray.config import LofitSpace
+
+    assert (LofitSpace().l1, LofitSpace().phase1_lr, LofitSpace().phase2_lr) == \
+        (default.l1, default.phase1_lr, default.phase2_lr)

@@ -24,11 +24,16 @@ STUDY_DEFAULTS = {"seeds": [0, 1, 2], "k_fractions": [0.03]}
 
 
 def study_config(search_cfg, overrides: dict | None = None):
-    """The study (a ReproduceConfig) of a search config: its models, task and training settings, the methods
-    that apply to the task, 3 seeds and K = 3% of the heads; then `overrides` ({"a.b": value})."""
+    """The study (a ReproduceConfig) of a search config: its models, task, training settings and LoFiT search
+    space (search.space: l1, phase1_lr, phase2_lr; the baselines keep their own spaces), the methods that apply
+    to the task, 3 seeds and K = 3% of the heads; then `overrides` ({"a.b": value})."""
     from ..config import ReproduceConfig
     from ..config.loading import _shorthands, apply_overrides, build
 
+    space = search_cfg.search.space  # LoFiT is tuned over the same space as in `lofit-ray search`
+    phase2 = {"phase2_lr": asdict(space.phase2_lr)}
+    spaces = {"lofit": {"phase1_lr": asdict(space.phase1_lr), "l1": asdict(space.l1), **phase2},
+              "random_heads": phase2, "transfer_heads": phase2}
     task = asdict(search_cfg.task)
     name = task.pop("name")
     probes = search_cfg.task.kind in ("mc", "dpo") or (search_cfg.task.kind is None and name == "truthfulqa")
@@ -36,7 +41,9 @@ def study_config(search_cfg, overrides: dict | None = None):
         "name": f"study-{name}", "models": list(search_cfg.models), "dtype": search_cfg.dtype,
         "tasks": {name: task}, "methods": STUDY_METHODS + (["iti"] if probes else []), **STUDY_DEFAULTS,
         "training": asdict(search_cfg.training), "phase1": asdict(search_cfg.phase1),
-        "phase2": asdict(search_cfg.phase2), "search": {"num_trials": search_cfg.search.num_trials},
+        "phase2": asdict(search_cfg.phase2),
+        "search": {"num_trials": search_cfg.search.num_trials, "seed": search_cfg.search.seed,
+                   "metric": search_cfg.search.metric, "spaces": spaces},
         "mlflow": {"tracking_uri": search_cfg.mlflow.tracking_uri, "experiment": f"lofit-study-{name}"},
     }
     return build(ReproduceConfig, apply_overrides(data, overrides), "", normalize=_shorthands)

@@ -5,7 +5,7 @@ import typing
 from dataclasses import dataclass
 
 from .fields import ATTN_HELP, ConfigError, _at_least, _check_attn_implementation, _check_dtype, _help
-from .search import Space
+from .search import SearchSpaceConfig, Space
 from .sections import (SELECTION_METRICS, ItiConfig, LoraConfig, MLflowConfig, Phase1Config, Phase2Config, ReftConfig,
                        TaskConfig, TrainingConfig)
 
@@ -17,6 +17,11 @@ REPRODUCE_METHODS = ("zero_shot", "iti", "random_heads", "transfer_heads", "lofi
 # The paper's comparison (the default); gates_heads, grad_heads and grad_x_act_heads are LoFiT's phase 2 on the
 # heads of the other selectors (phase1.selector), for comparing selectors; reft is the LoReFT baseline.
 PAPER_METHODS = ("zero_shot", "iti", "random_heads", "transfer_heads", "lofit", "lora")
+
+
+def _searched(name: str) -> Space:
+    """The search job's default for a LoFiT dimension (config.search.SearchSpaceConfig): one definition."""
+    return getattr(SearchSpaceConfig(), name)
 
 
 def _listed_once(values: list, where: str, example: str) -> None:
@@ -45,9 +50,9 @@ class LofitSpace:
 
     SECTION: typing.ClassVar[str] = "search.spaces.lofit"
 
-    phase1_lr: Space = _help("phase1.lr per trial", factory=lambda: Space(values=[5e-3, 2e-2]))
-    l1: Space = _help("phase1.l1 per trial", factory=lambda: Space(values=[1e-4, 1e-3]))
-    phase2_lr: Space = _help("phase2.lr per trial", factory=lambda: Space(low=3e-3, high=1e-1, log=True))
+    phase1_lr: Space = _help("phase1.lr per trial", factory=lambda: _searched("phase1_lr"))
+    l1: Space = _help("phase1.l1 per trial", factory=lambda: _searched("l1"))
+    phase2_lr: Space = _help("phase2.lr per trial", factory=lambda: _searched("phase2_lr"))
 
     def __post_init__(self):
         _positive_space(self.phase1_lr, "search.spaces.lofit.phase1_lr")
@@ -63,7 +68,7 @@ class GatesSpace:
 
     phase1_lr: Space = _help("phase1.lr per trial", factory=lambda: Space(values=[5e-3, 2e-2]))
     l0: Space = _help("phase1.l0 per trial", factory=lambda: Space(values=[1e-4, 1e-3]))
-    phase2_lr: Space = _help("phase2.lr per trial", factory=lambda: Space(low=3e-3, high=1e-1, log=True))
+    phase2_lr: Space = _help("phase2.lr per trial", factory=lambda: _searched("phase2_lr"))
 
     def __post_init__(self):
         _positive_space(self.phase1_lr, "search.spaces.gates_heads.phase1_lr")
@@ -78,7 +83,7 @@ class OffsetSpace:
 
     SECTION: typing.ClassVar[str] = "search.spaces.random_heads"
 
-    phase2_lr: Space = _help("phase2.lr per trial", factory=lambda: Space(low=3e-3, high=1e-1, log=True))
+    phase2_lr: Space = _help("phase2.lr per trial", factory=lambda: _searched("phase2_lr"))
 
     def __post_init__(self):
         _positive_space(self.phase2_lr, "search.spaces.random_heads.phase2_lr")

@@ -52,14 +52,15 @@ class Space:
 
 @dataclass
 class SearchSpaceConfig:
-    """Per trial, k cuts the phase-1 ranking; selector, l1 and phase1_lr set phase1's; phase2_lr sets phase2.lr."""
+    """LoFiT's search space, the one definition: the search job searches it, and the study's LoFiT and phase-2
+    spaces (lofit_ray.config.reproduce) take their defaults from it. Per trial, k cuts the phase-1 ranking; selector, l1 and phase1_lr set phase1's; phase2_lr sets phase2.lr."""
 
     SECTION: typing.ClassVar[str] = "search.space"
 
     k: Space = _help("heads phase 2 trains (about 3-10% of the model's heads)", factory=lambda: Space(values=[8, 16]))
     l1: Space = _help("phase1.l1 per trial", factory=lambda: Space(values=[5e-4, 2e-3]))
     phase1_lr: Space = _help("phase1.lr per trial", factory=lambda: Space(values=[5e-3]))
-    phase2_lr: Space = _help("phase2.lr per trial", factory=lambda: Space(low=3e-3, high=3e-2, log=True))
+    phase2_lr: Space = _help("phase2.lr per trial", factory=lambda: Space(low=3e-3, high=1e-1, log=True))
     selector: list[str] = _help("phase1.selector per trial, a categorical dimension: any of l1, gates, grad, "
                                 "grad_x_act, random (l1 and phase1_lr matter only to selectors that read them)",
                                 factory=lambda: ["l1"])
