@@ -36,7 +36,7 @@ from .evidence import METRIC_COLUMNS
 from .heads import HeadSet
 from .models import check_spec, load_model, load_tokenizer, spec_slug
 from .offsets import detach_all
-from .splits import selection_fingerprint, split_spec, splits_from_spec
+from .splits import selection_fingerprint, split_spec, splits_from_spec, with_absolute_paths
 from .train import NaNLossError, phase1_key, reference_logprobs, train_offsets
 
 SEARCHED = ("k", "selector", "l1", "phase1_lr", "phase2_lr")
@@ -353,6 +353,7 @@ def run_search(cfg: SearchJobConfig, resume: bool = False) -> dict:
     """Run the whole search (all models); returns a summary with champions and report-split metrics."""
     import ray
 
+    cfg = dataclasses.replace(cfg, task=with_absolute_paths(cfg.task))  # trials run in other directories
     check_inputs(cfg)
     started = time.time()
     uri = tracking.resolve_tracking_uri(cfg.mlflow.tracking_uri)

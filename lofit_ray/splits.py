@@ -116,17 +116,27 @@ def split_spec(task_config, model: str | None = None) -> dict:
     absolute, so a worker in another directory reads the same files). `model` matters only to a task whose
     prompts use the model's chat template."""
     from dataclasses import asdict
-    from pathlib import Path
 
     from .tasks.base import data_dir
 
-    t = asdict(task_config)
+    t = asdict(with_absolute_paths(task_config))
     if task_config.kind is None and task_config.name != "jsonl":
         t["data_dir"] = str(data_dir(task_config.data_dir).resolve())
-    for key in ("source", "train", "report", "select"):  # paths that exist here, made absolute
-        if t.get(key) and Path(t[key]).expanduser().exists():
-            t[key] = str(Path(t[key]).expanduser().resolve())
     return {"task": t, "model": model if task_config.chat_template else None}
+
+
+def with_absolute_paths(task_config):
+    """The task config with its paths that exist here (source, train, report, select, data_dir) made absolute:
+    relative paths mean the directory the command runs in, and Ray workers run in another one."""
+    import dataclasses
+    from pathlib import Path
+
+    absolute = {}
+    for key in ("source", "train", "report", "select", "data_dir"):
+        value = getattr(task_config, key)
+        if value and Path(value).expanduser().exists():
+            absolute[key] = str(Path(value).expanduser().resolve())
+    return dataclasses.replace(task_config, **absolute) if absolute else task_config
 
 
 def splits_from_spec(spec: dict):

@@ -357,7 +357,8 @@ def test_a_search_on_a_user_task_registers_its_own_champion_that_scores_mc(tmp_p
     source = tmp_path / "d.jsonl"
     source.write_text("".join(json.dumps(r) + "\n" for r in mc_rows(40)))
     config = yaml.safe_load((REPO / "configs" / "smoke.yaml").read_text())
-    config["task"] = {"name": "my-quiz", **MC, "source": str(source), "limit_train": 16}
+    config["task"] = {"name": "my-quiz", **MC, "source": "d.jsonl", "limit_train": 16}  # relative to the cwd: trials
+    # run in Ray's own directories, so the driver makes it absolute
     config["search"].update(num_trials=2, controls=1)
     config.pop("mlflow")
     (tmp_path / "quiz.yaml").write_text(yaml.safe_dump(config))

@@ -53,6 +53,9 @@ def read_records(source, split: str | None = None, records_key: str | None = Non
     if path.is_file():
         return _from_file(path, records_key)
     if records_key is not None:
+        if not path.exists():
+            raise TaskDataError(f"{source}: no such file (relative paths start at the directory you run from). "
+                                f"{WAYS_TO_SUPPLY}")
         raise TaskDataError(f"task.records_key: {records_key!r} applies to a .json file holding one object; "
                             f"{source} is not one. Drop task.records_key.")
     if path.is_dir() and ((path / "dataset_dict.json").is_file() or (path / "state.json").is_file()):
