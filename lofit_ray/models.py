@@ -268,11 +268,10 @@ def load_model(spec: str, dtype: str = "float32", device: str = "cpu", seed: int
                              "GPU): pip install flash-attn, or use sdpa")
     attn = {} if attn_implementation == "auto" else {"attn_implementation": attn_implementation}
     if spec.startswith("tiny-"):
-        config = tiny_config(spec[len("tiny-"):], vocab_size=TINY_VOCAB)
-        check_config(config)
         tokenizer = load_tokenizer(spec)
-        torch.manual_seed(seed)
         config = tiny_config(spec[len("tiny-"):], vocab_size=len(tokenizer))
+        check_config(config)
+        torch.manual_seed(seed)
         with _kernel_errors(attn_implementation):
             model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype, **attn)
         source_dtype = dtype
@@ -298,8 +297,8 @@ def _kernel_errors(attn_implementation: str):
     try:
         yield
     except (ValueError, ImportError) as exc:
-        if attn_implementation == "auto" or attn_implementation not in str(exc) and "attention implementation" \
-                not in str(exc):
+        text = str(exc)
+        if attn_implementation == "auto" or ("attention implementation" not in text and attn_implementation not in text):
             raise
         raise ModelSpecError(f"attn_implementation '{attn_implementation}': {str(exc).split('. ')[0].strip()}; "
                              f"use auto or eager") from exc
