@@ -30,14 +30,10 @@ from pathlib import Path
 
 import torch
 
-from .architectures import HeadLayout, UnsupportedArchitectureError, check_model, head_layout
+from .architectures import HeadLayout, ModelSpecError, UnsupportedArchitectureError, check_model, head_layout
 from .config.fields import ATTN_IMPLEMENTATIONS
 from .paths import CACHE_ENV, cache_dir  # noqa: F401  (re-exported: model conversion caches live there)
 
-
-
-class ModelSpecError(ValueError):
-    """The model spec names nothing loadable; the message says what to pass instead."""
 
 
 @dataclass
