@@ -30,7 +30,12 @@ TESTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gem
 FAMILIES = TESTED_FAMILIES  # the name this tuple had when it was the list of the only supported families
 
 
-class UnsupportedArchitectureError(ValueError):
+class ModelSpecError(ValueError):
+    """The model spec names nothing loadable; the message says what to pass instead. Every entry point
+    (the CLI, jobs/search.py, jobs/reproduce.py) turns it into one line and exit 2."""
+
+
+class UnsupportedArchitectureError(ModelSpecError):
     """The model has no separable attention heads that lofit-ray can find; the message says what is missing."""
 
 

@@ -30,14 +30,10 @@ from pathlib import Path
 
 import torch
 
-from .architectures import HeadLayout, UnsupportedArchitectureError, check_model, head_layout
+from .architectures import HeadLayout, ModelSpecError, UnsupportedArchitectureError, check_model, head_layout
 from .config.fields import ATTN_IMPLEMENTATIONS
 from .paths import CACHE_ENV, cache_dir  # noqa: F401  (re-exported: model conversion caches live there)
 
-
-
-class ModelSpecError(ValueError):
-    """The model spec names nothing loadable; the message says what to pass instead."""
 
 
 @dataclass
@@ -268,11 +264,10 @@ def load_model(spec: str, dtype: str = "float32", device: str = "cpu", seed: int
                              "GPU): pip install flash-attn, or use sdpa")
     attn = {} if attn_implementation == "auto" else {"attn_implementation": attn_implementation}
     if spec.startswith("tiny-"):
-        config = tiny_config(spec[len("tiny-"):], vocab_size=TINY_VOCAB)
-        check_config(config)
         tokenizer = load_tokenizer(spec)
-        torch.manual_seed(seed)
         config = tiny_config(spec[len("tiny-"):], vocab_size=len(tokenizer))
+        check_config(config)
+        torch.manual_seed(seed)
         with _kernel_errors(attn_implementation):
             model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype, **attn)
         source_dtype = dtype
@@ -298,8 +293,8 @@ def _kernel_errors(attn_implementation: str):
     try:
         yield
     except (ValueError, ImportError) as exc:
-        if attn_implementation == "auto" or attn_implementation not in str(exc) and "attention implementation" \
-                not in str(exc):
+        text = str(exc)
+        if attn_implementation == "auto" or ("attention implementation" not in text and attn_implementation not in text):
             raise
         raise ModelSpecError(f"attn_implementation '{attn_implementation}': {str(exc).split('. ')[0].strip()}; "
                              f"use auto or eager") from exc

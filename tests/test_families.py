@@ -174,7 +174,8 @@ def gpt2_folder(tmp_path_factory) -> Path:
     from transformers import AutoModelForCausalLM, GPT2Config
 
     folder = tmp_path_factory.mktemp("gpt2")
-    AutoModelForCausalLM.from_config(GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=100)).save_pretrained(folder)
+    AutoModelForCausalLM.from_config(GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=100, bos_token_id=0,
+                                                          eos_token_id=0)).save_pretrained(folder)
     return folder
 
 
@@ -186,18 +187,24 @@ def _one_error_line(res: subprocess.CompletedProcess, prefix: str) -> str:
     return lines[0]
 
 
-@pytest.mark.parametrize("entry", ["lofit-ray search", "python jobs/search.py", "lofit-ray select"])
+@pytest.mark.parametrize("entry", ["lofit-ray search", "python jobs/search.py", "lofit-ray select",
+                                   "python jobs/reproduce.py"])
 def test_a_model_without_a_findable_projection_exits_2_with_one_line(gpt2_folder, entry, tmp_path):
+    """UnsupportedArchitectureError is a ModelSpecError, which every entry point turns into one line, exit 2."""
     search = ["--config", "smoke", "--set", f"models=[{gpt2_folder}]", "--tracking-uri",
               f"sqlite:///{tmp_path / 'mlflow.db'}"]
     args = {"lofit-ray search": [sys.executable, "-m", "lofit_ray.cli", "search", *search],
             "python jobs/search.py": [sys.executable, "jobs/search.py", *search],
             "lofit-ray select": [sys.executable, "-m", "lofit_ray.cli", "select", "--model", str(gpt2_folder),
-                                 "--out", str(tmp_path / "heads.json")]}[entry]
-    line = _one_error_line(_run(args), "search:" if "search" in entry else "lofit-ray select:")
+                                 "--out", str(tmp_path / "heads.json")],
+            "python jobs/reproduce.py": [sys.executable, "jobs/reproduce.py", "--config", "configs/reproduce_tiny.yaml",
+                                         "--set", f"models=[{gpt2_folder}]", "--out-dir", str(tmp_path / "out"),
+                                         "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]}[entry]
+    prefix = {"lofit-ray select": "lofit-ray select:", "python jobs/reproduce.py": "reproduce:"}.get(entry, "search:")
+    line = _one_error_line(_run(args), prefix)
     assert "'gpt2' is not supported by lofit-ray: decoder layer 0 (GPT2Block) has no attention output projection" \
         in line
-    assert not (tmp_path / "mlflow.db").exists()  # stopped before MLflow was touched
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "out").exists()  # stopped before anything
 
 
 def test_attn_implementation_is_a_checked_config_field():

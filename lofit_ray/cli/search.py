@@ -43,7 +43,6 @@ def _summary_path(args, summary: dict, name: str) -> Path | None:
 
 
 def cmd_search(args) -> int:
-    from ..architectures import UnsupportedArchitectureError
     from ..config import ConfigError, load_config, parse_set
     from ..models import ModelSpecError
     from ..tasks import TaskDataError
@@ -69,8 +68,7 @@ def cmd_search(args) -> int:
 
     try:
         summary = run_search(cfg, resume=args.resume)
-    except (TaskDataError, ModelSpecError, UnsupportedArchitectureError, ConfigError) as exc:  # inputs, the Ray
-        # plan and whether each model can be hooked: all checked before MLflow is touched
+    except (TaskDataError, ModelSpecError, ConfigError) as exc:  # inputs and the Ray plan, before MLflow is touched
         print(f"search: {exc}", file=sys.stderr)
         return 2
     text = json.dumps(summary, indent=1, default=str)
