@@ -22,12 +22,13 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import SESSION_ROOT
 from mlflow_server import MlflowServer
 from ray_util import free_port, terminate
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = REPO / "configs" / "smoke.yaml"
-NODE_LOG = Path(os.environ.get("LOFIT_TWO_NODE_LOG", "/tmp/two_node_log.txt"))
+NODE_LOG = Path(os.environ.get("LOFIT_TWO_NODE_LOG") or SESSION_ROOT / "two_node_log.txt")  # kept: set the var
 RAY = str(Path(sys.executable).with_name("ray")) if Path(sys.executable).with_name("ray").exists() else "ray"
 
 pytestmark = [pytest.mark.slow, pytest.mark.cluster, pytest.mark.timeout(900)]

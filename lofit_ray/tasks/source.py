@@ -76,6 +76,8 @@ def _from_file(path: Path) -> list[dict]:
                             f"{', '.join(FILE_BUILDERS)} or a `save_to_disk` folder.")
     if builder == "json":
         _check_json(path)
+    if builder == "csv" and b"\x00" in path.read_bytes():  # pandas would read the NUL into a cell
+        raise TaskDataError(f"{path}: holds NUL bytes, so it is not a text CSV file; save it as UTF-8 text.")
     datasets = _quiet()
     options = CSV_OPTIONS if builder == "csv" else {}
     try:
