@@ -6,8 +6,10 @@ code passes at that point: `trial.diverge@phase2_lr=0.5` fires only in the trial
 Unset (the normal case), every call is a dictionary lookup that returns False.
 With $LOFIT_FAULTS_ONCE_DIR set, each kill point fires at most once across all processes (a marker file
 holds the pid it killed), so a restarted Ray Train worker runs past the point that killed its predecessor.
-A meeting point (`meet`) holds each process that reaches it until N have: `phase1.meet@n=2` proves that two
-trials were inside phase 1 at the same time (run one after the other, the first would wait in vain).
+A hold point stops the process there (the first time) until something outside kills it: a test taking a whole
+node down at an exact place (`worker.hold@rank=1&epoch=1`). A meeting point (`meet`) holds each process that
+reaches it until N have: `phase1.meet@n=2` proves that two trials were inside phase 1 at the same time (run
+one after the other, the first would wait in vain).
 """
 from __future__ import annotations
 
@@ -60,7 +62,21 @@ def _first_time(point: str, context: dict) -> bool:
 
 
 class FaultTimeout(RuntimeError):
-    """A meeting point waited longer than its timeout for the others: they never ran at the same time."""
+    """A meeting point waited longer than its timeout for the others: they never ran at the same time; or
+    nothing killed a process held at a hold point."""
+
+
+def hold_point(point: str, timeout: float = 600, **context) -> None:
+    """Wait here when the point is triggered (once across processes with $LOFIT_FAULTS_ONCE_DIR: its marker,
+    holding this pid, tells a test where to strike) until this process is killed; FaultTimeout after
+    `timeout` seconds if nothing does."""
+    if triggered(point, **context) and _first_time(point, context):
+        print(f"[lofit-ray] fault point {point} {context}: holding process {os.getpid()} until it is killed",
+              flush=True)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            time.sleep(0.5)  # waiting to be killed: nothing here decides when
+        raise FaultTimeout(f"fault point {point}: held {timeout:g} s and nothing killed process {os.getpid()}")
 
 
 def meet(point: str, **context) -> None:
