@@ -212,6 +212,8 @@ def main(argv=None) -> int:
         try:
             if attn == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
                 skipped = {"skipped": "flash_attn not installed"}
+            elif attn == "flash_attention_2" and not gpu:
+                skipped = {"skipped": "flash attention runs on CUDA GPUs only"}
             else:
                 model.set_attn_implementation(attn)
                 skipped = None

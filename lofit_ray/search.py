@@ -283,6 +283,7 @@ def phase1_ranking(cfg: SearchJobConfig, ctx: dict, job: dict, name: str) -> tup
     import ray
 
     uri, experiment_id = ctx["tracking_uri"], ctx["experiment_id"]
+    faults.meet("phase1.meet")  # tests: hold here until the other trial is in phase 1 too
     if not cfg.search.cost_aware:
         return run_phase1_jobs(cfg, [job], ctx, name=name)[0], False
     claims = ray.get_actor(ctx["phase1_claims"])

@@ -207,6 +207,7 @@ def train_loop(
         if on_epoch:
             on_epoch(epoch + 1, stats)
         faults.kill_point("worker.kill", rank=rank, epoch=epoch + 1)
+        faults.hold_point("worker.hold", rank=rank, epoch=epoch + 1)  # tests: the node goes down here
     return history
 
 

@@ -4,9 +4,11 @@
 # 127.0.0.1, DeepSpeed workers. Extra arguments go to pytest (e.g. -m "not slow", -k export).
 #
 # The session touches only what it started (tests/conftest.py, isolated_env): its LOFIT_HOME, DPO
-# reference-log-prob cache and Ray temp dir live in one temp dir, removed at the end together with any
-# Ray cluster a failed test left running there. A Ray cluster you started with `ray start`, your
-# RAY_ADDRESS, MLflow store and ~/.ray are left alone. The model conversion cache is shared on purpose.
+# reference-log-prob cache, LOFIT_CACHE_DIR (the `datasets` cache) and Ray temp dir live in one temp dir,
+# removed at the end together with any Ray cluster a failed test left running there. A Ray cluster you
+# started with `ray start`, your RAY_ADDRESS, MLflow store and credentials and ~/.ray are left alone. Only
+# the model conversion caches ($LOFIT_CACHE_DIR/models and /gguf) are shared, on purpose (linked in).
+# With CI=true, a test that would skip because a part of the project is missing fails instead.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -x .venv/bin/pytest ] && [ -x .venv/bin/lofit-ray ] || bash scripts/install.sh

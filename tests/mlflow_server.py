@@ -1,5 +1,7 @@
 """A real `mlflow server` for tests (SQLite backend, proxied artifacts) on 127.0.0.1, stopped with its
-process group: the server and the workers it started, nothing else."""
+process group: the server and the workers it started, nothing else. With `admin=(user, password)` it is
+`mlflow server --app-name basic-auth`: its own user DB and config (MLFLOW_AUTH_CONFIG_PATH) under root, that
+admin account created at start, READ for every other account, and nothing served without credentials."""
 from __future__ import annotations
 
 import contextlib
@@ -15,18 +17,29 @@ from ray_util import free_port
 
 
 class MlflowServer:
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, admin: tuple[str, str] | None = None):
         self.root, self.port = Path(root), free_port()
         self.root.mkdir(parents=True, exist_ok=True)
         self.url = f"http://127.0.0.1:{self.port}"
         self.artifacts = self.root / "artifacts"
         env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
-        env.pop("MLFLOW_TRACKING_URI", None)
+        for var in ("MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD",
+                    "MLFLOW_AUTH_CONFIG_PATH", "MLFLOW_AUTH_ADMIN_PASSWORD"):
+            env.pop(var, None)
+        app = []
+        if admin:
+            config = self.root / "basic_auth.ini"
+            config.write_text(f"[mlflow]\ndefault_permission = READ\ndatabase_uri = sqlite:///{self.root / 'auth.db'}\n"
+                              f"admin_username = {admin[0]}\nadmin_password = {admin[1]}\n"
+                              f"authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
+            config.chmod(0o600)
+            env["MLFLOW_AUTH_CONFIG_PATH"] = str(config)
+            app = ["--app-name", "basic-auth"]
         self._log = open(self.root / "server.log", "wb")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
              "--artifacts-destination", str(self.artifacts), "--host", "127.0.0.1", "--port", str(self.port),
-             "--workers", "1"], cwd=self.root, stdout=self._log, stderr=subprocess.STDOUT, env=env,
+             "--workers", "1", *app], cwd=self.root, stdout=self._log, stderr=subprocess.STDOUT, env=env,
             start_new_session=True)
         self.pid = self.proc.pid
 

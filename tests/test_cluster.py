@@ -2,7 +2,9 @@
 
 Both nodes run on this machine (`ray start --head` + `ray start --address`), the MLflow server is a separate
 `mlflow server` process, and the search driver runs in an empty directory that reaches the server only over
-HTTP. Phase-1 Ray Train workers are pinned to the second node through `scaling.worker_resources`.
+HTTP. Phase-1 Ray Train workers are pinned to the second node through `scaling.worker_resources`. That node is
+lost during phase 1: a worker holds at the fault point worker.hold, every process of its node is SIGKILLed,
+and a replacement node joins; Ray Train's failure handling restarts phase 1 there.
 
 Every process started here is stopped here, by pid: the Ray processes are those whose environment carries this
 test's own RAY_TMPDIR (never `ray stop`, which stops every cluster on the machine), the MLflow server is its own
@@ -10,6 +12,7 @@ process group. The cluster uses a private auth token (RAY_AUTH_TOKEN_PATH), neve
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -21,13 +24,15 @@ import tempfile
 import time
 from pathlib import Path
 
+import psutil
 import pytest
+from conftest import SESSION_ROOT
 from mlflow_server import MlflowServer
-from ray_util import free_port, terminate
+from ray_util import free_port, terminate, wait_until
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = REPO / "configs" / "smoke.yaml"
-NODE_LOG = Path(os.environ.get("LOFIT_TWO_NODE_LOG", "/tmp/two_node_log.txt"))
+NODE_LOG = Path(os.environ.get("LOFIT_TWO_NODE_LOG") or SESSION_ROOT / "two_node_log.txt")  # kept: set the var
 RAY = str(Path(sys.executable).with_name("ray")) if Path(sys.executable).with_name("ray").exists() else "ray"
 
 pytestmark = [pytest.mark.slow, pytest.mark.cluster, pytest.mark.timeout(900)]
@@ -47,6 +52,17 @@ def _marked(marker: str) -> list:
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             pass
     return found
+
+
+def _node_processes(daemons: list[int]) -> list:
+    """A node's daemons (as `ray start` left them) and every process they started since (its Ray workers)."""
+    found = {}
+    for pid in daemons:
+        with contextlib.suppress(psutil.Error):
+            proc = psutil.Process(pid)
+            found[pid] = proc
+            found.update((child.pid, child) for child in proc.children(recursive=True))
+    return list(found.values())
 
 
 # -- Ray state, read in a child process (keeps this process free of Ray's global auth/driver state) -------
@@ -121,9 +137,13 @@ def two_node_ray(tmp_path):
     token_path.chmod(0o600)
     home = tmp_path / "lofit_home"  # LOFIT_HOME: Tune state and the like, not the driver's cwd
     home.mkdir()
+    fired = tmp_path / "faults"  # worker.hold fires once: a restarted phase-1 worker runs past it
+    fired.mkdir()
     env = {**os.environ, "RAY_TMPDIR": marker, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_path),
            "LOFIT_HOME": str(home), "MLFLOW_DISABLE_TELEMETRY": "true", "DS_ACCELERATOR": "cpu",
-           "PYTHONUNBUFFERED": "1", "RAY_USAGE_STATS_ENABLED": "0"}
+           "PYTHONUNBUFFERED": "1", "RAY_USAGE_STATS_ENABLED": "0",
+           # the workers a node's raylet starts inherit its env: phase-1 rank 1 holds after its first epoch
+           "LOFIT_FAULTS": "worker.hold@rank=1&epoch=1", "LOFIT_FAULTS_ONCE_DIR": str(fired)}
     for var in ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "MLFLOW_TRACKING_URI"):
         env.pop(var, None)
     port, dashboard = free_port(), free_port()
@@ -134,22 +154,27 @@ def two_node_ray(tmp_path):
     head = [RAY, "start", "--head", "--port", str(port), *common, "--resources", json.dumps({"driver": 1}),
             "--include-dashboard", "true", "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard),
             "--dashboard-agent-listen-port", str(free_port()), "--ray-client-server-port", str(free_port())]
-    worker = [RAY, "start", "--address", address, *common, "--resources", json.dumps({"phase1": 2}),
-              "--dashboard-agent-listen-port", str(free_port())]
+    def worker():
+        return [RAY, "start", "--address", address, *common, "--resources", json.dumps({"phase1": 2}),
+                "--dashboard-agent-listen-port", str(free_port())]
     pids: dict[str, list[int]] = {}
+
+    def start(role, cmd):
+        before = {p.pid for p in _marked(marker)}
+        res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+        assert res.returncode == 0, f"ray start ({role}) failed:\n{res.stdout[-2000:]}\n{res.stderr[-2000:]}"
+        pids[role] = sorted(p.pid for p in _marked(marker) if p.pid not in before)
     try:
-        for role, cmd in (("head", head), ("worker", worker)):
-            before = {p.pid for p in _marked(marker)}
-            res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
-            assert res.returncode == 0, f"ray start ({role}) failed:\n{res.stdout[-2000:]}\n{res.stderr[-2000:]}"
-            pids[role] = sorted(p.pid for p in _marked(marker) if p.pid not in before)
+        for role, cmd in (("head", head), ("worker", worker())):
+            start(role, cmd)
         waited = _ray_state(env, address, "wait", "90")
         assert waited.returncode == 0, f"two nodes never became ALIVE: {waited.stdout[-1500:]} {waited.stderr[-1500:]}"
         alive = json.loads(waited.stdout)
         nodes = {("head" if n["is_head"] else "worker"): n for n in alive}
         assert nodes["head"]["resources"].get("driver") == 1 and nodes["worker"]["resources"].get("phase1") == 2
         yield {"address": address, "dashboard": f"http://127.0.0.1:{dashboard}", "env": env, "home": home,
-               "marker": marker, "pids": pids, "nodes": nodes}
+               "marker": marker, "pids": pids, "nodes": nodes, "fired": fired,
+               "start_replacement": lambda: start("replacement", worker())}
     finally:
         # only this cluster's processes: the node daemons recorded above and every worker they spawned since
         stopped = sorted(p.pid for p in _marked(marker))
@@ -186,13 +211,32 @@ def test_two_node_search_with_a_tracking_server(mlflow_server, two_node_ray, tmp
            "--set", "search.num_trials=2", "--set", "search.asha=false",
            "--set", "scaling.worker_resources={phase1: 0.5}"]
     t0 = time.time()
-    driver = subprocess.Popen(cmd, env={**env, "RAY_ADDRESS": two_node_ray["address"]}, cwd=cwd, text=True,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    logs = tmp_path / "driver.out", tmp_path / "driver.err"  # files: nothing blocks on a full pipe meanwhile
+    with open(logs[0], "w") as stdout, open(logs[1], "w") as stderr:
+        driver = subprocess.Popen(cmd, env={**env, "RAY_ADDRESS": two_node_ray["address"]}, cwd=cwd, text=True,
+                                  stdout=stdout, stderr=stderr, start_new_session=True)
     try:
-        out, err = driver.communicate(timeout=600)
-    except subprocess.TimeoutExpired:
-        os.killpg(driver.pid, signal.SIGKILL)
-        out, err = driver.communicate()
+        # phase 1's rank 1 holds at worker.hold after its first epoch; then its whole node is lost at once
+        held = two_node_ray["fired"] / "worker.hold-epoch=1-rank=1"
+        assert wait_until(lambda: driver.poll() is not None or (held.is_file() and held.read_text().strip()), 420), \
+            "phase 1 never reached the fault point worker.hold"
+        assert driver.poll() is None, f"the search ended before phase 1 held:\n{logs[1].read_text()[-3000:]}"
+        victim = int(held.read_text())
+        lost = _node_processes(two_node_ray["pids"]["worker"])
+        assert victim in {p.pid for p in lost}, "the held phase-1 worker is not on the worker node"
+        killed_s = time.time() - t0
+        for proc in lost:
+            with contextlib.suppress(psutil.Error):
+                proc.kill()  # SIGKILL: the node is gone, nothing of it cleans up
+        assert not psutil.wait_procs(lost, timeout=30)[1], "processes of the lost node survived SIGKILL"
+        two_node_ray["start_replacement"]()  # a node with the same resources joins (as an autoscaler's would)
+        driver.wait(timeout=600)
+    except BaseException:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait()
+        raise
+    out, err = logs[0].read_text(), logs[1].read_text()
     search_s = time.time() - t0
     assert driver.returncode == 0, f"search exited {driver.returncode}:\n{out[-3000:]}\n{err[-4000:]}"
 
@@ -202,7 +246,10 @@ def test_two_node_search_with_a_tracking_server(mlflow_server, two_node_ray, tmp
     state = json.loads(state.stdout)
     nodes = {n["node_id"]: n for n in state["nodes"]}
     head_id, worker_id = two_node_ray["nodes"]["head"]["node_id"], two_node_ray["nodes"]["worker"]["node_id"]
-    role = {head_id: "head", worker_id: "worker"}
+    replacement = [n["node_id"] for n in state["nodes"] if n["node_id"] not in (head_id, worker_id)
+                   and n["state"] == "ALIVE"]
+    assert len(replacement) == 1, state["nodes"]
+    role = {head_id: "head", worker_id: "worker", replacement[0]: "replacement"}
     ours = [j for j in state["jobs"] if str(j["driver_pid"]) == str(driver.pid)]
     job_ids = {j["job_id"] for j in ours}
     # every actor of this cluster belongs to the search (the fixture's state queries start no job)
@@ -222,9 +269,11 @@ def test_two_node_search_with_a_tracking_server(mlflow_server, two_node_ray, tmp
     trial_actors = [a for a in actors if a["class"] == "ImplicitFunc"]  # Tune's actor for a function trainable
     lines = [f"two-node smoke search: ray {_version('ray')}, mlflow {_version('mlflow')}; cluster+server ready "
              f"{ready_s:.0f} s, search {search_s:.0f} s, exit {driver.returncode}",
+             f"worker node lost at {killed_s:.0f} s: phase-1 rank 1 (pid {victim}) held at worker.hold after epoch 1; "
+             f"SIGKILLed {len(lost)} processes of that node, then a replacement node joined",
              f"MLflow server {url} (pid {mlflow_server['pid']}), artifacts {mlflow_server['artifacts']}"]
-    for rid, name in ((head_id, "head"), (worker_id, "worker")):
-        n = nodes.get(rid, two_node_ray["nodes"][name])
+    for rid, name in ((head_id, "head"), (worker_id, "worker"), (replacement[0], "replacement")):
+        n = nodes.get(rid) or two_node_ray["nodes"][name]
         lines.append(f"node {name:6s} {rid[:16]} ip {n['ip']} resources {n['resources']} "
                      f"(ray start pids {two_node_ray['pids'][name]})")
     drivers = [d for d in state["drivers"] if str(d["pid"]) == str(driver.pid)]
@@ -242,9 +291,13 @@ def test_two_node_search_with_a_tracking_server(mlflow_server, two_node_ray, tmp
     print(log)
     NODE_LOG.write_text(log + "\n")
 
-    assert len(train_workers) >= 2, f"no phase-1 Ray Train workers recorded:\n{log}"
-    # The placement check: every RayTrainWorker actor ran on the second node and asked for `phase1`.
-    assert {a["node_id"] for a in train_workers} == {worker_id}, log
+    assert len(train_workers) >= 4, f"not two groups of phase-1 Ray Train workers recorded:\n{log}"
+    # The placement check: every RayTrainWorker actor ran on a `phase1` node and asked for `phase1`: the first
+    # group on the lost node, the group Ray Train restarted (FailureConfig) on its replacement.
+    assert {a["node_id"] for a in train_workers} == {worker_id, replacement[0]}, log
+    assert nodes.get(worker_id, {"state": "DEAD"})["state"] == "DEAD", log  # listed dead, or not at all
+    with pytest.raises(psutil.NoSuchProcess):
+        psutil.Process(victim)
     assert all(_plain(a["resources"]).get("phase1") == 0.5 for a in train_workers), log
     assert [d["node_id"] for d in drivers] == [head_id], log  # Ray connects a driver to the head of its host
 

@@ -15,13 +15,14 @@ import threading
 from pathlib import Path
 
 import pytest
+from conftest import skip_or_fail
 
 from lofit_ray.config import ConfigError, TaskConfig
 from lofit_ray.tasks import TaskDataError, get_task
 from lofit_ray.tasks.fetch import PAPER_FILES, fetch_paper_data
 from lofit_ray.tasks.truthfulqa import hub_folds
 
-datasets = pytest.importorskip("datasets")
+import datasets  # a core dependency (tasks/source.py): missing, it must fail, not skip
 
 REPO = Path(__file__).resolve().parents[1]
 CSV_COLUMNS = ["Type", "Category", "Question", "Best Answer", "Correct Answers", "Incorrect Answers", "Source"]
@@ -106,7 +107,7 @@ def test_the_shared_splits_read_through_datasets_as_the_paper_counts_them():
     """The paper's files (../shared/data) through `datasets`: the counts, and text kept as text."""
     tqa = get_task("truthfulqa")
     if not tqa.resolve("val").is_file():
-        pytest.skip("the shared task data is not on this machine")
+        skip_or_fail(f"the shared task data is not on this machine ({tqa.resolve('val')} is missing)")
     assert (len(tqa.train_examples()), len(tqa.eval_items())) == (326, 82)
     assert (len(get_task("mquake").eval_items()), len(get_task("clutrr").eval_items())) == (95, 450)
     assert all(isinstance(c, str) for item in tqa.eval_items() for c in item.choices)

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import skip_or_fail
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
@@ -96,7 +97,7 @@ def test_core_objects_match_kubernetes_schema(variant, version):
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_kuberay_objects_match_crd_schema(variant):
     if not KUBERAY_SCHEMAS.is_dir():
-        pytest.skip(f"KubeRay CRD schemas not found at {KUBERAY_SCHEMAS} (shared/ is not checked out beside "
+        skip_or_fail(f"KubeRay CRD schemas not found at {KUBERAY_SCHEMAS} (shared/ is not checked out beside "
                     f"the repo); RayJob/RayCronJob are not schema-checked here")
     objs = rendered(variant)
     assert [o for o in objs if is_ray(o)], "expected KubeRay objects"
@@ -251,7 +252,7 @@ def test_entrypoint_scripts_and_configs_exist():
         problems += [f"{variant}: {p}" for p in entrypoint_problems(rendered(variant), pending)]
     assert not problems, "entrypoints name files that do not exist (repo or mounted ConfigMap):\n" + "\n".join(problems)
     if pending:
-        pytest.skip(f"not written yet (jobs/ or configs/ has no such files at all): {sorted(set(pending))}; "
+        skip_or_fail(f"not written yet (jobs/ or configs/ has no such files at all): {sorted(set(pending))}; "
                     f"the existence check runs once they land")
 
 
@@ -260,14 +261,14 @@ def test_search_configs_load_and_fit_the_cluster(variant):
     try:
         from lofit_ray.config import load_config  # noqa: F401 - what search_configs_problems loads with
     except ImportError as exc:
-        pytest.skip(f"lofit_ray.config not importable: {exc}")
+        skip_or_fail(f"lofit_ray.config not importable: {exc}")
     accelerator = "gpu" if variant.startswith("gpu") else "cpu"
     objs = rendered(variant)
     pending = []
     problems = search_configs_problems(objs, accelerator, pending)
     assert not problems, "\n".join(problems)
     if len(pending) == len([job for obj in objs for job in rayjob_specs(obj)]):
-        pytest.skip(f"search configs not written yet: {sorted(set(pending))}")
+        skip_or_fail(f"search configs not written yet: {sorted(set(pending))}")
 
 
 def test_rayversion_matches_image():
@@ -285,7 +286,7 @@ def test_dockerfile_copies_exist():
     missing, pending = dockerfile_copy_sources(DOCKERFILE.read_text())
     assert not missing, f"COPY sources missing: {missing}"
     if pending:
-        pytest.skip(f"{pending} not written yet: the image cannot be built until they exist")
+        skip_or_fail(f"{pending} not written yet: the image cannot be built until they exist")
 
 
 def test_dockerignore_keeps_context_small():
@@ -496,7 +497,7 @@ def test_schema_checks_catch_broken_fields(version):
 
 def test_crd_checks_catch_broken_fields():
     if not KUBERAY_SCHEMAS.is_dir():
-        pytest.skip(f"KubeRay CRD schemas not found at {KUBERAY_SCHEMAS}")
+        skip_or_fail(f"KubeRay CRD schemas not found at {KUBERAY_SCHEMAS}")
     objs = rendered("gpu")
     broken = copy.deepcopy(_rayjob(objs))
     broken["spec"]["shutdownAfterJobFinish"] = True  # typo: the API server would prune it
@@ -601,11 +602,11 @@ def test_search_config_check_catches_a_misfit():
     try:
         from lofit_ray.config import load_config  # noqa: F401
     except ImportError as exc:
-        pytest.skip(f"lofit_ray.config not importable: {exc}")
+        skip_or_fail(f"lofit_ray.config not importable: {exc}")
     objs, pending = rendered("cpu"), []
     problems = search_configs_problems(objs, "gpu", pending)
     if pending:
-        pytest.skip(f"search configs not written yet: {pending}")
+        skip_or_fail(f"search configs not written yet: {pending}")
     assert problems, "a CPU config passed as fit for the GPU overlay"
 
 

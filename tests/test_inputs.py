@@ -5,6 +5,9 @@ In process, the YAML config (search and reproduce schemas), `--set`, the head-se
 hypothesis-generated ones (raw text, raw bytes, and valid documents with one field replaced, deleted or
 joined by an unknown one). Each input either loads or raises one of the project's named ValueErrors
 (ConfigError, TaskDataError, HeadSetError) with a one-line message; any other exception fails the test.
+A file that is not text (not UTF-8, or holding a NUL byte: binary, latin-1, UTF-16) may not load: every call
+that reads it must raise such an error (none of these formats, YAML, JSON, JSONL and CSV as read here,
+takes a NUL byte or another encoding; JSON's escaped "\u0000" is text and may load).
 Then the real commands, as subprocesses, on a few bad inputs: exit 2, one line on stderr, no traceback,
 no MLflow store or Ray results created. `pytest -s` prints the tally:
 "fuzz: N inputs (M loader calls): E clean errors, A accepted, 0 tracebacks".
@@ -28,6 +31,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import skip_or_fail
 
 from lofit_ray.architectures import HeadLayout
 from lofit_ray.config import ConfigError, ReproduceConfig, SearchJobConfig, load_config, parse_set, to_dict
@@ -37,17 +41,28 @@ from lofit_ray.tasks import TaskDataError, data_dir, get_task
 REPO = Path(__file__).resolve().parents[1]
 NAMED = (ConfigError, TaskDataError, HeadSetError)
 TALLY = Counter()
+NOT_TEXT = [False]  # set by feed(): the input being read is not UTF-8 text, or holds a NUL byte
+
+
+def not_text(content: bytes) -> bool:
+    try:
+        content.decode("utf-8")
+    except UnicodeDecodeError:
+        return True
+    return b"\x00" in content
 
 
 @pytest.fixture(scope="module", autouse=True)
 def summary():
     yield
     print(f"\nfuzz: {TALLY['inputs']} inputs ({TALLY['calls']} loader calls): {TALLY['errors']} clean errors, "
-          f"{TALLY['accepted']} accepted, {TALLY['tracebacks']} tracebacks")
+          f"{TALLY['accepted']} accepted, {TALLY['tracebacks']} tracebacks, "
+          f"{TALLY['binary accepted']} non-text files accepted")
 
 
-def check(call) -> None:
-    """One loader call: it returns, or raises a named ValueError with a one-line message; nothing else."""
+def check(call, reads: bool = True) -> None:
+    """One loader call: it returns, or raises a named ValueError with a one-line message; nothing else.
+    A call that reads the rows (`reads`; not a peek at the first one) of a file that is not text must raise."""
     TALLY["calls"] += 1
     try:
         call()
@@ -59,6 +74,10 @@ def check(call) -> None:
     except BaseException:
         TALLY["tracebacks"] += 1
         raise
+    if reads and NOT_TEXT[0]:
+        TALLY["binary accepted"] += 1
+        pytest.fail(f"{getattr(call, '__name__', 'a loader call')} accepted a file that is not UTF-8 text "
+                    f"(binary, NUL bytes, latin-1)")
     TALLY["accepted"] += 1
 
 
@@ -75,8 +94,9 @@ def _heads(path: Path) -> None:
 
 def _jsonl(path: Path) -> None:
     task = get_task("jsonl", train_path=path, eval_path=path)
-    for call in (lambda: task.objective, lambda: task.eval_kind, task.train_examples, task.eval_items,
-                 task.labelled_statements):
+    check(lambda: task.objective, reads=False)  # peeks at the first row only
+    check(lambda: task.eval_kind, reads=False)
+    for call in (task.train_examples, task.eval_items, task.labelled_statements):
         check(call)
 
 
@@ -109,7 +129,11 @@ def feed(work: Path, target: str, content: bytes) -> None:
     if target in VAL_COPY:
         (path.parent / VAL_COPY[target]).write_bytes(content)
     TALLY["inputs"] += 1
-    run(path)
+    NOT_TEXT[0] = not_text(content)
+    try:
+        run(path)
+    finally:
+        NOT_TEXT[0] = False
 
 
 @pytest.fixture(scope="module")
@@ -232,6 +256,8 @@ def test_nasty_files_fail_cleanly(work, target):
         before = TALLY["tracebacks"]
         try:
             feed(work, target, content)
+        except pytest.fail.Exception as exc:
+            raise AssertionError(f"{target}: input {name!r}: {exc}") from None
         finally:
             assert TALLY["tracebacks"] == before, f"{target}: input {name!r} escaped as a traceback"
 
@@ -294,7 +320,10 @@ def test_messages_name_the_file_and_field(work):
 
 def fuzz(build, n: int) -> None:
     """Run `build(st)` (a strategy of no-argument callables) for n examples: seeded, no example database."""
-    hypothesis = pytest.importorskip("hypothesis", reason="pip install -e '.[dev]' (hypothesis)")
+    try:
+        import hypothesis
+    except ImportError:  # a dev dependency: a CI that lacks it skips the fuzzing silently otherwise
+        skip_or_fail("hypothesis is not installed: pip install -e '.[dev]'")
     from hypothesis import HealthCheck, strategies as st
 
     @hypothesis.settings(max_examples=n, deadline=None, database=None, derandomize=True, print_blob=True,
@@ -337,6 +366,25 @@ def test_fuzz_one_field_broken(work, document):
                          values).map(lambda t: lambda: feed(work, target, dump(target, mutate(valid, *t))))
 
     fuzz(build, 100)
+
+
+@pytest.mark.parametrize("document", sorted(BROKEN))
+def test_valid_files_turned_binary_are_rejected(work, document):
+    """A valid file with one NUL byte, or saved as latin-1, or as UTF-16, is refused by every reading call:
+    the random corpus rarely builds such a near miss, where a reader is most tempted to take it."""
+    text = dump(BROKEN[document], VALID[document]()).decode("utf-8")
+    at = next(i for i in range(len(text) // 2, len(text)) if text[i].isalpha())  # in a row, not the CSV header
+    variants = {"a NUL byte": (text[:at] + "\x00" + text[at:]).encode("utf-8"),
+                "latin-1": (text[:at] + "\xe9" + text[at + 1:]).encode("latin-1", "replace"),
+                "UTF-16": text.encode("utf-16")}
+    for name, content in variants.items():
+        assert not_text(content), name
+        errors = TALLY["errors"]
+        try:
+            feed(work, BROKEN[document], content)
+        except pytest.fail.Exception as exc:
+            raise AssertionError(f"{document} with {name}: {exc}") from None
+        assert TALLY["errors"] > errors, f"{document} with {name}: nothing refused it"
 
 
 def test_fuzz_set_flags():

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import SESSION_ROOT, isolated_env, short_tempdir
+from conftest import SESSION_ROOT, SHARED_CACHES, isolated_env, short_tempdir
 from ray_util import cluster_alive, free_port, ray_cluster_pids, stop_ray_cluster, wait_until
 
 pytestmark = pytest.mark.slow
@@ -114,3 +114,39 @@ def test_the_session_itself_is_isolated():
     assert Path(os.environ["LOFIT_REFERENCE_CACHE"]).is_relative_to(SESSION_ROOT)
     assert "MLFLOW_TRACKING_URI" not in os.environ and "RAY_AUTH_TOKEN" not in os.environ
     assert Path(os.environ["RAY_AUTH_TOKEN_PATH"]).is_relative_to(SESSION_ROOT)  # not ~/.ray/auth_token
+    assert Path(os.environ["LOFIT_CACHE_DIR"]).is_relative_to(SESSION_ROOT)  # not ~/.cache/lofit-ray
+
+
+def test_the_session_caches_datasets_in_its_root_and_shares_only_converted_models(tmp_path):
+    """$LOFIT_CACHE_DIR is the session's: a data file read through `datasets` (as fuzzed files are) leaves its
+    Arrow cache there, never in the user's ~/.cache/lofit-ray/datasets. Only the model conversion caches
+    (models/, gguf/) reach the user's cache, on purpose (converting SmolLM2 takes minutes)."""
+    from lofit_ray.paths import cache_dir
+    from lofit_ray.tasks.source import datasets_cache, read_records
+
+    users = Path.home() / ".cache" / "lofit-ray"  # the default; scripts/test.sh leaves the user's own value
+    assert cache_dir().is_relative_to(SESSION_ROOT) and datasets_cache().resolve().is_relative_to(SESSION_ROOT)
+    for name in SHARED_CACHES:  # linked, so what the session converts is there for the user, and vice versa
+        assert (cache_dir() / name).resolve() != (cache_dir() / name)
+        assert not (cache_dir() / name).resolve().is_relative_to(SESSION_ROOT)
+    before = set((users / "datasets").rglob("*")) if (users / "datasets").is_dir() else set()
+    data = tmp_path / "rows.csv"
+    data.write_text("question,answer\nsky?,blue\n")
+    assert read_records(data) == [{"question": "sky?", "answer": "blue"}]
+    assert [p for p in datasets_cache().rglob("*") if p.is_file()], "datasets wrote no cache where it was told"
+    after = set((users / "datasets").rglob("*")) if (users / "datasets").is_dir() else set()
+    # another process of the user's may add entries meanwhile; none of them is this read's csv cache
+    assert not {p for p in after - before if "csv" in p.parts and p.is_file()
+                and p.stat().st_mtime >= data.stat().st_mtime}, "the session wrote into ~/.cache/lofit-ray"
+
+
+def test_a_sub_environment_isolates_the_cache_too(tmp_path):
+    root = short_tempdir("lofit-test-iso.")
+    try:
+        env = isolated_env({**os.environ, "LOFIT_CACHE_DIR": str(tmp_path / "users-cache")}, root)
+        assert env["LOFIT_CACHE_DIR"] == str(root / "cache")
+        for name in SHARED_CACHES:
+            assert (root / "cache" / name).resolve() == (tmp_path / "users-cache" / name).resolve()
+        assert sorted(p.name for p in (tmp_path / "users-cache").iterdir()) == sorted(SHARED_CACHES)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)

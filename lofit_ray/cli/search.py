@@ -65,10 +65,11 @@ def cmd_search(args) -> int:
         print(f"search: {exc}", file=sys.stderr)
         return 2
     from ..search import run_search
+    from ..tracking import StoreError
 
     try:
         summary = run_search(cfg, resume=args.resume)
-    except (TaskDataError, ModelSpecError, ConfigError) as exc:  # inputs and the Ray plan, before MLflow is touched
+    except (TaskDataError, ModelSpecError, ConfigError, StoreError) as exc:  # inputs, the Ray plan, MLflow access
         print(f"search: {exc}", file=sys.stderr)
         return 2
     text = json.dumps(summary, indent=1, default=str)

@@ -86,6 +86,8 @@ def _from_file(path: Path, records_key: str | None = None) -> list[dict]:
                             f"{path.name}. Drop task.records_key.")
     if builder == "json":
         _check_json(path, records_key)
+    if builder == "csv" and b"\x00" in path.read_bytes():  # pandas would read the NUL into a cell
+        raise TaskDataError(f"{path}: holds NUL bytes, so it is not a text CSV file; save it as UTF-8 text.")
     datasets = _quiet()
     options = CSV_OPTIONS if builder == "csv" else {}
     if records_key is not None:

@@ -85,6 +85,7 @@ def resolve_tracking_uri(uri: str | None = None) -> str:
     db = _sqlite_path(uri)
     if db is not None:
         db.parent.mkdir(parents=True, exist_ok=True)
+    check_access(uri)
     mlflow.set_tracking_uri(uri)
     return uri
 
@@ -108,6 +109,41 @@ def _client(uri: str) -> MlflowClient:
 
 class StoreError(RuntimeError):
     """The MLflow store cannot be used as it is; the message says why and what to do."""
+
+
+CREDENTIAL_VARS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
+
+
+def check_access(uri: str) -> None:
+    """For an MLflow server (http/https): one request with the credentials MLflow itself will send ($MLFLOW_TRACKING_
+    USERNAME / _PASSWORD, or $MLFLOW_TRACKING_TOKEN), so that a server that refuses them (HTTP 401 or 403, e.g. a
+    `mlflow server --app-name basic-auth`) stops a search before Ray or any trial starts, with a StoreError that
+    names the variables. Anything else (unreachable, TLS) is left to MLflow's own calls, retries and messages."""
+    if _is_http(uri):
+        _check_access(uri, *(os.environ.get(v) for v in (*CREDENTIAL_VARS, "MLFLOW_TRACKING_TOKEN")))
+
+
+@functools.lru_cache(maxsize=16)
+def _check_access(uri: str, username: str | None, password: str | None, token: str | None) -> None:
+    """Once per URI and set of credentials in a process (a refusal is not cached)."""
+    from mlflow.utils.credentials import get_default_host_creds
+    from mlflow.utils.rest_utils import http_request
+
+    try:
+        response = http_request(get_default_host_creds(uri), "/api/2.0/mlflow/experiments/search", "GET",
+                                max_retries=0, timeout=30, raise_on_status=False, params={"max_results": 1})
+    except Exception:  # noqa: BLE001 - not an answer from the server: not ours to judge here
+        return
+    if response.status_code == 401:
+        given = [v for v in CREDENTIAL_VARS if os.environ.get(v)]
+        raise StoreError(f"the MLflow server at {uri} refused the credentials (HTTP 401): set {CREDENTIAL_VARS[0]} and "
+                         f"{CREDENTIAL_VARS[1]} to an account of that server ("
+                         + (f"{' and '.join(given)} {'is' if len(given) == 1 else 'are'} set but not accepted"
+                            if given else "neither is set") + ")")
+    if response.status_code == 403:
+        raise StoreError(f"the MLflow server at {uri} lets the account in {CREDENTIAL_VARS[0]} "
+                         f"({username or 'unset'}) in but not read experiments (HTTP 403): ask its admin for "
+                         f"permission, or use another account")
 
 
 def ensure_store(uri: str) -> None:
