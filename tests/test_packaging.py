@@ -73,3 +73,11 @@ def test_the_wheel_holds_the_configs_and_the_lm_eval_tasks(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     head_set = json.loads((tmp_path / "heads.json").read_text())
     assert head_set["model"] == "tiny-llama" and head_set["k"] == 2 and len(head_set["ranking"]) == 16
+
+
+def test_every_package_folder_ships_in_the_wheel():
+    """pyproject lists packages by hand: a new folder under lofit_ray/ that is not listed would be left out."""
+    root = Path(__file__).resolve().parents[1]
+    listed = set(tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    folders = {".".join(p.parent.relative_to(root).parts) for p in (root / "lofit_ray").rglob("__init__.py")}
+    assert folders <= listed, f"add {sorted(folders - listed)} to [tool.setuptools] packages in pyproject.toml"
