@@ -19,7 +19,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import short_tempdir
+from conftest import short_tempdir, skip_or_fail
 from mlflow_server import MlflowServer
 from ray_util import free_port, ray_cluster_pids, stop_ray_cluster, wait_until
 
@@ -49,6 +49,10 @@ def _basic(user: str, password: str) -> dict:
 @pytest.fixture(scope="module")
 def auth_server(tmp_path_factory):
     """`mlflow server --app-name basic-auth --workers 1` with its own user DB; the admin's password is new."""
+    import importlib.util
+
+    if importlib.util.find_spec("flask_wtf") is None:  # what mlflow[auth] adds: the app will not start without
+        skip_or_fail("MLflow's basic-auth app needs mlflow[auth] (Flask-WTF): pip install -e '.[dev]'")
     password = secrets.token_urlsafe(16)
     server = MlflowServer(tmp_path_factory.mktemp("auth_server"), admin=(ADMIN, password))
     try:
