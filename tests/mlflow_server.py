@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -34,6 +35,7 @@ class MlflowServer:
                               f"authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
             config.chmod(0o600)
             env["MLFLOW_AUTH_CONFIG_PATH"] = str(config)
+            env["MLFLOW_FLASK_SERVER_SECRET_KEY"] = secrets.token_hex(16)  # the app's CSRF protection needs one
             app = ["--app-name", "basic-auth"]
         self._log = open(self.root / "server.log", "wb")
         self.proc = subprocess.Popen(
