@@ -5,7 +5,7 @@ and compare rankings, step losses, offsets and paired val scores.
     bash scripts/reference_env.sh                       # once: the reference's own virtualenv
     python jobs/agree_reference.py --task truthfulqa    # then --task clutrr; --stage summary to re-summarise
 
-Each heavy stage takes /tmp/lofit-heavy.lock (COORDINATION.md) and writes a JSON under
+Heavy stages take /tmp/lofit-heavy.lock (COORDINATION.md), in GROUPS of stages per hold; each writes a JSON under
 jobs/results/agreement/<task>/ when done; a rerun skips finished stages (delete a JSON to redo it).
 Large artifacts (the reference's saved models, traces) go to --work (default ~/.cache/lofit-ray/agreement).
 Logic lives in lofit_ray.bench.agreement (conversion, replay, statistics) and agreement_run (the stages).
@@ -29,15 +29,31 @@ LOCK = "/tmp/lofit-heavy.lock"
 STAGES = ("ref_A", "lofit_A", "ref_v", "lofit_v", "eval", "summary")
 
 
+_HELD = [0]
+# Stages that run under one hold of the lock (each group well under COORDINATION.md's ~15 minutes at this scale):
+# waiting for the shared lock between every stage cost more than the stages themselves.
+GROUPS = (("ref_A", "lofit_A"), ("ref_v", "lofit_v", "eval"), ("summary",))
+
+
 @contextlib.contextmanager
 def heavy(name: str):
+    """The shared heavy-job lock; re-entrant, and a no-op under LOFIT_AGREE_LOCK_HELD=1 (an outer flock holds it)."""
+    if _HELD[0] or os.environ.get("LOFIT_AGREE_LOCK_HELD") == "1":
+        _HELD[0] += 1
+        try:
+            yield
+        finally:
+            _HELD[0] -= 1
+        return
     with open(LOCK, "a") as f:
         t = time.time()
         fcntl.flock(f, fcntl.LOCK_EX)
         print(f"[agree] {name}: lock after {time.time() - t:.0f}s", flush=True)
+        _HELD[0] += 1
         try:
             yield
         finally:
+            _HELD[0] -= 1
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
@@ -69,17 +85,21 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("LOFIT_REFERENCE_CACHE", str(work / "dpo-reference-cache"))
-    stages = STAGES if args.stage == "all" else (args.stage,)
-    for stage in stages:
-        path = out / f"{stage}.json"
-        if path.exists() and args.stage == "all":
-            print(f"[agree] {args.task} {stage}: done ({path})")
+    groups = GROUPS if args.stage == "all" else ((args.stage,),)
+    for group in groups:
+        todo = [s for s in group if args.stage != "all" or not (out / f"{s}.json").exists()]
+        for stage in set(group) - set(todo):
+            print(f"[agree] {args.task} {stage}: done ({out / f'{stage}.json'})")
+        if not todo:
             continue
-        print(f"[agree] {args.task} {stage} ...", flush=True)
-        result = agreement_run.run_stage(stage, args, scale, out, work, heavy)
-        result = {"stage": stage, "task": args.task, "scale": asdict(scale), **result}
-        path.write_text(json.dumps(result, indent=1))
-        print(f"[agree] {args.task} {stage}: wrote {path}", flush=True)
+        with (heavy(" + ".join(todo)) if todo != ["summary"] else contextlib.nullcontext()):
+            for stage in todo:
+                path = out / f"{stage}.json"
+                print(f"[agree] {args.task} {stage} ...", flush=True)
+                result = agreement_run.run_stage(stage, args, scale, out, work, heavy)
+                result = {"stage": stage, "task": args.task, "scale": asdict(scale), **result}
+                path.write_text(json.dumps(result, indent=1))
+                print(f"[agree] {args.task} {stage}: wrote {path}", flush=True)
     return 0
 
 

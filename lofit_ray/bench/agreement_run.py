@@ -15,6 +15,7 @@ from . import agreement as ag
 
 _LOADED = {}
 SPEC = "smollm2-135m"
+CUT = "em_before_literal_eos"  # exact match of the generation cut at the first literal "</s>" (D4)
 
 
 def _loaded():
@@ -170,8 +171,8 @@ def stage_lofit_v(args, scale, out, work, heavy):
 def stage_eval(args, scale, out, work, heavy):
     from ..adapter import Adapter
     from ..evaluate import evaluate_items
-    from ..evidence import compare_rows, verdict, with_intervals, write_rows
-    from ..tasks import get_task
+    from ..evidence import compare_rows, interval, paired, verdict, with_intervals, write_rows
+    from ..tasks import get_task, match_item
 
     task = get_task(args.task, data_dir=args.data)
     items = task.eval_items(limit=scale.val_limit or None)
@@ -189,6 +190,13 @@ def stage_eval(args, scale, out, work, heavy):
             finally:
                 if offsets is not None:
                     offsets.detach()
+            if "generated" in rows[name][0]:
+                # The reference's SFT text ends in the literal "</s>" (D4), three ordinary tokens on SmolLM2, so
+                # adapters trained on its tokens write "son</s>": score the text before it too.
+                for row, item in zip(rows[name], items):
+                    row[CUT] = float(match_item(row["generated"].split("</s>")[0], item)[0])
+                ci = interval([r[CUT] for r in rows[name]])
+                m.update({CUT: ci["mean"], f"{CUT}_ci_low": ci["ci_low"], f"{CUT}_ci_high": ci["ci_high"]})
             m.update(with_intervals(rows[name]))
             m["wall_seconds"] = round(time.time() - start, 1)
             metrics[name] = m
@@ -197,6 +205,8 @@ def stage_eval(args, scale, out, work, heavy):
     for a, b in (("lofit_as_is", "reference"), ("lofit_trainer_like", "reference"), ("reference", "base"),
                  ("lofit_as_is", "base")):
         cmp = compare_rows(rows[a], rows[b], seed=0)
+        if CUT in rows[a][0]:
+            cmp[CUT] = paired([r[CUT] for r in rows[a]], [r[CUT] for r in rows[b]], seed=0)
         paired[f"{a} - {b}"] = {c: {**v, "verdict": verdict(v)} for c, v in cmp.items()}
     return {"n_items": len(items), "metrics": metrics, "paired": paired}
 
@@ -321,7 +331,7 @@ def report_tables(results: Path) -> str:
                                                                   lofv["runs"].values()) + " |")
             lines.append("")
         if ev:
-            cols = [k for k in ("mc1", "mc2", "em", "em_lenient") if k in ev["metrics"]["base"]]
+            cols = [k for k in ("mc1", "mc2", "em", "em_lenient", CUT) if k in ev["metrics"]["base"]]
             lines += [f"**Val scores** (lofit-ray's scorer, n = {ev['n_items']} items, 95% bootstrap intervals):", "",
                       "| adapter | " + " | ".join(cols) + " | wall s |", "|---" * (2 + len(cols)) + "|"]
             for name, m in ev["metrics"].items():
@@ -335,3 +345,27 @@ def report_tables(results: Path) -> str:
                                  f"{v['p_value']:.3f} | {v['verdict']} |")
             lines.append("")
     return "\n".join(lines)
+
+
+def wall_times(results: Path) -> str:
+    """Markdown table of the wall time of every run (seconds) in results/<task>/*.json."""
+    lines = ["| task | run | wall s |", "|---|---|---|"]
+    for task_dir in sorted(p for p in Path(results).iterdir() if p.is_dir()):
+        for stage in ("ref_A", "lofit_A", "ref_v", "lofit_v", "eval"):
+            path = task_dir / f"{stage}.json"
+            if not path.exists():
+                continue
+            r = json.loads(path.read_text())
+            if "wall_seconds" in r:
+                lines.append(f"| {task_dir.name} | reference {stage[4:]} (lofit_trainer.py, whole process) | "
+                             f"{r['wall_seconds']} |")
+            for name, run in r.get("runs", {}).items():
+                lines.append(f"| {task_dir.name} | lofit-ray {stage[6:]} {name} (training only) | {run['wall_seconds']} |")
+            for name, m in r.get("metrics", {}).items():
+                lines.append(f"| {task_dir.name} | val scoring, {name} (n={m['n']}) | {m['wall_seconds']} |")
+    return "\n".join(lines)
+
+
+def render_doc(template: str, results: Path, differences: str) -> str:
+    return (template.replace("RESULTS_TABLES", report_tables(results)).replace("DIFFERENCES", differences)
+            .replace("WALLTIMES", wall_times(results)))
