@@ -301,7 +301,7 @@ def report_tables(results: Path) -> str:
                              f"| {s['jaccard_top16']:.3f} ({s['jaccard_top16_chance']:.3f}) | "
                              f"{r['step_loss_vs_reference']['max_abs_diff']:.4f} | {r['wall_seconds']} |")
             f = lofA["init_noise_floor"]
-            lines += [f"| *init noise floor: trainer_like vs trainer_like_seed43* | {f['spearman']:.3f} | {f['jaccard_top8']:.3f} | "
+            lines += [f"| *{f['what']}* | {f['spearman']:.3f} | {f['jaccard_top8']:.3f} | "
                       f"{f['jaccard_top16']:.3f} | | |", "",
                       f"Reference phase A wall time: {refA['wall_seconds']} s.", ""]
             if "dpo_reference_logp" in lofA:
@@ -330,6 +330,10 @@ def report_tables(results: Path) -> str:
                 lines.append(f"| {i + 1} | {x:.4f} | " + " | ".join(f"{r['step_loss'][i]:.4f}" for r in
                                                                   lofv["runs"].values()) + " |")
             lines.append("")
+        if refv and not lofv:
+            lines += [f"**Phase 2, reference only** ({refv['wall_seconds']} s; heads "
+                      f"{', '.join(f'L{l}H{h}' for l, h in refv['heads'])}). The lofit-ray side did not run. Step losses:",
+                      "", " ".join(f"{x:.4f}" for x in refv["step_loss"][:20]), ""]
         if ev:
             cols = [k for k in ("mc1", "mc2", "em", "em_lenient", CUT) if k in ev["metrics"]["base"]]
             lines += [f"**Val scores** (lofit-ray's scorer, n = {ev['n_items']} items, 95% bootstrap intervals):", "",
