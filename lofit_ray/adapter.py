@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .architectures import head_layout, o_projs
+from .architectures import head_layout
+from .export import merge_offsets, merged_checkpoint
 from .offsets import HeadOffsets
 
 CONFIG_NAME = "adapter_config.json"
@@ -115,8 +116,6 @@ class Adapter:
         dtype: of the written weights; default the checkpoint's own (loaded.source_dtype), so a bfloat16
         model trained in float32 exports in bfloat16. Families whose config cannot give o_proj a bias are
         re-expressed as an identical family that can (lofit_ray.export), or refused with the reason."""
-        from .export import merged_checkpoint
-
         self.check_compatible(loaded.model)
         dtype = dtype or getattr(loaded, "source_dtype", None) or str(next(loaded.model.parameters()).dtype)
         merged = merged_checkpoint(loaded.model, self.to_offsets().full_offset())
@@ -126,17 +125,3 @@ class Adapter:
         loaded.tokenizer.save_pretrained(directory)
         (directory / "lofit_adapter_config.json").write_text(json.dumps(asdict(self.config), indent=1))
         return directory
-
-
-def merge_offsets(model, full: torch.Tensor):
-    """Add W v to each o_proj's bias (creating a zero bias where there is none); full: [layers, heads, head_dim]."""
-    for layer, proj in enumerate(o_projs(model)):
-        if not full[layer].any():
-            continue
-        extra = proj.weight.detach().float() @ full[layer].flatten().to(proj.weight.device)
-        if proj.bias is None:
-            proj.bias = torch.nn.Parameter(torch.zeros(proj.out_features, dtype=proj.weight.dtype,
-                                                       device=proj.weight.device), requires_grad=False)
-        with torch.no_grad():
-            proj.bias.add_(extra.to(proj.bias.dtype))
-    return model

@@ -117,8 +117,6 @@ def _as_llama(config):
 def merged_checkpoint(model, full_offset: torch.Tensor):
     """A new model (the source is untouched) that stock transformers can save and load, v folded into the
     output projections' biases. full_offset: [layers, heads, head_dim], as HeadOffsets.full_offset()."""
-    from .adapter import merge_offsets
-
     config, convert = _with_bias_flag(model.config), (lambda state: state)
     if config is None:
         if model.config.model_type not in LLAMA_EQUIVALENT:
@@ -139,3 +137,17 @@ def merged_checkpoint(model, full_offset: torch.Tensor):
             merged.get_parameter(name).zero_()
     merged.eval()
     return merge_offsets(merged, full_offset)
+
+
+def merge_offsets(model, full: torch.Tensor):
+    """Add W v to each o_proj's bias (creating a zero bias where there is none); full: [layers, heads, head_dim]."""
+    for layer, proj in enumerate(o_projs(model)):
+        if not full[layer].any():
+            continue
+        extra = proj.weight.detach().float() @ full[layer].flatten().to(proj.weight.device)
+        if proj.bias is None:
+            proj.bias = torch.nn.Parameter(torch.zeros(proj.out_features, dtype=proj.weight.dtype,
+                                                       device=proj.weight.device), requires_grad=False)
+        with torch.no_grad():
+            proj.bias.add_(extra.to(proj.bias.dtype))
+    return model

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import string
 from dataclasses import field
 
 
@@ -40,3 +41,12 @@ def _check_attn_implementation(value: str, where: str = "attn_implementation") -
 def _check_dtype(dtype: str, where: str = "dtype") -> None:
     if dtype not in ("float32", "bfloat16", "float16"):
         raise ConfigError(f"{where}: '{dtype}' is not one of float32 (CPU), bfloat16, float16 (GPU)")
+
+
+def template_fields(template: str) -> list[str]:
+    """The column names a format string reads ("Q: {question}" -> ["question"])."""
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as exc:
+        raise ConfigError(f"task.template: {exc}; write columns as {{name}} and a literal brace as {{{{ or }}}}")
+    return [name for _, name, _, _ in parsed if name is not None]

@@ -1,11 +1,12 @@
 """The sections every job shares: training loops (phase 1, phase 2, the baselines), the task and its splits, MLflow."""
 from __future__ import annotations
 
+import re
 import typing
 from dataclasses import dataclass
 from pathlib import Path
 
-from .fields import ConfigError, _at_least, _help, _positive
+from .fields import ConfigError, _at_least, _help, _positive, template_fields
 
 
 @dataclass
@@ -145,6 +146,9 @@ class ItiConfig:
 # -- data and records -------------------------------------------------------------------------
 
 TASK_KINDS = ("sft", "dpo", "mc", "generation")  # lofit_ray.tasks.generic: a user's task, configured in YAML
+_NEEDS = {"sft": ("completion",), "generation": ("answer",), "dpo": ("chosen", "rejected"), "mc": ("label",)}
+_WHAT = {"completion": "the text to train on", "answer": "the right answer", "chosen": "the preferred answer",
+         "rejected": "the dispreferred answer", "label": "the right choice (its index or text)"}
 
 
 @dataclass
@@ -230,9 +234,40 @@ class TaskConfig:
         if self.kind is None:
             self._check_builtin()
         else:
-            from ..tasks.generic import check_task_config
+            self._check_user_task()
 
-            check_task_config(self)
+    def _check_user_task(self) -> None:
+        """What can be checked of your own task before any data is read (tasks/generic.py reads it)."""
+        if self.kind not in TASK_KINDS:
+            raise ConfigError(f"task.kind: {self.kind!r} is not one of {', '.join(TASK_KINDS)}")
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", self.name or ""):
+            raise ConfigError(f"task.name: {self.name!r} names your task in MLflow; use letters, digits, '.', '_' "
+                              f"or '-', e.g. sports-understanding")
+        if not self.source:
+            raise ConfigError("task.source: your own task needs its data: a hub dataset id (owner/name), a "
+                              ".csv/.json/.jsonl/.parquet file, or a save_to_disk folder")
+        for name in _NEEDS[self.kind]:
+            if getattr(self.columns, name) is None:
+                raise ConfigError(f"task.columns.{name}: a {self.kind} task needs it: name the column holding "
+                                  f"{_WHAT[name]}")
+        if self.template is None and self.columns.prompt is None:
+            raise ConfigError("task.template: give a prompt template over your columns (e.g. 'Q: {question}\\nA:'), "
+                              "or task.columns.prompt naming a column that holds the whole prompt")
+        if self.template is not None and not template_fields(self.template):
+            raise ConfigError(f"task.template: {self.template!r} names no column; write columns as {{name}}")
+        if self.kind == "mc":
+            if (self.columns.choices is None) == (self.fixed_choices is None):
+                raise ConfigError("task.columns.choices: an mc task needs its choices from exactly one place: "
+                                  "task.columns.choices (column names) or task.fixed_choices (texts)")
+            if self.fixed_choices is not None and len(self.fixed_choices) < 2:
+                raise ConfigError("task.fixed_choices: list at least two choices")
+            if self.mc_training not in ("dpo", "sft"):
+                raise ConfigError(f"task.mc_training: {self.mc_training!r} is not dpo or sft")
+        if self.answer_regex is not None:
+            try:
+                re.compile(self.answer_regex)
+            except re.error as exc:
+                raise ConfigError(f"task.answer_regex: not a valid regex ({exc})") from None
 
     def _check_builtin(self) -> None:
         from ..tasks import TASK_NAMES

@@ -24,77 +24,14 @@ stay on one side. Every problem in the data names the field to fix and the row.
 from __future__ import annotations
 
 import re
-import string
 from pathlib import Path
 
+from ..config.fields import template_fields
 from . import GenerationItem, MCQuestion, PreferenceExample, SFTExample, Task, TaskDataError, limit_items
 from .source import read_records
 
 CARVED_REPORT = "carved-report"
 _MISSING = object()  # the split name of the report carve (task.report: null)
-_NEEDS = {  # kind -> the columns it cannot do without (mc also needs choices, from columns or fixed_choices)
-    "sft": ("completion",),
-    "generation": ("answer",),
-    "dpo": ("chosen", "rejected"),
-    "mc": ("label",),
-}
-
-
-def template_fields(template: str) -> list[str]:
-    """The column names a format string reads ("Q: {question}" -> ["question"])."""
-    try:
-        parsed = list(string.Formatter().parse(template))
-    except ValueError as exc:
-        raise _config_error(f"task.template: {exc}; write columns as {{name}} and a literal brace as {{{{ or }}}}")
-    return [name for _, name, _, _ in parsed if name is not None]
-
-
-def _config_error(text: str):
-    from ..config import ConfigError
-
-    return ConfigError(text)
-
-
-def check_task_config(cfg) -> None:
-    """What can be checked of a user task before any data is read (TaskConfig.__post_init__ calls this)."""
-    from ..config.sections import TASK_KINDS
-
-    if cfg.kind not in TASK_KINDS:
-        raise _config_error(f"task.kind: {cfg.kind!r} is not one of {', '.join(TASK_KINDS)}")
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", cfg.name or ""):
-        raise _config_error(f"task.name: {cfg.name!r} names your task in MLflow; use letters, digits, '.', '_' or "
-                            f"'-', e.g. sports-understanding")
-    if not cfg.source:
-        raise _config_error("task.source: your own task needs its data: a hub dataset id (owner/name), a "
-                            ".csv/.json/.jsonl/.parquet file, or a save_to_disk folder")
-    columns = cfg.columns
-    for name in _NEEDS[cfg.kind]:
-        if getattr(columns, name) is None:
-            raise _config_error(f"task.columns.{name}: a {cfg.kind} task needs it: name the column holding "
-                                f"{_WHAT[name]}")
-    if cfg.template is None and columns.prompt is None:
-        raise _config_error("task.template: give a prompt template over your columns (e.g. 'Q: {question}\\nA:'), "
-                            "or task.columns.prompt naming a column that holds the whole prompt")
-    if cfg.template is not None:
-        if not template_fields(cfg.template):
-            raise _config_error(f"task.template: {cfg.template!r} names no column; write columns as {{name}}")
-    if cfg.kind == "mc":
-        if (columns.choices is None) == (cfg.fixed_choices is None):
-            raise _config_error("task.columns.choices: an mc task needs its choices from exactly one place: "
-                                "task.columns.choices (column names) or task.fixed_choices (texts)")
-        if cfg.fixed_choices is not None and len(cfg.fixed_choices) < 2:
-            raise _config_error("task.fixed_choices: list at least two choices")
-        if cfg.mc_training not in ("dpo", "sft"):
-            raise _config_error(f"task.mc_training: {cfg.mc_training!r} is not dpo or sft")
-    if cfg.answer_regex is not None:
-        try:
-            re.compile(cfg.answer_regex)
-        except re.error as exc:
-            raise _config_error(f"task.answer_regex: not a valid regex ({exc})") from None
-
-
-_WHAT = {"completion": "the text to train on", "answer": "the right answer", "chosen": "the preferred answer",
-         "rejected": "the dispreferred answer", "label": "the right choice (its index or text)"}
 
 
 def lookup(row: dict, column: str):
