@@ -19,7 +19,8 @@ import torch
 from ray_util import free_port, stop_ray_cluster
 
 from lofit_ray import Adapter, tracking
-from lofit_ray.config import ConfigError, load_config
+from lofit_ray.config import ConfigError, TaskConfig, load_config
+from lofit_ray.splits import split_spec
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = REPO / "configs" / "smoke.yaml"
@@ -104,6 +105,9 @@ def test_every_shipped_config_loads():
 
 # -- Ray Train + DeepSpeed ------------------------------------------------------------------
 
+MQUAKE_8 = split_spec(TaskConfig(name="mquake", limit_train=8))  # 8 MQuAKE training examples, as a worker reads them
+
+
 def single_process_scores(job: dict) -> torch.Tensor:
     """Phase 1 of ``job`` in this process, no Ray or DeepSpeed: the ||A|| of every head, [layers, heads],
     which the workers must reproduce exactly."""
@@ -151,7 +155,7 @@ def phase1_on_two_workers(job: dict, tmp_path: Path, name: str, env: dict | None
 def test_two_deepspeed_workers_match_a_single_process_run(tmp_path, zero_stage):
     """Phase 1 on 2 Ray Train workers (DeepSpeed, gloo) learns exactly what one process learns. ZeRO-3
     partitions A, which only the engine's own forward would gather; the hooks read it, so the stepper must."""
-    job = {"model": "tiny-llama", "task": {"name": "mquake", "splits": {"limit_train": 8}},
+    job = {"model": "tiny-llama", "task": MQUAKE_8, "task_name": "mquake",
            "training": dict(batch_size=4, max_length=64, seed=3), "phase1": dict(epochs=1, lr=1e-2, l1=1e-3)}
     out = phase1_on_two_workers(job, tmp_path, f"grad-check-zero{zero_stage}", zero_stage=zero_stage)
     torch.testing.assert_close(worker_scores(out[0]), single_process_scores(job), atol=1e-6, rtol=0)
@@ -163,7 +167,7 @@ def test_every_selector_on_two_deepspeed_workers_matches_a_single_process_run(tm
     """The other selectors shard the same way: gates train in the DeepSpeed engine (their HardConcrete draws
     are seeded per forward, so both workers draw the same gates), grad and grad_x_act average their one-pass
     sums over the workers."""
-    job = {"model": "tiny-llama", "task": {"name": "mquake", "splits": {"limit_train": 8}},
+    job = {"model": "tiny-llama", "task": MQUAKE_8, "task_name": "mquake",
            "training": dict(batch_size=4, max_length=64, seed=3),
            "phase1": dict(epochs=1, lr=1e-2, selector=selector, l0=1e-2)}
     out = phase1_on_two_workers(job, tmp_path, f"selector-{selector}")
@@ -176,7 +180,7 @@ def test_killed_worker_is_restarted_and_learns_the_same(tmp_path):
     max_failures=1) restarts the worker group, and phase 1 still returns exactly what one process learns
     (nothing half-trained leaks in)."""
     epochs = 4
-    job = {"model": "tiny-llama", "task": {"name": "mquake", "splits": {"limit_train": 8}},
+    job = {"model": "tiny-llama", "task": MQUAKE_8, "task_name": "mquake",
            "training": dict(batch_size=4, max_length=64, seed=3), "phase1": dict(epochs=epochs, lr=1e-2, l1=1e-3)}
     markers = tmp_path / "fired"
     markers.mkdir()
