@@ -16,7 +16,7 @@ from .evaluate import evaluate_items
 from .evidence import METRIC_COLUMNS
 from .heads import HeadSet, random_ranking
 from .models import spec_slug
-from .search import get_model, get_splits, task_spec
+from .process_cache import get_model, get_splits, task_spec
 from .train import train_offsets
 
 

@@ -34,42 +34,16 @@ from .distributed import assigned_threads
 from .evaluate import evaluate_items, selection_score
 from .evidence import METRIC_COLUMNS
 from .heads import HeadSet
-from .models import check_spec, load_model, load_tokenizer, spec_slug
+from .models import check_spec, load_tokenizer, spec_slug
 from .offsets import detach_all
-from .splits import selection_fingerprint, split_spec, splits_from_spec, with_absolute_paths
+from .process_cache import get_model, get_splits, task_spec
+from .splits import selection_fingerprint, with_absolute_paths
 from .train import NaNLossError, phase1_key, reference_logprobs, train_offsets
 
 SEARCHED = ("k", "selector", "l1", "phase1_lr", "phase2_lr")
-_CACHE: dict = {}  # per-process: loaded models and splits, kept across trials when cost-aware
 
 
-# -- config -> pieces ---------------------------------------------------------------------
-
-def task_spec(cfg: SearchJobConfig, model: str | None = None) -> dict:
-    """What a worker needs to rebuild the same splits (splits.split_spec)."""
-    return split_spec(cfg.task, model)
-
-
-def get_splits(spec: dict, cache: bool = True):
-    key = ("splits", json.dumps(spec, sort_keys=True))
-    if cache and key in _CACHE:
-        return _CACHE[key]
-    value = splits_from_spec(spec)
-    if cache:
-        _CACHE[key] = value
-    return value
-
-
-def get_model(spec: str, dtype: str, cache: bool = True, attn_implementation: str = "auto"):
-    key = ("model", spec, dtype, attn_implementation)
-    if cache and key in _CACHE:
-        return _CACHE[key]
-    device = "cuda" if torch.cuda.is_available() else "cpu"  # a GPU Ray gave this trial is used, whatever the dtype
-    loaded = load_model(spec, dtype=dtype, device=device, attn_implementation=attn_implementation)
-    if cache:
-        _CACHE[key] = loaded
-    return loaded
-
+# -- config -> pieces (task_spec, get_splits, get_model: lofit_ray.process_cache, which the report shares) ---
 
 def trial_configs(cfg: SearchJobConfig, params: dict) -> tuple[Phase1Config, Phase2Config]:
     """The phase configs of one trial: the YAML sections with the searched values put in."""
