@@ -1,6 +1,7 @@
-"""The search service: Ray Tune + Optuna (TPE) + ASHA over K, L1 and learning rates, recorded in MLflow.
+"""The search service: K, L1 and learning rates searched over a Ray cluster, recorded in MLflow.
 
-Per model, one Tuner runs trials of `trial_fn`:
+The search itself (space, Optuna TPE, ASHA, the winner) is lofit_ray.tuning's, the one the study runs too;
+here it runs on Ray Tune (`tuning.run_on_ray`). Per model, one Tuner runs trials of `trial_fn`:
   1. phase 1 (head ranking) comes from the memo in MLflow when a run with the same phase-1
      key exists (model fingerprint, data, l1, phase-1 lr, epochs, seed: K is not in the key,
      it only cuts the ranking); otherwise it runs as a Ray Train + DeepSpeed job and is recorded;
@@ -29,7 +30,7 @@ import torch
 
 from . import batching, faults, tracking
 from .adapter import Adapter
-from .config import ConfigError, Phase1Config, Phase2Config, SearchJobConfig, Space, from_dict, to_dict
+from .config import ConfigError, Phase1Config, Phase2Config, SearchJobConfig, SearchSpaceConfig, from_dict, to_dict
 from .distributed import assigned_threads
 from .evaluate import evaluate_items, selection_score
 from .evidence import METRIC_COLUMNS
@@ -39,8 +40,9 @@ from .offsets import detach_all
 from .process_cache import get_model, get_splits, task_spec
 from .splits import selection_fingerprint, with_absolute_paths
 from .train import NaNLossError, phase1_key, reference_logprobs, train_offsets
+from .tuning import run_on_ray
 
-SEARCHED = ("k", "selector", "l1", "phase1_lr", "phase2_lr")
+SEARCHED = tuple(SearchSpaceConfig().searched())  # k, selector, l1, phase1_lr, phase2_lr
 
 
 # -- config -> pieces (task_spec, get_splits, get_model: lofit_ray.process_cache, which the report shares) ---
@@ -50,17 +52,6 @@ def trial_configs(cfg: SearchJobConfig, params: dict) -> tuple[Phase1Config, Pha
     return (dataclasses.replace(cfg.phase1, selector=str(params["selector"]), l1=float(params["l1"]),
                                 lr=float(params["phase1_lr"])),
             dataclasses.replace(cfg.phase2, lr=float(params["phase2_lr"])))
-
-
-def _tune_domain(space: Space, integer: bool = False):
-    from ray import tune
-
-    if space.values is not None:
-        return tune.choice([int(v) for v in space.values] if integer else list(space.values))
-    if space.integer or integer:
-        return tune.lograndint(int(space.low), int(space.high) + 1) if space.log else \
-            tune.randint(int(space.low), int(space.high) + 1)
-    return tune.loguniform(space.low, space.high) if space.log else tune.uniform(space.low, space.high)
 
 
 # -- phase 1 ------------------------------------------------------------------------------
@@ -324,7 +315,7 @@ def check_resources(cfg: SearchJobConfig, cluster_cpus: float) -> str | None:
     return None
 
 
-def run_search(cfg: SearchJobConfig, resume: bool = False) -> dict:
+def run_search_job(cfg: SearchJobConfig, resume: bool = False) -> dict:
     """Run the whole search (all models); returns a summary with champions and report-split metrics."""
     import ray
 
@@ -391,9 +382,6 @@ def run_search(cfg: SearchJobConfig, resume: bool = False) -> dict:
 
 def _search_one_model(cfg: SearchJobConfig, model: str, ctx: dict, storage: Path, resume: bool) -> dict:
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
-    from ray.tune.search import ConcurrencyLimiter
-    from ray.tune.search.optuna import OptunaSearch
 
     uri = ctx["tracking_uri"]
     metric = cfg.search.metric
@@ -404,34 +392,13 @@ def _search_one_model(cfg: SearchJobConfig, model: str, ctx: dict, storage: Path
     trainable = tune.with_resources(tune.with_parameters(trial_fn, ctx=trial_ctx),
                                     {"cpu": cfg.scaling.trial_cpus, **({"gpu": 1} if cfg.scaling.use_gpu else {})})
     run_name = f"{cfg.name}-{spec_slug(model)}"
-    path = storage / run_name
-    space = cfg.search.space
-    import optuna
-
-    optuna.logging.set_verbosity(optuna.logging.WARNING)  # Ray Tune reports each trial already
     study_url, study_name = study_storage(cfg), f"{run_name}-{ctx['parent_run_id'][:8]}"
-    if resume and tune.Tuner.can_restore(str(path)):
-        print(f"[lofit-ray] resuming {path}", flush=True)
-        tuner = tune.Tuner.restore(str(path), trainable=trainable, resume_errored=True)
-    else:
+    if not (resume and tune.Tuner.can_restore(str(storage / run_name))):
         print(f"[lofit-ray] Optuna study '{study_name}' in {study_url} (optuna-dashboard {study_url})", flush=True)
-        searcher = ConcurrencyLimiter(OptunaSearch(seed=cfg.search.seed, study_name=study_name,
-                                                   storage=optuna.storages.RDBStorage(study_url)),
-                                      max_concurrent=cfg.search.max_concurrent)
-        scheduler = None
-        if cfg.search.asha:
-            scheduler = ASHAScheduler(time_attr="epoch", max_t=cfg.phase2.epochs,
-                                      grace_period=cfg.search.grace_period, reduction_factor=cfg.search.reduction_factor)
-        tuner = tune.Tuner(
-            trainable,
-            param_space={**{n: _tune_domain(getattr(space, n), integer=n == "k") for n in SEARCHED
-                            if n != "selector"}, "selector": tune.choice(list(space.selector))},
-            tune_config=tune.TuneConfig(metric="sel_metric", mode="max", search_alg=searcher, scheduler=scheduler,
-                                        num_samples=cfg.search.num_trials, reuse_actors=cfg.search.cost_aware),
-            run_config=tune.RunConfig(name=run_name, storage_path=str(storage), verbose=1,
-                                      callbacks=[_close_stopped_trials(uri, cfg.phase2.epochs)]),
-        )
-    results = tuner.fit()
+    results = run_on_ray(trainable, cfg.search.space.searched(), cfg.search, name=run_name, storage_path=storage,
+                         max_epochs=cfg.phase2.epochs, max_concurrent=cfg.search.max_concurrent,
+                         study_name=study_name, study_storage=study_url, reuse_actors=cfg.search.cost_aware,
+                         callbacks=[_close_stopped_trials(uri, cfg.phase2.epochs)], resume=resume)
     tracking.close_dangling_runs(uri, ctx["parent_run_id"], reason="still running when the search ended")
     trials = []
     for r in results:

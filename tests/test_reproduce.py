@@ -531,48 +531,6 @@ def test_learning_curve_points_and_plot(tmp_path):
     assert docs[0]["n_report"] == docs[1]["n_report"] and docs[0]["n_select"] == docs[1]["n_select"]
 
 
-def test_search_chooses_the_best_trial_and_its_best_epoch(tmp_path):
-    """experiments.tuning.run_search on a known objective: every trial is counted, ASHA prunes, the chosen
-    setting is the best complete trial with its best epoch, and a second call resumes from the journal."""
-    from lofit_ray.config import ReproduceSearchConfig, Space
-    from lofit_ray.experiments.tuning import run_search
-
-    calls = []
-
-    def objective(params, report):  # peaks at lr = 0.01 and at epoch 2 of 3
-        calls.append(params)
-        for epoch in (1, 2, 3):
-            report(epoch, -abs(params["lr"] - 0.01) * 100 - abs(epoch - 2) * 0.01 * (params["rank"] / 4))
-
-    cfg = ReproduceSearchConfig(num_trials=8, seed=3)
-    space = {"lr": Space(low=1e-3, high=1e-1, log=True), "rank": Space(values=[4, 8])}
-    found = run_search(objective, space, cfg, tmp_path / "s.journal", name="toy")
-    states = [t["state"] for t in found["trials"]]
-    assert states.count("complete") + states.count("pruned") == 8 == len(calls)
-    assert "pruned" in states  # ASHA stopped some trial after its first rung
-    best = max((t for t in found["trials"] if t["state"] == "complete"), key=lambda t: t["value"])
-    assert found["chosen"] == {**best["params"], "epochs": 2} and found["score"] == best["value"]
-    assert best["scores"][1] == max(best["scores"])
-    # the same journal: nothing left to run, the same answer
-    again = run_search(objective, space, cfg, tmp_path / "s.journal", name="toy")
-    assert len(calls) == 8 and again["chosen"] == found["chosen"]
-    # a bigger budget on the same journal runs only the new trials
-    more = run_search(objective, space, ReproduceSearchConfig(num_trials=10, seed=3), tmp_path / "s.journal",
-                      name="toy")
-    assert len(calls) == 10 and [t["number"] for t in more["trials"]][:8] == list(range(8))
-    # a trial that fails (e.g. a diverged loss) is recorded with its error, and counts as one of the attempts
-    def diverges(params, report):
-        if params["lr"] > 0.01:
-            raise FloatingPointError("loss is nan")
-        report(1, -params["lr"])
-
-    out = run_search(diverges, {"lr": Space(low=1e-3, high=1e-1, log=True)},
-                     ReproduceSearchConfig(num_trials=6, seed=0, asha=False), tmp_path / "d.journal", name="d")
-    failed = [t for t in out["trials"] if t["state"] == "fail"]
-    assert failed and all("loss is nan" in t["error"] for t in failed)
-    assert len(out["trials"]) == 6 and out["chosen"]["lr"] <= 0.01  # failed attempts spend the budget too
-
-
 def test_the_committed_record_stays_done_under_the_shipped_config():
     """Every cell of jobs/results/reproduce_tuned was run under configs/reproduce.yaml: its setting hash must
     still match, or `--resume` would silently run hours of finished cells again (a config field added with

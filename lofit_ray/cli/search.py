@@ -64,11 +64,11 @@ def cmd_search(args) -> int:
     except MissingExtra as exc:
         print(f"search: {exc}", file=sys.stderr)
         return 2
-    from ..search import run_search
+    from ..search import run_search_job
     from ..tracking import StoreError
 
     try:
-        summary = run_search(cfg, resume=args.resume)
+        summary = run_search_job(cfg, resume=args.resume)
     except (TaskDataError, ModelSpecError, ConfigError, StoreError) as exc:  # inputs, the Ray plan, MLflow access
         print(f"search: {exc}", file=sys.stderr)
         return 2

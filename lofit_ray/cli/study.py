@@ -6,7 +6,8 @@
 
 It reads the same YAML as `lofit-ray search` (models, dtype, task, training, phase1, phase2, mlflow) and runs,
 for each model: 0-shot, LoFiT, random heads, LoRA, ReFT, and ITI where the task has right and wrong answers
-(mc, dpo, truthfulqa), each method tuned by the same number of Optuna trials on the selection split, then
+(mc, dpo, truthfulqa), each method tuned by the same search on the selection split (lofit_ray.tuning, the one
+`lofit-ray search` runs: its search section's trials, seed, metric and ASHA settings apply here too), then
 trained with every seed and scored once on the report split, with paired intervals against LoFiT. The record
 goes to --out-dir (reproduce.json and reproduce.md); MLflow gets a parent run and a run per cell. `--set`
 overrides any field of the study (lofit_ray.config.ReproduceConfig): seeds, k_fractions, methods, search.*.
@@ -14,7 +15,7 @@ overrides any field of the study (lofit_ray.config.ReproduceConfig): seeds, k_fr
 from __future__ import annotations
 
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 
 from .common import TRACKING_URI_HELP
@@ -27,7 +28,7 @@ def study_config(search_cfg, overrides: dict | None = None):
     """The study (a ReproduceConfig) of a search config: its models, task, training settings and LoFiT search
     space (search.space: l1, phase1_lr, phase2_lr; the baselines keep their own spaces), the methods that apply
     to the task, 3 seeds and K = 3% of the heads; then `overrides` ({"a.b": value})."""
-    from ..config import ReproduceConfig
+    from ..config import ReproduceConfig, SearchPolicy
     from ..config.loading import _shorthands, apply_overrides, build
 
     space = search_cfg.search.space  # LoFiT is tuned over the same space as in `lofit-ray search`
@@ -42,8 +43,8 @@ def study_config(search_cfg, overrides: dict | None = None):
         "tasks": {name: task}, "methods": STUDY_METHODS + (["iti"] if probes else []), **STUDY_DEFAULTS,
         "training": asdict(search_cfg.training), "phase1": asdict(search_cfg.phase1),
         "phase2": asdict(search_cfg.phase2),
-        "search": {"num_trials": search_cfg.search.num_trials, "seed": search_cfg.search.seed,
-                   "metric": search_cfg.search.metric, "spaces": spaces},
+        # the search policy (trials, seed, metric, ASHA) as `lofit-ray search` runs it: one search (lofit_ray.tuning)
+        "search": {**{f.name: getattr(search_cfg.search, f.name) for f in fields(SearchPolicy)}, "spaces": spaces},
         "mlflow": {"tracking_uri": search_cfg.mlflow.tracking_uri, "experiment": f"lofit-study-{name}"},
     }
     return build(ReproduceConfig, apply_overrides(data, overrides), "", normalize=_shorthands)

@@ -17,7 +17,8 @@ from .loading import build, coerce, config_file, from_dict, load_config, parse_s
 from .reproduce import (PAPER_METHODS, REPRODUCE_METHODS, REPRODUCE_TASKS, GatesSpace, ItiSpace, LofitSpace,
                         LoraSpace, MethodSpaces, OffsetSpace, ReftSpace, ReproduceConfig, ReproduceMLflowConfig,
                         ReproduceSearchConfig)
-from .search import DeepSpeedConfig, ScalingConfig, SearchConfig, SearchJobConfig, SearchSpaceConfig, Space
+from .search import (DeepSpeedConfig, ScalingConfig, SearchConfig, SearchJobConfig, SearchPolicy, SearchSpaceConfig,
+                     Space)
 from .sections import (SELECTION_METRICS, SELECTORS, ItiConfig, LoraConfig, MLflowConfig, Phase1Config, Phase2Config,
                        ReftConfig, TaskConfig, TrainingConfig)
 
@@ -25,7 +26,7 @@ __all__ = [
     "ConfigError", "build", "coerce", "config_file", "from_dict", "load_config", "parse_set", "shipped_configs",
     "to_dict", "PAPER_METHODS", "REPRODUCE_METHODS", "REPRODUCE_TASKS", "GatesSpace", "ItiSpace", "LofitSpace",
     "LoraSpace", "MethodSpaces", "OffsetSpace", "ReftSpace", "ReproduceConfig", "ReproduceMLflowConfig",
-    "ReproduceSearchConfig", "DeepSpeedConfig", "ScalingConfig", "SearchConfig", "SearchJobConfig",
+    "ReproduceSearchConfig", "DeepSpeedConfig", "ScalingConfig", "SearchConfig", "SearchJobConfig", "SearchPolicy",
     "SearchSpaceConfig", "Space", "SELECTION_METRICS", "SELECTORS", "ItiConfig", "LoraConfig", "MLflowConfig",
     "Phase1Config", "Phase2Config", "ReftConfig", "TaskConfig", "TrainingConfig",
 ]

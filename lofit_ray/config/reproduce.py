@@ -5,8 +5,8 @@ import typing
 from dataclasses import dataclass
 
 from .fields import ATTN_HELP, ConfigError, _at_least, _check_attn_implementation, _check_dtype, _help
-from .search import SearchSpaceConfig, Space
-from .sections import (SELECTION_METRICS, ItiConfig, LoraConfig, MLflowConfig, Phase1Config, Phase2Config, ReftConfig,
+from .search import SearchPolicy, SearchSpaceConfig, Space
+from .sections import (ItiConfig, LoraConfig, MLflowConfig, Phase1Config, Phase2Config, ReftConfig,
                        TaskConfig, TrainingConfig)
 
 
@@ -156,26 +156,17 @@ class MethodSpaces:
 
 
 @dataclass
-class ReproduceSearchConfig:
-    """One search per model x task x method x K, all of the same size on the same selection split: Optuna TPE
-    proposes, ASHA (Optuna's successive-halving pruner) stops weak trials after an epoch, the selection metric
-    picks. The chosen setting is then trained once per seed and scored once on the report split."""
+class ReproduceSearchConfig(SearchPolicy):
+    """One search per model x task x method x K, all of the same size on the same selection split, run the way
+    the search service runs its searches (lofit_ray.tuning: Optuna TPE proposes, ASHA stops weak trials after
+    an epoch, the selection metric picks). The chosen setting is then trained once per seed and scored once on
+    the report split."""
 
     SECTION: typing.ClassVar[str] = "search"
 
     num_trials: int = _help("trials per search: the same for every method", 6)
     seed: int = _help("seed of the sampler and of the training inside trials (cells then retrain with `seeds`)", 0)
-    metric: str = _help("selection metric (see the search job's search.metric): auto = MC2, or the reference "
-                        "answer's log-prob per token on generation tasks", "auto")
-    asha: bool = _help("stop weak trials early (successive halving on the per-epoch selection metric)", True)
-    reduction_factor: int = _help("ASHA: keep 1 in this many at each rung", 2)
     spaces: MethodSpaces = _help("what each method searches", factory=MethodSpaces)
-
-    def __post_init__(self):
-        _at_least(self.num_trials, 1, "search.num_trials")
-        _at_least(self.reduction_factor, 2, "search.reduction_factor")
-        if self.metric not in SELECTION_METRICS:
-            raise ConfigError(f"search.metric: '{self.metric}' is not one of {', '.join(SELECTION_METRICS)}")
 
 
 @dataclass

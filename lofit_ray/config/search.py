@@ -42,7 +42,7 @@ class Space:
         return list(self.values) if self.values is not None else [self.low, self.high]
 
     def suggest(self, trial, name: str):
-        """This space's value for an Optuna trial (the reproduction's searches; Ray Tune's come from search.py)."""
+        """This space's value for an Optuna trial (lofit_ray.tuning draws every search's trials with it)."""
         if self.values is not None:
             return trial.suggest_categorical(name, list(self.values))
         if self.integer:
@@ -65,6 +65,14 @@ class SearchSpaceConfig:
                                 "grad_x_act, random (l1 and phase1_lr matter only to selectors that read them)",
                                 factory=lambda: ["l1"])
 
+    def searched(self) -> dict[str, Space]:
+        """Every searched dimension as a Space, in the order trials draw them: K as an integer, the selector
+        as a categorical."""
+        k = self.k if self.k.values is not None else Space(low=self.k.low, high=self.k.high, log=self.k.log,
+                                                             integer=True)
+        return {"k": k, "selector": Space(values=list(self.selector)), "l1": self.l1, "phase1_lr": self.phase1_lr,
+                "phase2_lr": self.phase2_lr}
+
     def __post_init__(self):
         for name in ("k", "l1", "phase1_lr", "phase2_lr"):
             getattr(self, name).check(f"search.space.{name}")
@@ -85,11 +93,11 @@ class SearchSpaceConfig:
 
 
 @dataclass
-class SearchConfig:
-    SECTION: typing.ClassVar[str] = "search"
+class SearchPolicy:
+    """How one search runs, for the service and the study alike (lofit_ray.tuning): how many trials Optuna's
+    TPE proposes from which seed, the selection metric that ranks them, and ASHA's early stopping."""
 
     num_trials: int = _help("trials Optuna proposes", 4)
-    max_concurrent: int = _help("trials running at once", 1)
     seed: int = _help("Optuna's seed", 0)
     metric: str = _help("selection metric: auto (MC2 for multiple choice, the reference answer's log-prob per "
                         "token for generation: continuous, so a small selection split still ranks trials), "
@@ -99,6 +107,20 @@ class SearchConfig:
                        "evaluated once, after its last epoch: cheaper when an evaluation costs more than an epoch", True)
     grace_period: int = _help("ASHA: epochs every trial gets", 1)
     reduction_factor: int = _help("ASHA: keep 1 in this many at each rung", 2)
+
+    def __post_init__(self):
+        _at_least(self.num_trials, 1, "search.num_trials")
+        _at_least(self.grace_period, 1, "search.grace_period")
+        _at_least(self.reduction_factor, 2, "search.reduction_factor")
+        if self.metric not in SELECTION_METRICS:
+            raise ConfigError(f"search.metric: '{self.metric}' is not one of {', '.join(SELECTION_METRICS)}")
+
+
+@dataclass
+class SearchConfig(SearchPolicy):
+    SECTION: typing.ClassVar[str] = "search"
+
+    max_concurrent: int = _help("trials running at once", 1)
     space: SearchSpaceConfig = _help("what is searched", factory=SearchSpaceConfig)
     cost_aware: bool = _help("memoize phase 1, share reference log-probs, reuse loaded models", True)
     study_storage: str | None = _help("Optuna storage URL that keeps each model's study (history, importances: "
@@ -108,11 +130,9 @@ class SearchConfig:
                           "random head sets (seeds 0..N-1), scored on the report split beside it; 0 = none", 3)
 
     def __post_init__(self):
-        _at_least(self.num_trials, 1, "search.num_trials")
+        super().__post_init__()
         _at_least(self.controls, 0, "search.controls")
         _at_least(self.max_concurrent, 1, "search.max_concurrent")
-        if self.metric not in SELECTION_METRICS:
-            raise ConfigError(f"search.metric: '{self.metric}' is not one of {', '.join(SELECTION_METRICS)}")
 
 
 @dataclass

@@ -1,8 +1,8 @@
 """The Runner: plans a reproduce job's cells, runs those the record lacks, and keeps the record and MLflow current.
 
 Cells run one after another in this process (torch only). A cell's method is first searched, once per
-model x task x method x K, on the selection split (`search`: Optuna + ASHA, the same number of trials for
-every method); each method trains through its own object in lofit_ray.methods (`trained` dispatches), for
+model x task x method x K, on the selection split (`search`: lofit_ray.tuning's search, the one the search
+service runs, in process; the same number of trials for every method); each method trains through its own object in lofit_ray.methods (`trained` dispatches), for
 search trials and cells alike. The cell
 then trains the chosen setting with its own seed and scores the report split once; `run_cell` turns that
 into a record and a nested MLflow run. Each phase-1 ranking (model, task, seed, phase-1 lr and L1) is
@@ -30,9 +30,9 @@ from ..models import check_spec, load_model, spec_slug
 from ..splits import split_spec, splits_from_spec
 from ..selectors import select_heads
 from ..train import phase1_key
+from ..tuning import run_in_process
 from .cells import cell_setting, k_values, plan_cells, search_id, search_setting
 from .record import JSON_NAME, Results, hardware, metric_part, now, write_atomic
-from .tuning import run_search
 
 HEADS_DIR = "heads"  # <out-dir>/heads/: phase-1 rankings, reused by --resume
 SEARCHES_DIR = "searches"  # <out-dir>/searches/: one Optuna journal per search, so --resume keeps its trials
@@ -217,7 +217,7 @@ class Runner:
         print(f"[reproduce] search {sid}: {cfg.num_trials} trials on the selection split (n={len(s.select)})",
               flush=True)
         journal = self.out_dir / SEARCHES_DIR / f"{setting}__{sid.replace('|', '__').replace('=', '')}.journal"
-        found = run_search(objective, space, cfg, journal, name=sid, epoched=epoched, on_trial=on_trial)
+        found = run_in_process(objective, space, cfg, journal, name=sid, epoched=epoched, on_trial=on_trial)
         found.update(setting=setting, metric=cfg.metric, n_select=len(s.select), journal=str(
             journal.relative_to(self.out_dir)), finished_at=now())
         searches[sid] = found

@@ -106,7 +106,8 @@ def register_adapter(tracking_uri: str, name: str, run_id: str, tags: dict) -> s
 
 def best_version(tracking_uri: str, name: str, tag: str = "sel_metric",
                  select_fingerprint: str | None = None) -> tuple[str, str] | None:
-    """(version, run_id) of the registered version with the highest numeric ``tag``, or None.
+    """(version, run_id) of the registered version with the highest numeric ``tag``, or None; a tie goes to
+    the earlier version (lofit_ray.tuning: the earlier trial wins a tie).
 
     With ``select_fingerprint``, only versions scored on that same selection split and metric (tag
     lofit.select_fp) compete: a score on another split or metric is not comparable, however high."""
@@ -116,7 +117,7 @@ def best_version(tracking_uri: str, name: str, tag: str = "sel_metric",
     except MlflowException:
         return None
     best = None
-    for v in versions:
+    for v in sorted(versions, key=lambda v: int(v.version)):
         if select_fingerprint is not None and v.tags.get(SELECT_FP_TAG) != select_fingerprint:
             continue
         try:
