@@ -74,3 +74,24 @@ def test_the_wheel_holds_the_configs_and_the_lm_eval_tasks(tmp_path):
     head_set = json.loads((tmp_path / "heads.json").read_text())
     assert head_set["model"] == "tiny-llama" and head_set["k"] == 2 and len(head_set["ranking"]) == 16
 
+
+
+def test_every_command_help_renders():
+    """`lofit-ray <command> --help` prints for every command and sub-command (a bare % in a help string
+    once made `lofit-ray --help` itself a traceback)."""
+    import argparse
+
+    from lofit_ray.cli import build_parser
+
+    def walk(parser, path):
+        yield path, parser
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    yield from walk(sub, [*path, name])
+
+    seen = []
+    for path, parser in walk(build_parser(), ["lofit-ray"]):
+        assert parser.format_help().startswith("usage:"), path
+        seen.append(" ".join(path))
+    assert {"lofit-ray", "lofit-ray study", "lofit-ray heads list", "lofit-ray compare"} <= set(seen)

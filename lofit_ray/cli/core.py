@@ -219,7 +219,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--out", default=None, help="metrics JSON; the per-item rows go beside it (NAME.items.jsonl)")
 
     p = sub.add_parser("compare", help="paired difference of two recorded evaluations of the same items, "
-                       "with its 95% interval and p-value")
+                       "with its 95%% interval and p-value")
     p.add_argument("a", help="`eval --out` file (.json or .items.jsonl), MLflow run id or models:/NAME@ALIAS, "
                              "each optionally #RECORD (e.g. RUN_ID#report_zero_shot-smollm2-135m)")
     p.add_argument("b", help="the same kinds as A")
