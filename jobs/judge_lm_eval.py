@@ -38,7 +38,7 @@ def main(argv=None) -> int:
     start = time.time()
     if cli(["export", "--model", args.model, "--adapter", args.adapter, "--out", str(work / "merged")]) != 0:
         return 1
-    if cli(["eval", "--model", args.model, "--task", "truthfulqa", "--split", args.split, "--adapter", args.adapter,
+    if cli(["eval", "--model", args.model, "--task", "truthfulqa", "--eval-split", args.split, "--adapter", args.adapter,
             "--out", str(work / "ours.json"), *limit]) != 0:
         return 1
     ours = json.loads((work / "ours.json").read_text())

@@ -306,11 +306,11 @@ def test_cli_iti_then_eval(tmp_path, capsys):
 
 
 @needs_data
-def test_cli_lora_train_eval_then_lora_eval(tmp_path, capsys):
+def test_cli_lora_train_eval_then_eval_the_lora_adapter(tmp_path, capsys):
     from lofit_ray.cli import main
 
     out = tmp_path / "lora"
-    rc = main(["lora", "--model", "tiny-llama", "--task", "truthfulqa", "--limit", "4", "--epochs", "1",
+    rc = main(["lora", "--model", "tiny-llama", "--task", "truthfulqa", "--limit", "4", "--lora-epochs", "1",
                "--batch-size", "2", "--max-length", "64", "--rank", "4", "--targets", "q_proj,v_proj", "o_proj",
                "--eval", "--eval-limit", "2", "--out", str(out)])
     text = capsys.readouterr().out
@@ -319,11 +319,12 @@ def test_cli_lora_train_eval_then_lora_eval(tmp_path, capsys):
     expected = 4 * 4 * ((64 + 64) + (64 + 32) + (64 + 64))
     assert f"{expected} trainable parameters" in line and "mc1=" in line and "dpo final loss" in line, line
     assert (out / "adapter_model.safetensors").is_file()
-    rc = main(["lora-eval", "--model", "tiny-llama", "--task", "truthfulqa", "--limit", "2", "--adapter", str(out),
-               "--out", str(tmp_path / "m.json")])
+    # `eval` scores a LoRA adapter too, on the base model it records
+    rc = main(["eval", "--task", "truthfulqa", "--limit", "2", "--adapter", str(out), "--out", str(tmp_path / "m.json")])
     assert rc == 0, capsys.readouterr().out
     metrics = json.loads((tmp_path / "m.json").read_text())
     assert metrics["n"] == 2 and metrics["lora_parameters"] == expected and metrics["method"] == "lora"
+    assert metrics["model"] == "tiny-llama" and metrics["mc2_ci_low"] <= metrics["mc2"] <= metrics["mc2_ci_high"]
 
 
 def test_cli_rejects_bad_alphas(capsys):

@@ -265,12 +265,16 @@ def test_cli_select_tune_eval_export_end_to_end(tmp_path):
         return res.stdout
 
     common = ["--model", "tiny-llama", "--task", "truthfulqa"]
-    out = cli("select", *common, "--limit", "8", "--k", "3", "--epochs", "1", "--out", str(tmp_path / "h.json"))
+    out = cli("select", *common, "--limit", "8", "--k", "3", "--phase1-epochs", "1", "--out", str(tmp_path / "h.json"))
     assert "selected 3 of 16 heads" in out
-    cli("train", *common, "--limit", "8", "--heads", str(tmp_path / "h.json"), "--epochs", "1", "--out",
-        str(tmp_path / "ad"))
-    cli("eval", *common, "--limit", "3", "--adapter", str(tmp_path / "ad"), "--out", str(tmp_path / "m.json"))
+    # train, eval and export take the model the head set / adapter records when --model is not given
+    cli("train", "--task", "truthfulqa", "--limit", "8", "--heads", str(tmp_path / "h.json"), "--phase2-epochs", "1",
+        "--out", str(tmp_path / "ad"))
+    out = cli("eval", "--task", "truthfulqa", "--limit", "3", "--adapter", str(tmp_path / "ad"), "--out",
+              str(tmp_path / "m.json"))
+    assert "on tiny-llama" in out
     metrics = json.loads((tmp_path / "m.json").read_text())
+    assert metrics["model"] == "tiny-llama"
     assert metrics["n"] == 3 and 0 <= metrics["mc2"] <= 1 and metrics["wall_seconds"] > 0
     assert metrics["mc2_ci_low"] <= metrics["mc2"] <= metrics["mc2_ci_high"]
     rows = [json.loads(line) for line in (tmp_path / "m.items.jsonl").read_text().splitlines()]
@@ -287,18 +291,27 @@ def test_cli_select_tune_eval_export_end_to_end(tmp_path):
     cli("eval", *common, "--limit", "2", "--out", str(tmp_path / "two.json"))
     bad = _cli("compare", str(tmp_path / "m.json"), str(tmp_path / "two.json"))
     assert bad.returncode == 2 and "did not score the same items" in bad.stderr
-    cli("export", "--model", "tiny-llama", "--adapter", str(tmp_path / "ad"), "--out", str(tmp_path / "merged"))
+    cli("export", "--adapter", str(tmp_path / "ad"), "--out", str(tmp_path / "merged"))
     assert (tmp_path / "merged" / "config.json").is_file()
     bad = _cli("select", *common, "--k", "99")
     assert bad.returncode == 2 and "choose K in 1..16" in bad.stderr and "--k 99" in bad.stderr
     # a ranking without K (select without --k): tune needs --k, and says so before loading the model
-    out = cli("select", *common, "--random", "--out", str(tmp_path / "r.json"))
+    out = cli("select", *common, "--selector", "random", "--out", str(tmp_path / "r.json"))
     assert "ranked all 16 heads (random)" in out and json.loads((tmp_path / "r.json").read_text())["k"] is None
     bad = _cli("train", *common, "--heads", str(tmp_path / "r.json"), "--model", "no-such-model")
     assert bad.returncode == 2 and "--k is required" in bad.stderr, bad.stderr
-    out = cli("train", *common, "--limit", "4", "--heads", str(tmp_path / "r.json"), "--k", "2", "--epochs", "1",
-              "--batch-size", "4", "--out", str(tmp_path / "ad2"))
+    out = cli("train", *common, "--limit", "4", "--heads", str(tmp_path / "r.json"), "--k", "2", "--phase2-epochs",
+              "1", "--batch-size", "4", "--out", str(tmp_path / "ad2"))
     assert "trained offsets on 2 heads" in out
+    # fit: both phases in one command, the ranking saved beside the adapter
+    out = cli("fit", *common, "--limit", "8", "--k", "3", "--phase1-epochs", "1", "--phase2-epochs", "1", "--out",
+              str(tmp_path / "fitted"))
+    assert "trained offsets on 3 heads" in out and (tmp_path / "fitted" / "offsets.safetensors").is_file()
+    fitted = json.loads((tmp_path / "fitted" / "heads.json").read_text())
+    assert fitted["k"] == 3 and len(fitted["ranking"]) == 16
+    # the phase-1 knobs of fit are the ones select takes: the same flags give the same ranking
+    cli("select", *common, "--limit", "8", "--k", "3", "--phase1-epochs", "1", "--out", str(tmp_path / "h3.json"))
+    assert json.loads((tmp_path / "h3.json").read_text())["ranking"] == fitted["ranking"]
 
 
 def test_cli_select_rejects_k_below_one_before_loading_a_model(monkeypatch, capsys):
@@ -309,8 +322,8 @@ def test_cli_select_rejects_k_below_one_before_loading_a_model(monkeypatch, caps
     assert main(["select", "--model", "tiny-llama", "--k", "0"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("lofit-ray select: error: --k 0") and "at least 1" in err
-    assert main(["select", "--model", "tiny-llama", "--lr", "-1"]) == 2  # config checks name flag and field
-    assert "--lr (phase1.lr)" in capsys.readouterr().err
+    assert main(["select", "--model", "tiny-llama", "--phase1-lr", "-1"]) == 2  # config checks name flag and field
+    assert "--phase1-lr (phase1.lr)" in capsys.readouterr().err
 
 
 def test_cli_search_config_error_exits_before_ray(tmp_path):

@@ -421,10 +421,10 @@ def _bad_files(tmp: Path) -> dict:
         "search, wrong type": [REPO / "jobs" / "search.py", "--config", "typed.yaml"],
         "search, broken --set": [REPO / "jobs" / "search.py", "--config", "typed.yaml", "--set", "search.seed=["],
         "search, broken task file": [REPO / "jobs" / "search.py", "--config", "task.yaml"],
-        "eval, broken JSONL": ["-m", "lofit_ray.cli", "eval", "--task", "jsonl", "--split", "rows.jsonl",
+        "eval, broken JSONL": ["-m", "lofit_ray.cli", "eval", "--task", "jsonl", "--eval-split", "rows.jsonl",
                                "--model", "tiny-llama"],
         "train, broken head set": ["-m", "lofit_ray.cli", "train", "--heads", "heads.json", "--model", "tiny-llama",
-                                   "--task", "jsonl", "--split", "rows.jsonl", "--k", "2"],
+                                   "--task", "jsonl", "--train-split", "rows.jsonl", "--k", "2"],
         "reproduce, not UTF-8": [REPO / "jobs" / "reproduce.py", "--config", "latin1.yaml", "--out-dir", "out"],
     }
 

@@ -332,7 +332,7 @@ def test_cli_heads_show(store, capsys):
 
 def test_cli_heads_compare(store, capsys):
     a, b = store["children"]
-    assert run_cli(["heads", "compare", a, b, "--tracking-uri", store["uri"]]) == 0
+    assert run_cli(["heads", "overlap", a, b, "--tracking-uri", store["uri"]]) == 0
     out = capsys.readouterr().out
     expected = jaccard(store["sets"][0], store["sets"][1])
     pair = next(line for line in out.splitlines() if line.startswith(a[:8]) and b[:8] in line)
@@ -342,7 +342,7 @@ def test_cli_heads_compare(store, capsys):
     other = make_head_set(11, task="clutrr", method="random")
     path = store["root"] / "clutrr.json"
     other.to_json(path)
-    assert run_cli(["heads", "compare", a, str(path), f"models:/{store['name']}/2", "--k", "4",
+    assert run_cli(["heads", "overlap", a, str(path), f"models:/{store['name']}/2", "--k", "4",
                     "--tracking-uri", store["uri"]]) == 0
     out = capsys.readouterr().out
     assert "K=4" in out.splitlines()[-1] and "3 pairs" in out.splitlines()[-1]
@@ -350,7 +350,7 @@ def test_cli_heads_compare(store, capsys):
 
 def test_cli_heads_errors(store, tmp_path, capsys):
     uri = store["uri"]
-    assert run_cli(["heads", "compare", store["children"][0], store["wide_run"], "--tracking-uri", uri]) == 2
+    assert run_cli(["heads", "overlap", store["children"][0], store["wide_run"], "--tracking-uri", uri]) == 2
     err = capsys.readouterr().err
     assert "different shapes" in err and "4 layers x 4 heads" in err and "6 layers x 8 heads" in err
     assert run_cli(["heads", "show", "f" * 32, "--tracking-uri", uri]) == 2

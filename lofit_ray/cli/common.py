@@ -50,8 +50,19 @@ TRACKING_URI_HELP = ("MLflow tracking URI (default $MLFLOW_TRACKING_URI, else sq
 
 # -- flags from config dataclasses -----------------------------------------------------------------
 
+# Knobs that several sections have carry their section in the flag, as in search.space (phase1_lr, phase2_lr):
+# --phase1-lr, --phase2-epochs, --lora-lr. Every other flag is its field's own name (--l1, --selector, --k).
+SECTIONED = ("lr", "epochs")
+
+
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
+
+
+def _dest(cls, name: str) -> str:
+    """The parsed-argument name of field `name` of config `cls`: phase1_lr for Phase1Config.lr, else the name."""
+    section = getattr(cls, "SECTION", None)
+    return f"{section}_{name}" if name in SECTIONED and section else name
 
 
 def _default(f: dataclasses.Field):
@@ -80,38 +91,39 @@ def add_config_flags(parser: argparse.ArgumentParser, cls, fields: tuple[str, ..
     for f in dataclasses.fields(cls):
         if fields is not None and f.name not in fields:
             continue
-        hint, default = hints[f.name], _default(f)
+        hint, default, dest = hints[f.name], _default(f), _dest(cls, f.name)
         text = f.metadata.get("help", "").replace("%", "%%")
         if hint is bool:
-            group.add_argument(_flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction, default=default,
+            group.add_argument(_flag(dest), dest=dest, action=argparse.BooleanOptionalAction, default=default,
                                help=f"{text} (default: {'on' if default else 'off'})")
         elif typing.get_origin(hint) is list:
-            group.add_argument(_flag(f.name), dest=f.name, nargs="+", default=default, metavar="VALUE",
+            group.add_argument(_flag(dest), dest=dest, nargs="+", default=default, metavar="VALUE",
                                help=f"{text}; space- or comma-separated (default: {_show(default)})")
         else:
-            group.add_argument(_flag(f.name), dest=f.name, type=_scalar(hint) or str, default=default,
+            group.add_argument(_flag(dest), dest=dest, type=_scalar(hint) or str, default=default,
                                help=f"{text} (default: {_show(default)})")
 
 
 def config_from_args(cls, args: argparse.Namespace, fields: tuple[str, ...] | None = None):
     """Build `cls` back from the parsed flags (fields not on the command line keep their defaults).
 
-    Errors are ConfigError naming the flag and the config field, e.g. "--lr (phase1.lr): ...".
+    Errors are ConfigError naming the flag and the config field, e.g. "--phase1-lr (phase1.lr): ...".
     """
     hints = typing.get_type_hints(cls)
     section = getattr(cls, "SECTION", None)
     kwargs = {}
     for f in dataclasses.fields(cls):
-        if (fields is not None and f.name not in fields) or not hasattr(args, f.name):
+        dest = _dest(cls, f.name)
+        if (fields is not None and f.name not in fields) or not hasattr(args, dest):
             continue
-        value = getattr(args, f.name)
+        value = getattr(args, dest)
         if typing.get_origin(hint := hints[f.name]) is list and isinstance(value, list):
             item = typing.get_args(hint)[0]
             parts = [p for v in value for p in str(v).replace(" ", "").split(",") if p]
             try:
                 value = [item(p) for p in parts] if item in (int, float) else parts
             except ValueError:
-                raise ConfigError(f"{_flag(f.name)} {' '.join(map(str, getattr(args, f.name)))!r}: give "
+                raise ConfigError(f"{_flag(dest)} {' '.join(map(str, getattr(args, dest)))!r}: give "
                                   f"{item.__name__} values, e.g. {_show(_default(f))}") from None
         kwargs[f.name] = value
     try:
@@ -121,7 +133,7 @@ def config_from_args(cls, args: argparse.Namespace, fields: tuple[str, ...] | No
         for name in kwargs:
             prefix = f"{section}.{name}:" if section else f"{name}:"
             if text.startswith(prefix):
-                text = f"{_flag(name)} ({prefix[:-1]}):{text[len(prefix):]}"
+                text = f"{_flag(_dest(cls, name))} ({prefix[:-1]}):{text[len(prefix):]}"
                 break
         raise ConfigError(text) from None
 
@@ -136,11 +148,15 @@ def field_default(cls, name: str):
 
 # -- model and task ----------------------------------------------------------------------------------
 
-def add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="smollm2-135m",
+DEFAULT_MODEL = "smollm2-135m"
+
+
+def add_model_args(p: argparse.ArgumentParser, default_from_adapter: bool = False) -> None:
+    p.add_argument("--model", default=None,
                    help="bundled name (smollm2-135m, gemma3-270m), local checkpoint dir, .gguf file, Hugging Face "
                         "hub id (owner/name or owner/name@revision: downloaded once into the HF cache; "
-                        "HF_HUB_OFFLINE=1 reads only the cache), or tiny-<family>")
+                        "HF_HUB_OFFLINE=1 reads only the cache), or tiny-<family> (default: "
+                        + ("the base model the adapter records" if default_from_adapter else DEFAULT_MODEL) + ")")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
                    help="float32 on CPU; bfloat16 on GPU")
     p.add_argument("--attn-implementation", default="auto", choices=ATTN_IMPLEMENTATIONS,
@@ -148,13 +164,22 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu")
 
 
-def add_task_args(p: argparse.ArgumentParser, split_help: str) -> None:
+# The splits a command reads, by role; every command names a split by what it does with it.
+SPLIT_HELP = {
+    "train": "split name or file to train on (default: train)",
+    "select": "split name or file a setting is chosen on, e.g. ITI's alpha (default: val)",
+    "eval": "split name or file to score (default: val)",
+}
+
+
+def add_task_args(p: argparse.ArgumentParser, splits: tuple[str, ...]) -> None:
     p.add_argument("--task", default=field_default(TaskConfig, "name"),
                    help=field_help(TaskConfig, "name") + "; or a search YAML whose task section describes your own task")
     p.add_argument("--data-dir", default=None, help=field_help(TaskConfig, "data_dir"))
     p.add_argument("--source", default=None, help=field_help(TaskConfig, "source"))
-    p.add_argument("--split", default=None, help=split_help)
-    p.add_argument("--limit", type=int, default=None, help="use only the first N examples")
+    for role in splits:
+        p.add_argument(f"--{role}-split", default=None, help=SPLIT_HELP[role])
+    p.add_argument("--limit", type=int, default=None, help="use only the first N examples of each split")
 
 
 def add_eval_batch_size(p: argparse.ArgumentParser) -> None:
@@ -162,19 +187,15 @@ def add_eval_batch_size(p: argparse.ArgumentParser) -> None:
                    help="items scored per forward pass (default: %(default)s)")
 
 
-TRAIN_SPLIT_HELP = "training split name or file (default: train)"
-EVAL_SPLIT_HELP = "evaluation split name or file (default: val)"
-
-
-def add_model_command(sub, name: str, help: str, func, split_help: str | None = None,
-                      configs: tuple = (), aliases: tuple = ()) -> argparse.ArgumentParser:
-    """A sub-command on one model: --model/--dtype/--device, the task flags (when split_help is given)
-    and the flags of each config dataclass in `configs`."""
-    p = sub.add_parser(name, help=help, aliases=list(aliases))
+def add_model_command(sub, name: str, help: str, func, splits: tuple[str, ...] = (), configs: tuple = (),
+                      default_from_adapter: bool = False) -> argparse.ArgumentParser:
+    """A sub-command on one model: --model/--dtype/--device, the task flags and one --ROLE-split per role in
+    `splits` (none: no task), and the flags of each config dataclass in `configs`."""
+    p = sub.add_parser(name, help=help)
     p.set_defaults(func=func)
-    add_model_args(p)
-    if split_help is not None:
-        add_task_args(p, split_help)
+    add_model_args(p, default_from_adapter)
+    if splits:
+        add_task_args(p, splits)
     for cls in configs:
         add_config_flags(p, cls)
     return p
@@ -193,9 +214,11 @@ def task_from_args(args, train: str | None = None, eval: str | None = None):
     return get_task(args.task, data_dir=args.data_dir, source=args.source)
 
 
-def load(args):
+def load(args, base_model: str | None = None):
+    """The model of --model; without it, `base_model` (the one an adapter records), else the default."""
     from ..models import load_model
 
+    args.model = args.model or base_model or DEFAULT_MODEL
     return load_model(args.model, dtype=args.dtype, device=args.device,
                       attn_implementation=getattr(args, "attn_implementation", "auto"))
 

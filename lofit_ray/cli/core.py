@@ -1,12 +1,14 @@
-"""`lofit-ray prepare-model | select | train | eval | export | ui`: LoFiT's two phases and their outputs.
+"""`lofit-ray prepare-model | select | train | fit | eval | compare | export | ui`: LoFiT's two phases and their outputs.
 
     lofit-ray select  --model smollm2-135m --task truthfulqa --out heads.json [--k 16] [--selector l1|gates|grad|grad_x_act|random]
     lofit-ray train   --model smollm2-135m --task truthfulqa --heads heads.json --k 16 --out adapter/
-    lofit-ray eval    --model smollm2-135m --task truthfulqa [--adapter adapter/ | models:/NAME@champion]
-    lofit-ray export  --model smollm2-135m --adapter adapter/ --out merged/
+    lofit-ray fit     --model smollm2-135m --task truthfulqa --k 16 --out adapter/      (select, then train)
+    lofit-ray eval    --task truthfulqa [--adapter adapter/ | lora-adapter/ | models:/NAME@champion]
+    lofit-ray export  --adapter adapter/ --out merged/
 
-Training flags come from the config dataclasses (TrainingConfig, Phase1Config, Phase2Config),
-so the defaults are the same as in a search job's YAML.
+Training flags come from the config dataclasses (TrainingConfig, Phase1Config, Phase2Config), so the defaults
+are the same as in a search job's YAML. A knob that both phases have carries its phase, as in search.space:
+--phase1-lr, --phase1-epochs, --phase2-lr, --phase2-epochs.
 """
 from __future__ import annotations
 
@@ -15,12 +17,10 @@ import sys
 import time
 import urllib.parse
 from pathlib import Path
-from dataclasses import replace
 
 from ..config import Phase1Config, Phase2Config, TrainingConfig
-from .common import (EVAL_SPLIT_HELP, TRACKING_URI_HELP, TRAIN_SPLIT_HELP, add_eval_batch_size, add_model_command,
-                     check_k, config_from_args, format_intervals, load, require, resolve_adapter,
-                     task_from_args, write_json)
+from .common import (TRACKING_URI_HELP, add_eval_batch_size, add_model_command, check_k, config_from_args,
+                     format_intervals, load, require, resolve_adapter, task_from_args, write_json)
 
 
 def _heads(pairs) -> str:
@@ -34,33 +34,44 @@ def cmd_prepare_model(args):
         print(f"{spec}: {local_dir(spec)}")
 
 
-def cmd_select(args):
+def _ranked(args, training: TrainingConfig, phase1: Phase1Config, for_training: bool = False):
+    """Phase 1 on --train-split: (the loaded model, the task, its training examples, the head set). A random
+    ranking reads no data unless phase 2 follows (for_training)."""
     from ..selectors import select_heads
 
-    check_k(args.k)
-    training = config_from_args(TrainingConfig, args)
-    phase1 = config_from_args(Phase1Config, args)
-    if args.random:
-        phase1 = replace(phase1, selector="random")
-    start = time.time()
     loaded = load(args)
     layout = loaded.layout
     if args.k is not None and args.k > layout.total_heads:
         raise ValueError(f"--k {args.k} is larger than {args.model}'s {layout.total_heads} heads ({layout.num_layers} "
                          f"layers x {layout.num_heads}); choose K in 1..{layout.total_heads}")
-    task = task_from_args(args, train=args.split)
-    examples = [] if phase1.selector == "random" else task.train_examples(args.split, limit=args.limit)
-    head_set = select_heads(loaded, examples, training, phase1, task=task.name, progress=True)
-    if args.k is not None:
-        head_set = head_set.with_k(args.k)
+    task = task_from_args(args, train=args.train_split)
+    examples = [] if phase1.selector == "random" and not for_training else \
+        task.train_examples(args.train_split, limit=args.limit)
+    head_set = select_heads(loaded, [] if phase1.selector == "random" else examples, training, phase1,
+                            task=task.name, progress=True)
+    return loaded, task, examples, head_set.with_k(args.k) if args.k is not None else head_set
+
+
+def cmd_select(args):
+    check_k(args.k)
+    training, phase1 = config_from_args(TrainingConfig, args), config_from_args(Phase1Config, args)
+    start = time.time()
+    loaded, _, _, head_set = _ranked(args, training, phase1)
     head_set.to_json(args.out)
     took = f"-> {args.out} [{time.time() - start:.0f}s]"
+    total = loaded.layout.total_heads
     if head_set.k is None:
-        print(f"ranked all {layout.total_heads} heads ({head_set.method}) on {args.model}, best first: "
+        print(f"ranked all {total} heads ({head_set.method}) on {args.model}, best first: "
               f"{_heads((l, h) for l, h, _ in head_set.ranking[:8])} ... {took}; choose K with `lofit-ray train --k`")
     else:
-        print(f"selected {head_set.k} of {layout.total_heads} heads ({head_set.method}) on {args.model}: "
+        print(f"selected {head_set.k} of {total} heads ({head_set.method}) on {args.model}: "
               f"{_heads(head_set.top()[:8])}{' ...' if head_set.k > 8 else ''} {took}")
+
+
+def _trained(adapter, out: str, start: float) -> None:
+    adapter.save_pretrained(out)
+    print(f"trained offsets on {len(adapter.config.heads)} heads ({adapter.num_parameters} parameters), "
+          f"final loss {adapter.config.hparams['final_loss']:.4f} -> {out} [{time.time() - start:.0f}s]")
 
 
 def cmd_train(args):
@@ -68,8 +79,7 @@ def cmd_train(args):
     from ..train import train_offsets
 
     check_k(args.k)
-    training = config_from_args(TrainingConfig, args)
-    phase2 = config_from_args(Phase2Config, args)
+    training, phase2 = config_from_args(TrainingConfig, args), config_from_args(Phase2Config, args)
     head_set = HeadSet.from_json(args.heads)
     if args.k is None and head_set.k is None:
         total = head_set.layout["num_layers"] * head_set.layout["num_heads"]
@@ -79,13 +89,33 @@ def cmd_train(args):
         raise ValueError(f"--k {args.k} is larger than the {len(head_set.ranking)} heads ranked in {args.heads}; "
                          f"lower --k")
     start = time.time()
-    loaded = load(args)
-    task = task_from_args(args, train=args.split)
-    examples = task.train_examples(args.split, limit=args.limit)
+    loaded = load(args, base_model=head_set.model)
+    task = task_from_args(args, train=args.train_split)
+    examples = task.train_examples(args.train_split, limit=args.limit)
+    _trained(train_offsets(loaded, head_set, args.k, examples, training, phase2, task=task.name, progress=True),
+             args.out, start)
+
+
+def cmd_fit(args):
+    """Both phases in this process, no Ray: rank the heads, train offsets on the top K, save both."""
+    from ..train import train_offsets
+
+    check_k(args.k)
+    training = config_from_args(TrainingConfig, args)
+    phase1, phase2 = config_from_args(Phase1Config, args), config_from_args(Phase2Config, args)
+    start = time.time()
+    loaded, task, examples, head_set = _ranked(args, training, phase1, for_training=True)
     adapter = train_offsets(loaded, head_set, args.k, examples, training, phase2, task=task.name, progress=True)
-    adapter.save_pretrained(args.out)
-    print(f"trained offsets on {len(adapter.config.heads)} heads ({adapter.num_parameters} parameters), "
-          f"final loss {adapter.config.hparams['final_loss']:.4f} -> {args.out} [{time.time() - start:.0f}s]")
+    _trained(adapter, args.out, start)
+    head_set.to_json(Path(args.out) / "heads.json")
+    print(f"heads ({head_set.method}, top {args.k} of {loaded.layout.total_heads}): {_heads(head_set.top()[:8])}"
+          f"{' ...' if args.k > 8 else ''}; the whole ranking -> {Path(args.out) / 'heads.json'}")
+
+
+def _is_lora(ref: str) -> bool:
+    from ..baselines.lora import META_NAME
+
+    return (Path(ref) / META_NAME).is_file()
 
 
 def cmd_eval(args):
@@ -93,17 +123,33 @@ def cmd_eval(args):
     from ..evidence import with_intervals, write_rows
 
     start = time.time()
-    loaded = load(args)
-    task = task_from_args(args, eval=args.split)
-    items = task.eval_items(args.split, limit=args.limit)
-    label = "0-shot"
-    if args.adapter:
+    adapter, lora_dir, label, base, extra = None, None, "0-shot", None, {}
+    if args.adapter and _is_lora(args.adapter):
+        import json
+
+        from ..baselines.lora import META_NAME
+
+        lora_dir = args.adapter
+        base = json.loads((Path(lora_dir) / META_NAME).read_text()).get("base_model")
+    elif args.adapter:
         adapter = resolve_adapter(args.adapter)
+        base = adapter.config.base_model
+    loaded = load(args, base_model=base)
+    task = task_from_args(args, eval=args.eval_split)
+    items = task.eval_items(args.eval_split, limit=args.limit)
+    if lora_dir is not None:
+        require("peft", "baselines")
+        from ..baselines import lora
+
+        peft_model = lora.load_lora(loaded, lora_dir)
+        loaded, n = lora.lora_loaded(loaded, peft_model), lora.count_lora_parameters(peft_model)
+        label, extra = f"LoRA {lora_dir} ({n} parameters)", {"method": "lora", "lora_parameters": n}
+    elif adapter is not None:
         adapter.attach(loaded.model, loaded.fingerprint)
         label = f"adapter {args.adapter} ({len(adapter.config.heads)} heads)"
     metrics, rows = evaluate_items(loaded, items, batch_size=args.batch_size, progress=True)
     metrics.update(with_intervals(rows))
-    metrics.update(model=args.model, task=task.name, adapter=args.adapter, split=args.split or "val",
+    metrics.update(model=args.model, task=task.name, adapter=args.adapter, split=args.eval_split or "val", **extra,
                    wall_seconds=round(time.time() - start, 1))
     written = ""
     if args.out:
@@ -145,8 +191,8 @@ def cmd_compare(args):
 
 def cmd_export(args):
     start = time.time()
-    loaded = load(args)
     adapter = resolve_adapter(args.adapter)
+    loaded = load(args, base_model=adapter.config.base_model)
     adapter.check_compatible(loaded.model, loaded.fingerprint)
     out = adapter.export(loaded, args.out)
     print(f"merged {len(adapter.config.heads)} head offsets into o_proj biases -> {out} "
@@ -196,25 +242,31 @@ def add_parsers(sub) -> None:
     p.add_argument("models", nargs="+")
     p.set_defaults(func=cmd_prepare_model)
 
-    p = add_model_command(sub, "select", "phase 1: learn head scales with L1, write the head ranking as JSON",
-                          cmd_select, TRAIN_SPLIT_HELP, (TrainingConfig, Phase1Config))
+    p = add_model_command(sub, "select", "phase 1: rank every head (the paper: scales A with an L1 penalty), "
+                          "write the ranking as JSON", cmd_select, ("train",), (TrainingConfig, Phase1Config))
     p.add_argument("--k", type=int, default=None,
                    help="store K as the head set's default for `train` (about 3-10%% of all heads); "
                         "default: none, give --k to `train`")
-    p.add_argument("--random", action="store_true", help="the same as --selector random: a seeded random ranking (the control); no training")
     p.add_argument("--out", default="heads.json")
 
     p = add_model_command(sub, "train", "phase 2: learn offsets on the top-K heads of a head set, write an adapter "
-                          "dir (`tune` is its old name)", cmd_train, TRAIN_SPLIT_HELP, (TrainingConfig, Phase2Config),
-                          aliases=("tune",))
-    p.add_argument("--heads", required=True, help="head set JSON from `lofit-ray select`")
+                          "dir", cmd_train, ("train",), (TrainingConfig, Phase2Config), default_from_adapter=True)
+    p.add_argument("--heads", required=True, help="head set JSON from `lofit-ray select` (its model is the default "
+                                                  "--model)")
     p.add_argument("--k", type=int, default=None,
                    help="take the top K heads of the ranking (default: the head set's own K; required if it has none)")
     p.add_argument("--out", default="adapter")
 
-    p = add_model_command(sub, "eval", "score the base model or an adapter; writes JSON metrics with n and wall time",
-                          cmd_eval, EVAL_SPLIT_HELP)
-    p.add_argument("--adapter", default=None, help="adapter directory or models:/NAME@ALIAS")
+    p = add_model_command(sub, "fit", "both phases in one process, no Ray: rank the heads, train offsets on the top "
+                          "K, write the adapter dir (with heads.json)", cmd_fit, ("train",),
+                          (TrainingConfig, Phase1Config, Phase2Config))
+    p.add_argument("--k", type=int, required=True, help="heads phase 2 trains (about 3-10%% of all heads)")
+    p.add_argument("--out", default="adapter")
+
+    p = add_model_command(sub, "eval", "score the base model or an adapter (LoFiT, ITI or LoRA); writes JSON "
+                          "metrics with n, intervals and wall time", cmd_eval, ("eval",), default_from_adapter=True)
+    p.add_argument("--adapter", default=None, help="adapter directory (from train, fit, iti or lora) or "
+                                                   "models:/NAME@ALIAS")
     add_eval_batch_size(p)
     p.add_argument("--out", default=None, help="metrics JSON; the per-item rows go beside it (NAME.items.jsonl)")
 
@@ -229,7 +281,7 @@ def add_parsers(sub) -> None:
     p.set_defaults(func=cmd_compare)
 
     p = add_model_command(sub, "export", "merge an adapter into o_proj biases and save a plain transformers model",
-                          cmd_export)
+                          cmd_export, default_from_adapter=True)
     p.add_argument("--adapter", required=True, help="adapter directory or models:/NAME@ALIAS")
     p.add_argument("--out", required=True)
 

@@ -2,7 +2,7 @@
 
     lofit-ray heads list     [--model M] [--task T]          runs with a head set, metrics, versions, champion
     lofit-ray heads show     REF [--k K] [--limit N]          ranked heads, top K marked, per-layer histogram
-    lofit-ray heads compare  REF REF [REF ...] [--k K]        overlap, Jaccard, per-layer histograms
+    lofit-ray heads overlap  REF REF [REF ...] [--k K]        overlap, Jaccard, per-layer histograms
     lofit-ray heads promote  NAME VERSION                     move alias @champion
 
 REF is a run id, runs:/RUN_ID, models:/NAME@ALIAS, models:/NAME/VERSION or a local head set JSON.
@@ -160,7 +160,7 @@ def cmd_show(args) -> None:
           f"most in L{busiest} ({counts[busiest]}); best L{top[0][0]}H{top[0][1]}")
 
 
-# -- compare -----------------------------------------------------------------------------------
+# -- overlap -----------------------------------------------------------------------------------
 
 def _labels(refs: Sequence[str]) -> list[str]:
     labels = []
@@ -181,11 +181,11 @@ def _labels(refs: Sequence[str]) -> list[str]:
     return labels
 
 
-def cmd_compare(args) -> None:
+def cmd_overlap(args) -> None:
     from ..heads import compare
 
     if len(args.refs) < 2:
-        raise ValueError("compare needs at least two head sets: lofit-ray heads compare REF REF [REF ...]")
+        raise ValueError("overlap needs at least two head sets: lofit-ray heads overlap REF REF [REF ...]")
     tracking = _tracking()
     uri = tracking.resolve_tracking_uri(args.tracking_uri)
     labels = _labels(args.refs)
@@ -235,9 +235,9 @@ def add_parsers(subparsers) -> None:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--tracking-uri", default=None, help=TRACKING_URI_HELP)
     common.add_argument("--experiment", default=None, help="MLflow experiment name that `list` searches (default: all); "
-                             "refs to show/compare/promote are global")
+                             "refs to show/overlap/promote are global")
 
-    p = subparsers.add_parser("heads", help="list, show and compare head sets recorded in MLflow; promote a champion",
+    p = subparsers.add_parser("heads", help="list, show and overlap head sets recorded in MLflow; promote a champion",
                               description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="heads_command", required=True)
 
@@ -252,10 +252,11 @@ def add_parsers(subparsers) -> None:
     q.add_argument("--limit", type=int, default=None, help="rows of the ranking to print (default 2K; 0: all)")
     q.set_defaults(func=cmd_show)
 
-    q = sub.add_parser("compare", parents=[common], help="overlap and Jaccard of the top K between head sets")
+    q = sub.add_parser("overlap", parents=[common], help="overlap and Jaccard of the top K between head sets "
+                                                        "(`lofit-ray compare` compares two evaluations)")
     q.add_argument("refs", nargs="+", metavar="REF", help="two or more refs (as for show)")
     q.add_argument("--k", type=int, default=None, help="compare the top K of every set (default: each set's K)")
-    q.set_defaults(func=cmd_compare)
+    q.set_defaults(func=cmd_overlap)
 
     q = sub.add_parser("promote", parents=[common], help="point alias @champion of a registered adapter at VERSION")
     q.add_argument("name", help="registered model name, e.g. lofit-smollm2-135m-truthfulqa")

@@ -26,6 +26,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true", help="continue a search whose driver was killed")
     p.add_argument("--tracking-uri", default=None, help=f"overrides mlflow.tracking_uri of the config. "
                                                         f"{TRACKING_URI_HELP}")
+    p.add_argument("--model", action="append", default=None, metavar="MODEL",
+                   help="search this model instead of the config's `models` (repeat for several); any --model of "
+                        "the other commands")
+    p.add_argument("--task", default=None, help="search this bundled task (truthfulqa, mquake, clutrr) instead of "
+                                                "the config's task.name; your own task is a config's task section")
     p.add_argument("--data-dir", default=None, help="task data folder (overrides task.data_dir and $LOFIT_DATA_DIR)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field (VALUE read as YAML), e.g. --set search.num_trials=2")
@@ -52,6 +57,10 @@ def cmd_search(args) -> int:
         overrides = parse_set(args.set)
         if args.tracking_uri:
             overrides["mlflow.tracking_uri"] = args.tracking_uri
+        if args.model:
+            overrides["models"] = list(args.model)
+        if args.task:
+            overrides["task.name"] = args.task
         if args.data_dir:
             overrides["task.data_dir"] = str(Path(args.data_dir).resolve())
         cfg = load_config(args.config, overrides)

@@ -186,7 +186,8 @@ class SearchJobConfig:
     scaling: ScalingConfig = _help("Ray resources", factory=ScalingConfig)
     deepspeed: DeepSpeedConfig = _help("DeepSpeed in the phase-1 workers", factory=DeepSpeedConfig)
     mlflow: MLflowConfig = _help("MLflow", factory=MLflowConfig)
-    storage_path: str | None = _help("Ray results (Tune state for --resume); default ./ray_results", None)
+    storage_path: str | None = _help("Ray results (Tune state for --resume); default $LOFIT_HOME/ray_results",
+                                     None)
 
     def __post_init__(self):
         if not self.models or not all(isinstance(m, str) and m for m in self.models):
