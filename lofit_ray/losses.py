@@ -11,6 +11,7 @@ import json
 import torch
 import torch.nn.functional as F
 
+from . import cache_version
 from .batching import Batch, tree_attention_mask
 
 
@@ -65,8 +66,6 @@ def l1_penalty(scale: torch.Tensor) -> torch.Tensor:
 
 def data_key(fingerprint: str, encoded: list, max_length: int) -> str:
     """A key for reference log-probs: the model's fingerprint, the exact token ids and the code version."""
-    from .train import CACHE_VERSION  # train imports this module
-
-    digest = hashlib.sha256(f"{fingerprint}:{max_length}:{CACHE_VERSION}".encode())
+    digest = hashlib.sha256(f"{fingerprint}:{max_length}:{cache_version.CACHE_VERSION}".encode())
     digest.update(json.dumps([[c.ids, c.answer_start, r.ids, r.answer_start] for c, r in encoded]).encode())
     return digest.hexdigest()[:24]

@@ -22,29 +22,13 @@ from pathlib import Path
 
 import torch
 
-from . import batching, faults, frozen_layers, losses
+from . import batching, cache_version, faults, frozen_layers, losses
 from .adapter import Adapter
 from .config import Phase1Config, Phase2Config, TrainingConfig
 from .heads import HeadSet
 from .models import LoadedModel, cache_dir
 from .offsets import HeadOffsets
 
-CODE_MODULES = ("train.py", "losses.py", "offsets.py", "batching.py", "frozen_layers.py", "architectures.py",
-                "heads.py", "selectors.py")
-
-
-def code_version() -> str:
-    """A hash of the source of the modules that compute cached values (CODE_MODULES, beside this file)."""
-    digest = hashlib.sha256()
-    for name in CODE_MODULES:
-        digest.update(name.encode() + b"\0" + (Path(__file__).parent / name).read_bytes() + b"\0")
-    return digest.hexdigest()[:12]
-
-
-# The version of the code behind every cached value (phase-1 memo, DPO reference log-probs on disk): a change
-# to any module that computes them misses old entries instead of reusing them. Used by phase1_key and
-# losses.data_key.
-CACHE_VERSION = code_version()
 
 
 REFERENCE_TOKENS = 1024  # padded tokens per forward when computing DPO reference log-probs (no gradients)
@@ -239,5 +223,5 @@ def phase1_key(fingerprint: str, train_hash: str, task: str, training: TrainingC
     """The memo key of a phase-1 ranking: everything it depends on (model, data, task, training, the selector's
     settings, code), no K."""
     payload = json.dumps({"fp": fingerprint, "data": train_hash, "task": task, "training": asdict(training),
-                          "phase1": phase1.settings(), "code": CACHE_VERSION}, sort_keys=True)
+                          "phase1": phase1.settings(), "code": cache_version.CACHE_VERSION}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:20]

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from lofit_ray import Adapter, HeadOffsets, HeadSet, Phase1Config, Phase2Config, TrainingConfig, train_offsets
-from lofit_ray import batching, losses, train
+from lofit_ray import batching, cache_version, losses, train
 from lofit_ray.architectures import o_projs
 from lofit_ray.evaluate import mc_metrics, mc_scores
 from lofit_ray.heads import random_ranking
@@ -229,26 +229,25 @@ def test_phase1_key_misses_when_an_input_changes(field):
 def test_both_keys_miss_when_the_code_version_changes(monkeypatch):
     encoded = [(batching.Sequence([1, 2, 3], 2), batching.Sequence([1, 2, 4], 2))]
     before = _phase1_key(), losses.data_key("fp-a", encoded, 128)
-    monkeypatch.setattr(train, "CACHE_VERSION", train.CACHE_VERSION + "-edited")
+    monkeypatch.setattr(cache_version, "CACHE_VERSION", cache_version.CACHE_VERSION + "-edited")
     assert _phase1_key() != before[0]
     assert losses.data_key("fp-a", encoded, 128) != before[1]
 
 
 def test_cache_version_follows_the_source_of_every_module_behind_the_caches(tmp_path, monkeypatch):
     """Editing any module that computes a cached value gives a new CACHE_VERSION."""
-    src = Path(train.__file__).parent
-    for name in train.CODE_MODULES:
+    src = Path(cache_version.__file__).parent
+    for name in cache_version.CODE_MODULES:
         shutil.copy(src / name, tmp_path / name)
-    monkeypatch.setattr(train, "__file__", str(tmp_path / "train.py"))
-    assert train.code_version() == train.CACHE_VERSION
-    seen = {train.CACHE_VERSION}
+    assert cache_version.source_hash(tmp_path) == cache_version.CACHE_VERSION
+    seen = {cache_version.CACHE_VERSION}
     expected = ("train.py", "losses.py", "offsets.py", "batching.py", "frozen_layers.py", "architectures.py", "heads.py",
                 "selectors.py")
-    assert set(train.CODE_MODULES) == set(expected)
+    assert set(cache_version.CODE_MODULES) == set(expected)
     for name in expected:
         with open(tmp_path / name, "a") as f:
             f.write("\n# edited\n")
-        seen.add(train.code_version())
+        seen.add(cache_version.source_hash(tmp_path))
     assert len(seen) == len(expected) + 1
 
 
