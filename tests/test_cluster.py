@@ -322,7 +322,7 @@ def test_two_node_search_with_a_tracking_server(mlflow_server, two_node_ray, tmp
     assert len(versions) == 2 and {v.run_id for v in versions} == {r.info.run_id for r in trials_runs}
     assert all(v.source.startswith("mlflow-artifacts:") for v in versions), [v.source for v in versions]
     champion = tracking.get_champion(url, name)
-    best = max(versions, key=lambda v: float(v.tags["sel_metric"]))
+    best = min(versions, key=lambda v: (-float(v.tags["sel_metric"]), int(v.version)))  # a tie: the earlier one
     assert champion is not None and str(champion.version) == str(best.version)
 
     # -- the champion over HTTP: downloads into a fresh directory and changes the model --

@@ -245,7 +245,8 @@ def test_ray_job_submit_runs_a_search_that_registers_a_champion(ray_head):
     assert len(versions) == len(finished)
     assert all({"k", "sel_metric", "trial_id"} <= set(v.tags) for v in versions)
     champion = tracking.get_champion(uri, name)
-    best = max(versions, key=lambda v: float(v.tags["sel_metric"]))
+    # the best selection score wins; a tie goes to the earlier version, as in every search (lofit_ray.tuning)
+    best = min(versions, key=lambda v: (-float(v.tags["sel_metric"]), int(v.version)))
     assert str(champion.version) == str(best.version)
     # memoization: one phase-1 run (the grid has one l1 x lr point) served every trial
     assert len(_runs(uri, "phase1")) == 1

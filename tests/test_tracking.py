@@ -557,12 +557,13 @@ def test_champion_is_never_chosen_across_incomparable_selection_splits(tmp_path)
     assert len({ours, other_split, other_metric}) == 3
     versions = {}
     for label, fp, score in (("ours-low", ours, 0.40), ("other-split", other_split, 0.99), ("ours-high", ours, 0.45),
-                             ("other-metric", other_metric, 0.90), ("untagged", None, 0.95)):
+                             ("other-metric", other_metric, 0.90), ("untagged", None, 0.95), ("ours-tie", ours, 0.45)):
         rid = tracking.start_run(uri, exp, label, {}, {})
         tracking.log_adapter(uri, rid, make_adapter(make_head_set(0)))
         tracking.end_run(uri, rid)
         tags = {"sel_metric": score, **({tracking.SELECT_FP_TAG: fp} if fp else {})}
         versions[label] = tracking.register_adapter(uri, name, rid, tags)
+    # ours-tie scores as high as ours-high, later: a tie goes to the earlier version
     assert tracking.best_version(uri, name, select_fingerprint=ours)[0] == str(versions["ours-high"])
     assert tracking.best_version(uri, name, select_fingerprint=other_split)[0] == str(versions["other-split"])
     assert tracking.best_version(uri, name, select_fingerprint="no-such-split") is None
