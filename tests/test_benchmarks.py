@@ -1,4 +1,4 @@
-"""The benchmarks run end to end here on a tiny model: jobs/bench_core.py's phase-2 variants all train the
+"""The benchmarks (lofit_ray/bench, run by jobs/bench_*.py) run end to end here on a tiny model: bench_core's phase-2 variants all train the
 library's trajectory and its reference MC scorer matches the library's; jobs/bench_gpu.py runs on CPU and
 labels its numbers as not GPU numbers."""
 from __future__ import annotations
@@ -49,13 +49,15 @@ def test_bench_core_variants_agree_with_the_library(tmp_path):
 
 def test_bench_gpu_cpu_smoke(tmp_path):
     out = tmp_path / "bench.json"
+    from lofit_ray.bench.gpu_steps import CPU_NOTE
+
     bench = _job("bench_gpu")
     assert bench.main(["--model", "tiny-llama", "--dtype", "float32", "--steps", "1", "--warmup", "0",
                        "--batch-size", "2", "--seq-len", "32", "--out", str(out)]) == 0
     report = json.loads(out.read_text())
     assert report["gpu"] is torch.cuda.is_available()
     if not report["gpu"]:
-        assert report["note"] == bench.CPU_NOTE and "NOT a GPU number" in report["note"]
+        assert report["note"] == CPU_NOTE and "NOT a GPU number" in report["note"]
     assert report["peak"]["tflops"] > 0 and report["flops_formula"]
     cases = report["cases"]
     for name in ("phase1/sdpa", "phase2/sdpa", "phase1/eager", "phase2/eager", "phase1/per_head_loop"):

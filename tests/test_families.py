@@ -209,8 +209,8 @@ def test_a_model_without_a_findable_projection_exits_2_with_one_line(gpt2_folder
 
 def test_attn_implementation_is_a_checked_config_field():
     from lofit_ray.config import ConfigError
-    from lofit_ray.config.reproduce import ReproduceConfig
-    from lofit_ray.config.search import SearchJobConfig
+    from lofit_ray.config.reproduce_job import ReproduceConfig
+    from lofit_ray.config.search_job import SearchJobConfig
 
     assert SearchJobConfig(attn_implementation="eager").attn_implementation == "eager"
     for cls in (SearchJobConfig, ReproduceConfig):

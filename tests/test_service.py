@@ -91,7 +91,7 @@ def test_bad_inputs_stop_the_search_before_mlflow_and_ray(tmp_path, env, extra, 
      "scaling.num_workers x scaling.cpus_per_worker = 4 CPUs"),
 ])
 def test_a_plan_ray_could_never_place_is_named_before_it_hangs(overrides, cluster, message):
-    from lofit_ray.search import check_resources
+    from lofit_ray.service import check_resources
 
     problem = check_resources(load_config(SMOKE, overrides), cluster)
     assert problem is None if message is None else message in problem, problem
@@ -273,7 +273,7 @@ def test_ray_job_submit_runs_a_search_that_registers_a_champion(ray_head):
     assert parent.info.status == "FINISHED" and "tiny-llama.val_mc2" in parent.data.metrics
     # evidence: every version carries its selection fingerprint, every trial its selection rows, and the
     # report pairs the champion with the 0-shot model and with random-heads controls (search.controls: 2)
-    from lofit_ray.search import get_splits, task_spec
+    from lofit_ray.service import get_splits, task_spec
     from lofit_ray.splits import selection_fingerprint
 
     cfg = load_config(REPO / "configs/smoke.yaml")

@@ -2,18 +2,23 @@
 
     lofit-ray prepare-model smollm2-135m
     lofit-ray select  --model smollm2-135m --task truthfulqa --out heads.json [--k 16] [--selector l1|gates|grad|grad_x_act|random]
-    lofit-ray train   --model smollm2-135m --task truthfulqa --heads heads.json --k 16 --out adapter/
-    lofit-ray eval    --model smollm2-135m --task truthfulqa [--adapter adapter/ | models:/NAME@champion]
+    lofit-ray train   --task truthfulqa --heads heads.json --k 16 --out adapter/
+    lofit-ray fit     --model smollm2-135m --task truthfulqa --k 16 --out adapter/     (select + train, no Ray)
+    lofit-ray eval    --task truthfulqa [--adapter adapter/ | lora-adapter/ | models:/NAME@champion]
     lofit-ray compare A B                            (paired difference of two recorded evaluations)
-    lofit-ray export  --model smollm2-135m --adapter adapter/ --out merged/
-    lofit-ray search  [--config configs/smoke.yaml] [--set KEY=VALUE] [--resume]   (Ray + MLflow)
+    lofit-ray export  --adapter adapter/ --out merged/
+    lofit-ray search  [--config configs/smoke.yaml] [--model M] [--task T] [--set KEY=VALUE] [--resume]   (Ray + MLflow)
     lofit-ray study   --config my_task.yaml          (LoFiT vs random heads, LoRA, ReFT, ITI on your task)
-    lofit-ray heads   list | show | compare | promote   (reads MLflow)
+    lofit-ray heads   list | show | overlap | promote   (reads MLflow)
     lofit-ray ui                                     (MLflow UI on the default store, 127.0.0.1)
-    lofit-ray iti | lora | lora-eval                 (baselines)
+    lofit-ray iti | lora                             (baselines; `eval --adapter` scores their adapters)
     lofit-ray data fetch [--to DIR]                  (the paper's splits of the three tasks; needs a network once)
 
-Modules: common (shared flags, loading, errors), core, baselines, heads, search, study, data. Each imports
+One grammar: a split is named by its role (--train-split, --eval-split, --select-split); a knob that several
+config sections have carries its section, as in search.space (--phase1-lr, --phase2-epochs, --lora-lr); every
+other flag is its config field's name. --model defaults to the model a head set or adapter records.
+
+Modules: common (shared flags, loading, errors), core, baselines, head_sets (`heads`), search, study, data. Each imports
 only `common`; this file imports them inside `build_parser`, so any one imports alone.
 Ray, MLflow and peft are optional: a command that needs a missing one says which extra to install.
 """
@@ -24,11 +29,11 @@ import sys
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import baselines, core, data, heads, search, study
+    from . import baselines, core, data, head_sets, search, study
 
     parser = argparse.ArgumentParser(prog="lofit-ray", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    for module in (core, search, study, heads, baselines, data):
+    for module in (core, search, study, head_sets, baselines, data):
         module.add_parsers(sub)
     return parser
 

@@ -73,7 +73,7 @@ def cmd_search(args) -> int:
     except MissingExtra as exc:
         print(f"search: {exc}", file=sys.stderr)
         return 2
-    from ..search import run_search_job
+    from ..service import run_search_job
     from ..tracking import StoreError
 
     try:

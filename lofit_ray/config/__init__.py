@@ -6,18 +6,18 @@ the code that uses it. Each field's help text is its `metadata["help"]`; the CLI
 Every error names the dotted field and the fix; unknown keys are errors too, so a typo never silently falls
 back to a default.
 
-    fields.py     ConfigError, field help text, range checks
-    sections.py   what every job shares: training, phase 1 / phase 2, LoRA, ReFT, ITI, the task, MLflow
-    search.py     the search job: searched spaces, Tune / ASHA, Ray resources, DeepSpeed
-    reproduce.py  the reproduce job: models x tasks x methods, per-method spaces, seeds
-    loading.py    the YAML + `--set` loader (also finds shipped configs by name)
+    fields.py         ConfigError, field help text, range checks
+    sections.py       what every job shares: training, phase 1 / phase 2, LoRA, ReFT, ITI, the task, MLflow
+    search_job.py     the search job: the search policy, searched spaces, Ray resources, DeepSpeed
+    reproduce_job.py  the reproduce job and the study: models x tasks x methods, per-method spaces, seeds
+    loading.py        the YAML + `--set` loader (also finds shipped configs by name)
 """
 from .fields import ConfigError
 from .loading import build, coerce, config_file, from_dict, load_config, parse_set, shipped_configs, to_dict
-from .reproduce import (PAPER_METHODS, REPRODUCE_METHODS, REPRODUCE_TASKS, GatesSpace, ItiSpace, LofitSpace,
+from .reproduce_job import (PAPER_METHODS, REPRODUCE_METHODS, REPRODUCE_TASKS, GatesSpace, ItiSpace, LofitSpace,
                         LoraSpace, MethodSpaces, OffsetSpace, ReftSpace, ReproduceConfig, ReproduceMLflowConfig,
                         ReproduceSearchConfig)
-from .search import (DeepSpeedConfig, ScalingConfig, SearchConfig, SearchJobConfig, SearchPolicy, SearchSpaceConfig,
+from .search_job import (DeepSpeedConfig, ScalingConfig, SearchConfig, SearchJobConfig, SearchPolicy, SearchSpaceConfig,
                      Space)
 from .sections import (SELECTION_METRICS, SELECTORS, ItiConfig, LoraConfig, MLflowConfig, Phase1Config, Phase2Config,
                        ReftConfig, TaskConfig, TrainingConfig)

@@ -12,7 +12,7 @@ from pathlib import Path
 import yaml
 
 from .fields import ConfigError
-from .search import SearchJobConfig, Space
+from .search_job import SearchJobConfig, Space
 
 
 def _type_name(hint) -> str:

@@ -8,7 +8,7 @@ from dataclasses import asdict
 
 from ..config import Phase1Config
 from ..config.loading import load_config
-from ..config.reproduce import ReproduceConfig
+from ..config.reproduce_job import ReproduceConfig
 from ..selectors import select_heads
 from ..tasks import get_task
 from .timing import log

@@ -53,7 +53,7 @@ class Space:
 @dataclass
 class SearchSpaceConfig:
     """LoFiT's search space, the one definition: the search job searches it, and the study's LoFiT and phase-2
-    spaces (lofit_ray.config.reproduce) take their defaults from it. Per trial, k cuts the phase-1 ranking; selector, l1 and phase1_lr set phase1's; phase2_lr sets phase2.lr."""
+    spaces (lofit_ray.config.reproduce_job) take their defaults from it. Per trial, k cuts the phase-1 ranking; selector, l1 and phase1_lr set phase1's; phase2_lr sets phase2.lr."""
 
     SECTION: typing.ClassVar[str] = "search.space"
 

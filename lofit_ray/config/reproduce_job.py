@@ -5,7 +5,7 @@ import typing
 from dataclasses import dataclass
 
 from .fields import ATTN_HELP, ConfigError, _at_least, _check_attn_implementation, _check_dtype, _help
-from .search import SearchPolicy, SearchSpaceConfig, Space
+from .search_job import SearchPolicy, SearchSpaceConfig, Space
 from .sections import (ItiConfig, LoraConfig, MLflowConfig, Phase1Config, Phase2Config, ReftConfig,
                        TaskConfig, TrainingConfig)
 
@@ -20,7 +20,7 @@ PAPER_METHODS = ("zero_shot", "iti", "random_heads", "transfer_heads", "lofit", 
 
 
 def _searched(name: str) -> Space:
-    """The search job's default for a LoFiT dimension (config.search.SearchSpaceConfig): one definition."""
+    """The search job's default for a LoFiT dimension (config.search_job.SearchSpaceConfig): one definition."""
     return getattr(SearchSpaceConfig(), name)
 
 
