@@ -173,16 +173,15 @@ def _help_text(action: argparse.Action) -> str:
 def _flag(action: argparse.Action) -> str:
     if not action.option_strings:
         return f"`{action.metavar or action.dest}`"
-    names = ", ".join(f"`{s}`" for s in action.option_strings)
     if action.nargs == 0:
-        return names
+        return ", ".join(_code(s) for s in action.option_strings)
     if action.choices:
         value = "{" + ",".join(map(str, action.choices)) + "}"
     else:
         value = action.metavar or action.dest.upper()
     if action.nargs in ("+", "*"):
         value += " ..."
-    return f"{names} `{value}`"
+    return ", ".join(_code(f"{s} {value}") for s in action.option_strings)
 
 
 def _command(path: str, aliases: list[str], help_: str, parser: argparse.ArgumentParser, out: list[str]) -> None:
