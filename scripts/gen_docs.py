@@ -220,6 +220,17 @@ def cli_page() -> str:
         spelled = f" (also `{'`, `'.join(aliases)}`)" if aliases else ""
         out.append(f"| [`{name}`](#lofit-ray-{name.replace(' ', '-')}){spelled} | {_cell(_help_text(argparse.Action([], 'x', help=help_)))} |")
     out.append("")
+    from lofit_ray.cli.old_spellings import table
+
+    out += ["## The grammar", "",
+            "A split is named by what the command does with it: `--train-split`, `--eval-split`, `--select-split`. "
+            "A knob that several config sections have carries its section, as `search.space` names it: "
+            "`--phase1-lr`, `--phase2-epochs`, `--lora-lr`. Every other flag is its config field's name. "
+            "`--model` defaults to the model a head set or adapter records.", "",
+            "## Old spellings", "",
+            "These still work for one release; each prints a line naming its new spelling "
+            "(`lofit_ray/cli/old_spellings.py`).", "",
+            "| old | new |", "|---|---|", *[f"| `{old}` | `{new}` |" for old, new in table()], ""]
     for name, aliases, help_, sub in commands:
         _command(f"lofit-ray {name}", aliases, help_, sub, out)
     return "\n".join(out).rstrip() + "\n"

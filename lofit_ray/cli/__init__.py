@@ -17,6 +17,8 @@
 One grammar: a split is named by its role (--train-split, --eval-split, --select-split); a knob that several
 config sections have carries its section, as in search.space (--phase1-lr, --phase2-epochs, --lora-lr); every
 other flag is its config field's name. --model defaults to the model a head set or adapter records.
+The spellings before this grammar still work for one release, each with a line naming the new one
+(old_spellings).
 
 Modules: common (shared flags, loading, errors), core, baselines, head_sets (`heads`), search, study, data. Each imports
 only `common`; this file imports them inside `build_parser`, so any one imports alone.
@@ -41,8 +43,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     from ..config import ConfigError
     from .common import MissingExtra, quiet_mlflow
+    from .old_spellings import translate
 
     quiet_mlflow()
+    argv, notes = translate(sys.argv[1:] if argv is None else list(argv))
+    for line in notes:
+        print(line, file=sys.stderr)
     args = build_parser().parse_args(argv)
     try:
         return args.func(args) or 0
