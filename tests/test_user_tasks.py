@@ -285,6 +285,15 @@ def test_a_study_config_comes_from_the_search_config():
     assert cfg.methods == ["zero_shot", "lofit", "random_heads", "lora", "reft", "iti"]
     assert list(cfg.tasks) == ["bbh-sports"] and cfg.tasks["bbh-sports"].kind == "mc"
     assert cfg.seeds == [0, 1] and cfg.models == ["smollm2-135m"] and cfg.mlflow.experiment == "lofit-study-bbh-sports"
+    # one search: the study runs it with the search config's whole policy and its LoFiT space
+    search = load_config(REPO / "configs" / "bbh_sports.yaml").search
+    from dataclasses import fields
+
+    from lofit_ray.config import SearchPolicy
+
+    assert all(getattr(cfg.search, f.name) == getattr(search, f.name) for f in fields(SearchPolicy))
+    assert cfg.search.asha is False  # bbh_sports.yaml turns ASHA off; the study follows
+    assert cfg.search.spaces.lofit.l1 == search.space.l1 and cfg.search.spaces.lofit.phase2_lr == search.space.phase2_lr
 
 
 @pytest.mark.slow
