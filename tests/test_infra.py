@@ -1,7 +1,8 @@
-"""Tests for infra/: the Kubernetes manifests and the image pass the checks of infra/lint.py.
+"""Tests for infra/: the Kubernetes manifests and the image pass the checks of infra/lint/.
 
-The checkers (rendering via infra/k8s/render.py, schema validation, secrets, MLflow exposure,
-RayJob clean-up, entrypoints, GPU/CPU overlays, the Dockerfile) live in infra/lint.py, which
+The checkers (rendering via infra/k8s/render.py, schema validation by kubernetes-validate and
+check-jsonschema, auth, secrets, MLflow exposure, images, RayJob clean-up, entrypoints, GPU/CPU
+overlays, the Dockerfile) live in infra/lint/, one module per concern, which
 users run on their own overlays as `python -m infra.lint`. Here they run on every deployable
 variant: base, each overlay, and each overlay with the kubectl CronJob fallback instead of the
 RayCronJob (older KubeRay operators).
@@ -26,16 +27,25 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from infra.lint import (  # noqa: E402
-    AUTH_SECRET, DOCKERFILE, DOCKERIGNORE, K8S, K8S_VERSIONS, KUBERAY_SCHEMAS, MAX_RAYJOB_NAME, MLFLOW_CLIENT_LABEL,
-    accelerator_problems, all_yaml_files, constraints_problems, core_schema_errors, core_schema_problems,
-    crd_schema_errors, dockerfile_copy_sources, dockerfile_global_args, dockerfile_problems, dockerignore_problems,
-    entrypoint_problems, env_of, file_credential_problems, is_ray, kubectl_cron_problems, kuberay_problems,
-    kuberay_rule_problems, kustomization_files, mlflow_auth_problems, mlflow_network_policy_problems, mlflow_problems,
-    mlflow_server_container, mlflow_service, name_problems, of_kind, one, pod_template_errors, pod_templates,
-    ray_auth_problems, ray_cluster_specs, ray_version_problems, rayjob_problems, rayjob_specs, reference_problems,
-    render, runtime_env, schedule_problems, search_configs_problems, secret_problems,
+from infra.k8s import render  # noqa: E402
+from infra.lint.auth import mlflow_auth_problems, mlflow_server_container, ray_auth_problems  # noqa: E402
+from infra.lint.common import (  # noqa: E402
+    AUTH_SECRET, DOCKERFILE, DOCKERIGNORE, K8S, KUBERAY_SCHEMAS, MLFLOW_CLIENT_LABEL, all_yaml_files, env_of, is_ray,
+    kustomization_files, of_kind, one, pod_templates, ray_cluster_specs, rayjob_specs, runtime_env,
 )
+from infra.lint.configs import entrypoint_problems, search_configs_problems  # noqa: E402
+from infra.lint.docker import (  # noqa: E402
+    constraints_problems, dockerfile_copy_sources, dockerfile_global_args, dockerfile_problems, dockerignore_problems,
+)
+from infra.lint.images import accelerator_problems, image_pin_problems, ray_version_problems  # noqa: E402
+from infra.lint.jobs import kubectl_cron_problems, rayjob_problems, reference_problems, schedule_problems  # noqa: E402
+from infra.lint.network import mlflow_network_policy_problems, mlflow_problems, mlflow_service  # noqa: E402
+from infra.lint.rules import MAX_RAYJOB_NAME, kuberay_rule_problems, name_problems  # noqa: E402
+from infra.lint.schema import (  # noqa: E402
+    K8S_VERSIONS, SEARCH_CONFIG_SCHEMA, core_schema_errors, core_schema_problems, crd_schema_errors, kuberay_problems,
+    pod_template_errors,
+)
+from infra.lint.secrets import file_credential_problems, secret_problems  # noqa: E402
 
 
 # ------------------------------------------------------------------------ variants
@@ -68,6 +78,15 @@ def rendered(variant: str) -> list[dict]:
     return copy.deepcopy(list(_rendered(variant)))
 
 
+def need_check_jsonschema():
+    """The KubeRay CRD and search-config checks run check-jsonschema (the dev extra); an older venv lacks it."""
+    import importlib.util
+
+    if importlib.util.find_spec("check_jsonschema") is None:
+        skip_or_fail("check-jsonschema is not installed (pip install -e '.[dev]'): KubeRay objects and search "
+                     "configs are not schema-checked here")
+
+
 # ============================================================================ tests
 def test_every_manifest_file_is_yaml_and_used():
     referenced = {path for kfile in K8S.rglob("kustomization.yaml") for path in kustomization_files(kfile.parent)}
@@ -96,6 +115,7 @@ def test_core_objects_match_kubernetes_schema(variant, version):
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_kuberay_objects_match_crd_schema(variant):
+    need_check_jsonschema()
     if not KUBERAY_SCHEMAS.is_dir():
         skip_or_fail(f"KubeRay CRD schemas not found at {KUBERAY_SCHEMAS} (shared/ is not checked out beside "
                     f"the repo); RayJob/RayCronJob are not schema-checked here")
@@ -141,6 +161,7 @@ def test_rayjobs_clean_up_and_log_to_mlflow(variant):
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_references_resolve_and_containers_have_resources(variant):
     assert not reference_problems(rendered(variant))
+    assert not image_pin_problems(rendered(variant))
 
 
 @pytest.mark.parametrize("variant", ["cpu", "gpu"])
@@ -258,10 +279,7 @@ def test_entrypoint_scripts_and_configs_exist():
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_search_configs_load_and_fit_the_cluster(variant):
-    try:
-        from lofit_ray.config import load_config  # noqa: F401 - what search_configs_problems loads with
-    except ImportError as exc:
-        skip_or_fail(f"lofit_ray.config not importable: {exc}")
+    need_check_jsonschema()
     accelerator = "gpu" if variant.startswith("gpu") else "cpu"
     objs = rendered(variant)
     pending = []
@@ -496,6 +514,7 @@ def test_schema_checks_catch_broken_fields(version):
 
 
 def test_crd_checks_catch_broken_fields():
+    need_check_jsonschema()
     if not KUBERAY_SCHEMAS.is_dir():
         skip_or_fail(f"KubeRay CRD schemas not found at {KUBERAY_SCHEMAS}")
     objs = rendered("gpu")
@@ -599,15 +618,60 @@ def test_lint_checks_catch_broken_input(tmp_path):
 
 
 def test_search_config_check_catches_a_misfit():
-    try:
-        from lofit_ray.config import load_config  # noqa: F401
-    except ImportError as exc:
-        skip_or_fail(f"lofit_ray.config not importable: {exc}")
+    need_check_jsonschema()
     objs, pending = rendered("cpu"), []
     problems = search_configs_problems(objs, "gpu", pending)
     if pending:
         skip_or_fail(f"search configs not written yet: {pending}")
-    assert problems, "a CPU config passed as fit for the GPU overlay"
+    assert any("use_gpu: true and dtype: bfloat16" in p for p in problems), problems
+
+    # A config the core would reject: check-jsonschema against the schema the core writes names the key.
+    objs = rendered("gpu")
+    data = one(objs, "ConfigMap", "lofit-search-config-gpu")["data"]
+    key = next(iter(data))
+    data[key] = data[key] + "\nscaling_typo: 1\n"
+    problems = search_configs_problems(objs, "gpu")
+    assert any("scaling_typo" in p and "RayJob/" in p for p in problems), problems
+    data[key] = yaml.safe_dump({**yaml.safe_load(data[key].replace("scaling_typo: 1", "")),
+                                "scaling": {"num_workers": "two"}})
+    assert any("scaling.num_workers" in p for p in search_configs_problems(objs, "gpu")), problems
+    # Too many CPUs for the cluster, with the rest of the scaling section from the schema's defaults.
+    data[key] = yaml.safe_dump({"dtype": "bfloat16", "scaling": {"use_gpu": True, "trial_cpus": 1000}})
+    assert any("one trial needs" in p for p in search_configs_problems(objs, "gpu"))
+
+
+def test_search_config_schema_is_current():
+    """infra/search-config.schema.json is what scripts/gen_config_schema.py writes from lofit_ray's config."""
+    try:
+        import lofit_ray.config  # noqa: F401
+    except ImportError as exc:
+        skip_or_fail(f"lofit_ray.config not importable: {exc}")
+    result = subprocess.run([sys.executable, "scripts/gen_config_schema.py", "--check"], cwd=REPO,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr + "\n(run `python scripts/gen_config_schema.py` and commit it)"
+    assert SEARCH_CONFIG_SCHEMA.is_file()
+
+
+def test_infra_does_not_import_the_core():
+    import ast
+
+    for path in (REPO / "infra").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            assert not any(n.split(".")[0] == "lofit_ray" for n in names), f"{path.relative_to(REPO)} imports lofit_ray"
+
+
+def test_image_pin_check_catches_unpinned_images():
+    for image in ("lofit-ray", "lofit-ray:latest", "registry:5000/lofit-ray"):
+        objs = rendered("cpu")
+        one(objs, "Deployment", "lofit-mlflow")["spec"]["template"]["spec"]["containers"][0]["image"] = image
+        problems = image_pin_problems(objs)
+        assert len(problems) == 1 and "pin the image" in problems[0] and repr(image) in problems[0], (image, problems)
+    objs = rendered("cpu")
+    one(objs, "Deployment", "lofit-mlflow")["spec"]["template"]["spec"]["containers"][0]["image"] = (
+        "lofit-ray@sha256:" + "0" * 64)
+    assert not image_pin_problems(objs)
 
 
 # -------------------------------------------------------------- the linter command

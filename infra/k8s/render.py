@@ -1,7 +1,7 @@
 """A small, dependency-light stand-in for `kustomize build`, enough for infra/k8s.
 
 It exists so the manifests can be rendered and validated where no kustomize/kubectl
-binary is installed (infra/lint.py and tests/test_infra.py). It implements the subset of kustomization
+binary is installed (infra/lint/ and tests/test_infra.py). It implements the subset of kustomization
 features this repository uses and refuses anything else, so a new kustomization field
 fails loudly here instead of being silently ignored:
 
