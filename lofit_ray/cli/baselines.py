@@ -13,8 +13,9 @@ import json
 import time
 
 from ..config import ItiConfig, LoraConfig, TrainingConfig
-from .common import (EVAL_SPLIT_HELP, TRAIN_SPLIT_HELP, add_config_flags, add_eval_batch_size, add_model_command,
-                     check_k, config_from_args, format_scores, load, require, task_from_args, write_json)
+from .common import (EVAL_SPLIT_HELP, TRAIN_SPLIT_HELP, add_allow_base_mismatch, add_config_flags,
+                     add_eval_batch_size, add_model_command, check_k, config_from_args, format_scores, load, require,
+                     task_from_args, write_json)
 
 
 def cmd_iti(args):
@@ -79,7 +80,7 @@ def cmd_lora_eval(args):
     loaded = load(args)
     task = task_from_args(args, eval=args.split)
     items = task.eval_items(args.split, limit=args.limit)
-    peft_model = lora.load_lora(loaded, args.adapter)
+    peft_model = lora.load_lora(loaded, args.adapter, allow_base_mismatch=args.allow_base_mismatch)
     metrics = lora.evaluate_lora(loaded, peft_model, items, batch_size=args.batch_size, progress=True)
     n = lora.count_lora_parameters(peft_model)
     metrics.update(model=args.model, task=task.name, adapter=args.adapter, method="lora", split=args.split or "val",
@@ -112,5 +113,6 @@ def add_parsers(sub) -> None:
     p = add_model_command(sub, "lora-eval", "score a LoRA adapter dir written by `lofit-ray lora`", cmd_lora_eval,
                           EVAL_SPLIT_HELP)
     p.add_argument("--adapter", required=True, help="directory written by `lofit-ray lora`")
+    add_allow_base_mismatch(p)
     add_eval_batch_size(p)
     p.add_argument("--out", default=None, help="write the metrics as JSON here")

@@ -162,6 +162,13 @@ def add_eval_batch_size(p: argparse.ArgumentParser) -> None:
                    help="items scored per forward pass (default: %(default)s)")
 
 
+def add_allow_base_mismatch(p: argparse.ArgumentParser) -> None:
+    """For commands that apply an adapter to --model: an adapter trained on other weights is an error."""
+    p.add_argument("--allow-base-mismatch", action="store_true",
+                   help="apply the adapter even though --model's weights differ from those it was trained on "
+                        "(fingerprints differ); default: exit 2 naming both models")
+
+
 TRAIN_SPLIT_HELP = "training split name or file (default: train)"
 EVAL_SPLIT_HELP = "evaluation split name or file (default: val)"
 

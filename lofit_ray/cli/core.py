@@ -18,8 +18,8 @@ from pathlib import Path
 from dataclasses import replace
 
 from ..config import Phase1Config, Phase2Config, TrainingConfig
-from .common import (EVAL_SPLIT_HELP, TRACKING_URI_HELP, TRAIN_SPLIT_HELP, add_eval_batch_size, add_model_command,
-                     check_k, config_from_args, format_intervals, load, require, resolve_adapter,
+from .common import (EVAL_SPLIT_HELP, TRACKING_URI_HELP, TRAIN_SPLIT_HELP, add_allow_base_mismatch,
+                     add_eval_batch_size, add_model_command, check_k, config_from_args, format_intervals, load, require, resolve_adapter,
                      task_from_args, write_json)
 
 
@@ -99,7 +99,8 @@ def cmd_eval(args):
     label = "0-shot"
     if args.adapter:
         adapter = resolve_adapter(args.adapter)
-        adapter.attach(loaded.model, loaded.fingerprint)
+        adapter.attach(loaded.model, loaded.fingerprint, model_name=args.model,
+                       allow_base_mismatch=args.allow_base_mismatch)
         label = f"adapter {args.adapter} ({len(adapter.config.heads)} heads)"
     metrics, rows = evaluate_items(loaded, items, batch_size=args.batch_size, progress=True)
     metrics.update(with_intervals(rows))
@@ -147,7 +148,8 @@ def cmd_export(args):
     start = time.time()
     loaded = load(args)
     adapter = resolve_adapter(args.adapter)
-    adapter.check_compatible(loaded.model, loaded.fingerprint)
+    adapter.check_compatible(loaded.model, loaded.fingerprint, model_name=args.model,
+                             allow_base_mismatch=args.allow_base_mismatch)
     out = adapter.export(loaded, args.out)
     print(f"merged {len(adapter.config.heads)} head offsets into o_proj biases -> {out} "
           f"(load with AutoModelForCausalLM.from_pretrained) [{time.time() - start:.0f}s]")
@@ -215,6 +217,7 @@ def add_parsers(sub) -> None:
     p = add_model_command(sub, "eval", "score the base model or an adapter; writes JSON metrics with n and wall time",
                           cmd_eval, EVAL_SPLIT_HELP)
     p.add_argument("--adapter", default=None, help="adapter directory or models:/NAME@ALIAS")
+    add_allow_base_mismatch(p)
     add_eval_batch_size(p)
     p.add_argument("--out", default=None, help="metrics JSON; the per-item rows go beside it (NAME.items.jsonl)")
 
@@ -231,6 +234,7 @@ def add_parsers(sub) -> None:
     p = add_model_command(sub, "export", "merge an adapter into o_proj biases and save a plain transformers model",
                           cmd_export)
     p.add_argument("--adapter", required=True, help="adapter directory or models:/NAME@ALIAS")
+    add_allow_base_mismatch(p)
     p.add_argument("--out", required=True)
 
     p = sub.add_parser("ui", help="open the MLflow UI on the lofit-ray store (127.0.0.1 by default)")
