@@ -64,7 +64,8 @@ def l1_penalty(scale: torch.Tensor) -> torch.Tensor:
 
 
 def data_key(fingerprint: str, encoded: list, max_length: int) -> str:
-    """A key for reference log-probs: the model's fingerprint, the exact token ids and the code version."""
+    """A key for reference log-probs: the model's LoadedModel.cache_key (fingerprint and dtype), the exact token ids
+    and the code version."""
     from .train import CACHE_VERSION  # train imports this module
 
     digest = hashlib.sha256(f"{fingerprint}:{max_length}:{CACHE_VERSION}".encode())
