@@ -65,7 +65,8 @@ def l1_penalty(scale: torch.Tensor) -> torch.Tensor:
 
 
 def data_key(fingerprint: str, encoded: list, max_length: int) -> str:
-    """A key for reference log-probs: the model's fingerprint, the exact token ids and the code version."""
+    """A key for reference log-probs: the model's LoadedModel.cache_key (fingerprint and dtype), the exact token ids
+    and the code version."""
     digest = hashlib.sha256(f"{fingerprint}:{max_length}:{cache_version.CACHE_VERSION}".encode())
     digest.update(json.dumps([[c.ids, c.answer_start, r.ids, r.answer_start] for c, r in encoded]).encode())
     return digest.hexdigest()[:24]

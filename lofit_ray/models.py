@@ -32,6 +32,7 @@ import torch
 
 from .architectures import HeadLayout, ModelSpecError, UnsupportedArchitectureError, check_model, head_layout
 from .config.fields import ATTN_IMPLEMENTATIONS
+from .content_hash import file_hash
 from .paths import CACHE_ENV, cache_dir  # noqa: F401  (re-exported: model conversion caches live there)
 
 
@@ -47,6 +48,12 @@ class LoadedModel:
     @property
     def layout(self) -> HeadLayout:
         return head_layout(self.model.config)
+
+    @property
+    def cache_key(self) -> str:
+        """The fingerprint and the dtype the weights are loaded in: what cached computations on them (the phase-1
+        memo, DPO reference log-probs) depend on. The fingerprint alone names the checkpoint."""
+        return f"{self.fingerprint}-{str(next(self.model.parameters()).dtype).removeprefix('torch.')}"
 
 
 def _smollm2_gguf() -> Path:
@@ -131,12 +138,12 @@ def local_dir(spec: str) -> Path:
     """The local checkpoint directory a spec resolves to (converting GGUF once)."""
     if spec in BUNDLED:
         gguf = BUNDLED[spec]()
-        return _convert_gguf(gguf, cache_dir() / "models" / f"{spec}-{gguf.stat().st_size}")
+        return _convert_gguf(gguf, cache_dir() / "models" / f"{spec}-{file_hash(gguf)[:16]}")
     path = Path(spec).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
             raise ModelSpecError(f"model: GGUF file not found: {path}")
-        return _convert_gguf(path, cache_dir() / "models" / f"{path.stem}-{path.stat().st_size}")
+        return _convert_gguf(path, cache_dir() / "models" / f"{path.stem}-{file_hash(path)[:16]}")
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ModelSpecError(f"model: {path} has no config.json; pass a transformers checkpoint directory")
@@ -237,12 +244,23 @@ def load_tokenizer(spec: str):
     return tokenizer
 
 
-def fingerprint(model: torch.nn.Module) -> str:
-    """A short hash of the config and a sample of the weights: same string = same model."""
-    digest = hashlib.sha256(json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode())
-    params = list(model.parameters())
-    for p in (params[0], params[len(params) // 2], params[-1]):
-        digest.update(p.detach().flatten()[:4096].float().cpu().numpy().tobytes())
+def fingerprint(model: torch.nn.Module, directory: Path | None = None) -> str:
+    """A short hash of the config and the full content of the weights: same string = same model, and any
+    changed value anywhere gives another string (it keys the phase-1 memo and the DPO reference cache).
+
+    With `directory` (the checkpoint the model was loaded from), each of its files counts by its content hash
+    (content_hash.file_hash: computed once per file, then remembered); without (a tiny model built in
+    memory), every tensor of the state dict is hashed. Where the files live and the dtype they are loaded in are
+    not part of it (an adapter trained in float32 applies in bfloat16); LoadedModel.cache_key adds the dtype."""
+    config = {k: v for k, v in model.config.to_dict().items() if k not in ("_name_or_path", "dtype")}
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
+    if directory is not None:
+        for path in sorted(p for p in Path(directory).iterdir() if p.is_file() and not p.name.startswith(".")):
+            digest.update(f"{path.name}:{file_hash(path)}\n".encode())
+    else:
+        for name, tensor in sorted(model.state_dict().items()):
+            digest.update(name.encode() + b"\0")
+            digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()[:16]
 
 
@@ -271,6 +289,7 @@ def load_model(spec: str, dtype: str = "float32", device: str = "cpu", seed: int
         with _kernel_errors(attn_implementation):
             model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype, **attn)
         source_dtype = dtype
+        directory = None
     else:
         directory = local_dir(spec)
         config = _read_config(directory)
@@ -283,7 +302,7 @@ def load_model(spec: str, dtype: str = "float32", device: str = "cpu", seed: int
     model.to(device).eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    return LoadedModel(spec=spec, model=model, tokenizer=tokenizer, fingerprint=fingerprint(model),
+    return LoadedModel(spec=spec, model=model, tokenizer=tokenizer, fingerprint=fingerprint(model, directory),
                        source_dtype=source_dtype)
 
 

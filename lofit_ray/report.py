@@ -114,10 +114,13 @@ def report_text(model: str, name: str, version: str, report: dict) -> str:
     data = report.get("data")
     if data:
         dropped = data.get("dropped_in_report", 0) + data.get("dropped_select_in_report", 0) + \
-            data.get("dropped_train_in_select", 0)
+            data.get("dropped_train_in_select", 0)  # the last two: records written before task.on_overlap
+        overlap = " and ".join(f"{data[f'overlap_{s}']} {label}" for s, label in
+                               (("select", "selection"), ("report", "report")) if data.get(f"overlap_{s}"))
+        overlap = f"; task.on_overlap: drop removed {overlap} items also in an earlier split" if overlap else ""
         out.append(f"  data: {data['n_train']} train / {data['n_select']} selection / {data['n_report']} report; "
-                   f"{dropped} rows dropped so that no prompt is in two splits; {data['truncated_train']} training "
-                   f"examples cut to training.max_length={data['max_length']}")
+                   f"{dropped} rows dropped so that no prompt is in two splits{overlap}; {data['truncated_train']} "
+                   f"training examples cut to training.max_length={data['max_length']}")
         if data.get("truncation_warning"):
             out.append(f"  warning: {data['truncation_warning']}")
     labels = {"champion": "champion", "zero-shot": "0-shot", "random heads": "random heads"}

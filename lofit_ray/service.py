@@ -61,7 +61,7 @@ def phase1_job(cfg: SearchJobConfig, model: str, loaded, splits, phase1: Phase1C
     job = {"model": model, "dtype": cfg.dtype, "attn_implementation": cfg.attn_implementation,
            "task": task_spec(cfg, model), "task_name": cfg.task.name, "training": asdict(cfg.training),
            "phase1": asdict(phase1),
-           "key": phase1_key(loaded.fingerprint, splits.train_hash(), cfg.task.name, cfg.training, phase1)}
+           "key": phase1_key(loaded.cache_key, splits.train_hash(), cfg.task.name, cfg.training, phase1)}
     encoded = batching.encode_examples(loaded.tokenizer, splits.train, cfg.training.max_length)
     if isinstance(encoded[0], tuple):  # DPO: the reference is computed once here, shipped to every worker
         job["reference"] = reference_logprobs(loaded, encoded, cfg.training, use_cache=cfg.search.cost_aware).tolist()

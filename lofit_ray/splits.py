@@ -3,8 +3,12 @@
 Every task reads one row into exactly one training example and one evaluation item,
 so a seeded carve of the train file's distinct questions gives a selection split whose
 questions never appear in training (rows repeating a question stay together; rows
-whose question is in the report split are dropped). A user can instead name a
-selection file; the same rule then drops its overlap with the other splits.
+whose question is in the task's own report split are dropped and counted).
+
+A split the user names (task.select, or task.train / task.report given as a file) is checked
+against the earlier splits (train, then select, then report) by what each item asks: sharing
+items is an error naming them, unless task.on_overlap is `drop`, which drops them from the later
+split and counts them. A report split that is the training data is an error either way.
 """
 from __future__ import annotations
 
@@ -12,6 +16,7 @@ import hashlib
 import json
 import random
 from dataclasses import asdict, dataclass, is_dataclass
+from pathlib import Path
 
 
 @dataclass
@@ -48,25 +53,38 @@ def carve(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
 
 def build_splits(task, train: str = "train", report: str = "val", select: str | None = None,
                  select_fraction: float = 0.2, carve_seed: int = 0, limit_train: int | None = None,
-                 limit_select: int | None = None, limit_report: int | None = None) -> TaskSplits:
+                 limit_select: int | None = None, limit_report: int | None = None,
+                 on_overlap: str = "error") -> TaskSplits:
     """Read a task's files into train / select / report lists (any split may be a file path).
 
-    The three are disjoint by what each item asks: a training row or selection item whose prompt is also in a
-    later split (select, report) is dropped, and the counts go into `carve` (the record and the search's report
-    show them). A split left empty is an error naming the field to change."""
-    all_report = task.eval_items(report)
-    report_items = all_report[:limit_report]
-    reported = {asked(x) for x in all_report}  # all of it: the training rows must not depend on limit_report
+    The three are disjoint by what each item asks (`asked`). Named splits (module docstring) sharing items with
+    an earlier one are an error, or with on_overlap="drop" lose those items; otherwise a training row or carved
+    selection item whose prompt is in the report split is dropped. Every count goes into `carve` (the record and
+    the search's report show them). A split left empty is an error naming the field to change."""
     examples = task.train_examples(train)
     items = _eval_items_of_train(task, train) if select is not None else task.eval_items(train)
     keys = [asked(x) for x in items] if len(items) == len(examples) else [ex.prompt for ex in examples]
+    trained = set(keys)
+    overlap_dropped = {}
+    all_report = task.eval_items(report)
+    same_file = _is_file(report) and _is_file(train) and _resolved(report) == _resolved(train)
+    if same_file or (all_report and all(asked(x) in trained for x in all_report)):  # whatever on_overlap says
+        raise _empty("task.report", f"{report} is the training data ({train}): every item it asks is trained on",
+                     "name a held-out split or file")
+    if _is_file(report) or _is_file(train):  # the user's own files meet: check them, never drop training rows
+        all_report = _without_overlap(all_report, trained, ("task.report", report), ("task.train", train),
+                                      on_overlap, overlap_dropped)
     if select is not None:
-        all_select = task.eval_items(select)
-        select_items = [x for x in all_select if asked(x) not in reported]
-        selected = {asked(x) for x in select_items}
-        train_ex = [ex for ex, k in zip(examples, keys) if k not in reported and k not in selected]
-        carve_info = {"select": select, "dropped_select_in_report": len(all_select) - len(select_items),
-                      "dropped_train_in_select": sum(k in selected and k not in reported for k in keys)}
+        all_select = _without_overlap(task.eval_items(select), trained, ("task.select", select),
+                                      ("task.train", train), on_overlap, overlap_dropped)
+        all_report = _without_overlap(all_report, {asked(x) for x in all_select}, ("task.report", report),
+                                      ("task.select", select), on_overlap, overlap_dropped)
+    report_items = all_report[:limit_report]
+    reported = {asked(x) for x in all_report}  # all of it: the training rows must not depend on limit_report
+    if select is not None:
+        select_items = all_select
+        train_ex = [ex for ex, k in zip(examples, keys) if k not in reported]
+        carve_info = {"select": select}
     else:
         if len(examples) != len(items):
             raise ValueError(f"{task.name}: the train split gives {len(examples)} training examples but {len(items)} "
@@ -87,11 +105,41 @@ def build_splits(task, train: str = "train", report: str = "val", select: str | 
         raise _empty("task.train", f"no training rows of {train} are left once the prompts also in the selection or "
                      f"report split are dropped", "give more or other training rows, or another report split")
     if not select_items:
-        raise _empty("task.select", "the selection split is empty once the prompts also in the report split are "
+        raise _empty("task.select", "the selection split is empty once the prompts also in another split are "
                      "dropped", "name another selection split, or leave task.select out to carve it from train")
+    if not report_items:
+        raise _empty("task.report", "the report split is empty once the prompts also in another split are dropped",
+                     "name another report split")
     carve_info.update(n_train=len(train_ex), n_select=len(select_items), n_report=len(report_items),
-                      dropped_in_report=sum(k in reported for k in keys))
+                      dropped_in_report=sum(k in reported for k in keys), **overlap_dropped)
     return TaskSplits(train_ex, select_items, report_items, carve_info)
+
+
+def _is_file(split: str | None) -> bool:
+    """A split given as a path (the user's own file or folder), not a split name of the task's data."""
+    return split is not None and Path(str(split)).expanduser().exists()
+
+
+def _resolved(split: str) -> Path:
+    return Path(str(split)).expanduser().resolve()
+
+
+def _without_overlap(later: list, earlier: set, later_split: tuple[str, str], earlier_split: tuple[str, str],
+                     on_overlap: str, dropped: dict) -> list:
+    """`later` without the items whose prompt is in `earlier` (on_overlap="drop", counted in `dropped` as
+    overlap_<field>), or a TaskDataError naming both splits, the count and the first three."""
+    shared = [x for x in later if asked(x) in earlier]
+    if not shared:
+        return later
+    (field, name), (earlier_field, earlier_name) = later_split, earlier_split
+    short = field.removeprefix("task.")
+    if on_overlap != "drop":
+        first = "; ".join(repr(asked(x)[:80]) for x in shared[:3])
+        raise _empty(field, f"{len(shared)} item(s) of {name} are also in {earlier_field} ({earlier_name}), by "
+                     f"prompt: {first}", f"remove them from one file, or set task.on_overlap: drop to drop them "
+                     f"from the {short} split (counted in the search's report)")
+    dropped[f"overlap_{short}"] = dropped.get(f"overlap_{short}", 0) + len(shared)
+    return [x for x in later if asked(x) not in earlier]
 
 
 def _eval_items_of_train(task, train) -> list:
@@ -150,7 +198,7 @@ def splits_from_spec(spec: dict):
     return task, build_splits(task, train=cfg.train, report=cfg.report, select=cfg.select,
                               select_fraction=cfg.select_fraction, carve_seed=cfg.carve_seed,
                               limit_train=cfg.limit_train, limit_select=cfg.limit_select,
-                              limit_report=cfg.limit_report)
+                              limit_report=cfg.limit_report, on_overlap=cfg.on_overlap)
 
 
 def asked(item) -> str:

@@ -66,7 +66,7 @@ def reference_logprobs(loaded: LoadedModel, encoded: list, training: TrainingCon
     cached on disk per (model fingerprint, token ids).
     """
     path = (Path(os.environ.get("LOFIT_REFERENCE_CACHE") or cache_dir() / "reference")  # tests: a temp dir
-            / f"{losses.data_key(loaded.fingerprint, encoded, training.max_length)}.pt")
+            / f"{losses.data_key(loaded.cache_key, encoded, training.max_length)}.pt")
     if use_cache and path.is_file():
         return torch.load(path)
     device = next(loaded.model.parameters()).device
@@ -220,8 +220,8 @@ def train_offsets(loaded: LoadedModel, head_set: HeadSet, k: int | None, example
 
 
 def phase1_key(fingerprint: str, train_hash: str, task: str, training: TrainingConfig, phase1: Phase1Config) -> str:
-    """The memo key of a phase-1 ranking: everything it depends on (model, data, task, training, the selector's
-    settings, code), no K."""
+    """The memo key of a phase-1 ranking: everything it depends on (model and dtype: LoadedModel.cache_key, data,
+    task, training, the selector's settings, code), no K."""
     payload = json.dumps({"fp": fingerprint, "data": train_hash, "task": task, "training": asdict(training),
                           "phase1": phase1.settings(), "code": cache_version.CACHE_VERSION}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:20]

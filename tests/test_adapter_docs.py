@@ -27,9 +27,10 @@ def blocks(language: str) -> list[str]:
 
 @pytest.fixture
 def workdir(tmp_path, monkeypatch):
-    loaded = load_model("tiny-llama")
-    loaded.model.save_pretrained(tmp_path / "base-model")
-    loaded.tokenizer.save_pretrained(tmp_path / "base-model")
+    tiny = load_model("tiny-llama")
+    tiny.model.save_pretrained(tmp_path / "base-model")
+    tiny.tokenizer.save_pretrained(tmp_path / "base-model")
+    loaded = load_model(str(tmp_path / "base-model"))  # the adapter records these files' fingerprint
     offsets = HeadOffsets(loaded.layout, offset_heads=[(1, 2), (3, 0)], init_std=0.5, seed=4)
     Adapter.from_offsets(offsets, loaded).save_pretrained(tmp_path / "adapter")
     monkeypatch.chdir(tmp_path)

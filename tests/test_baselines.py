@@ -251,6 +251,12 @@ def test_lora_sft_lowers_loss_and_round_trips(tmp_path):
     reloaded = lora.load_lora(fresh, tmp_path / "lora")
     assert torch.allclose(_logits(lora.inner_model(reloaded), tok=tok), trained, atol=1e-6)
     assert lora.count_lora_parameters(reloaded) == 14336 and lora.count_trainable(reloaded) == 0
+    # trained on other weights: refused naming both models (`eval` exits 2), unless allowed
+    (tmp_path / "lora" / lora.META_NAME).write_text(json.dumps({**meta, "fingerprint": "0123456789abcdef",
+                                                                "base_model": "someone/other-llama"}))
+    with pytest.raises(ValueError, match="someone/other-llama .*tiny-llama .*--allow-base-mismatch"):
+        lora.load_lora(load_model("tiny-llama"), tmp_path / "lora")
+    lora.load_lora(load_model("tiny-llama"), tmp_path / "lora", allow_base_mismatch=True)
 
 
 def test_lora_nan_loss_is_reported(monkeypatch):

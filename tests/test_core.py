@@ -147,6 +147,70 @@ def test_export_refuses_a_model_no_stock_family_can_carry_merged():
     assert o_projs(model)[0].bias is not None
 
 
+# -- adapters for another model, or from broken files: exit 2 with one line ------------------
+
+def _cli_error(capsys, *args) -> str:
+    """Run the CLI in-process; it must exit 2 with one `error:` line and no traceback. Returns that line."""
+    from lofit_ray.cli import main
+
+    assert main(list(args)) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if "error:" in line]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+def test_an_adapter_trained_on_other_weights_exits_2_unless_allowed(trained_adapter, tmp_path, capsys):
+    """Same layout, other fingerprint: eval and export refuse it naming both models;
+    --allow-base-mismatch applies it with a warning."""
+    from dataclasses import replace
+
+    Adapter(replace(trained_adapter.config, base_model="someone/other-llama", fingerprint="0123456789abcdef"),
+            trained_adapter.offset).save_pretrained(tmp_path / "other")
+    export = ["export", "--model", "tiny-llama", "--adapter", str(tmp_path / "other"), "--out", str(tmp_path / "m")]
+    line = _cli_error(capsys, *export)
+    assert "someone/other-llama" in line and "0123456789abcdef" in line and "tiny-llama" in line
+    assert "--allow-base-mismatch" in line and not (tmp_path / "m").exists()
+    line = _cli_error(capsys, "eval", "--model", "tiny-llama", "--task", "truthfulqa", "--limit", "1",
+                      "--adapter", str(tmp_path / "other"))
+    assert "someone/other-llama" in line and "tiny-llama" in line
+
+    from lofit_ray.cli import main
+
+    assert main([*export, "--allow-base-mismatch"]) == 0
+    assert "warning" in capsys.readouterr().err and (tmp_path / "m" / "config.json").is_file()
+
+
+def _truncate(path):
+    path.write_bytes(path.read_bytes()[:40])
+
+
+def _rows_off_by_one(path):
+    from safetensors.torch import load_file, save_file
+
+    save_file({"offset": load_file(str(path))["offset"][:-1].contiguous()}, str(path))
+
+
+BROKEN = {  # file -> how it is broken
+    "offsets.safetensors": [_truncate, lambda p: p.write_bytes(b"\x00" * 64), _rows_off_by_one, lambda p: p.unlink()],
+    "adapter_config.json": [lambda p: p.write_text("{not json"), lambda p: p.write_bytes(b"\xff\xfe\x00"),
+                            lambda p: p.write_text("[1, 2]"), lambda p: p.write_text('{"base_model": "x"}'),
+                            lambda p: p.write_text(p.read_text().replace('"heads": [', '"heads": [[99, 0], ')),
+                            lambda p: p.unlink()],
+}
+
+
+@pytest.mark.parametrize("name,case", [(n, i) for n, cases in BROKEN.items() for i in range(len(cases))])
+def test_a_broken_adapter_file_exits_2_naming_its_path(trained_adapter, tmp_path, capsys, name, case):
+    """Corrupt, truncated, inconsistent (offset rows != heads, a head outside the model) or missing."""
+    directory = trained_adapter.save_pretrained(tmp_path / "ad")
+    BROKEN[name][case](directory / name)
+    line = _cli_error(capsys, "export", "--model", "tiny-llama", "--adapter", str(directory),
+                      "--out", str(tmp_path / "m"))
+    assert str(directory / name) in line, line
+    assert not (tmp_path / "m").exists()
+
+
 # -- training loop guards ------------------------------------------------------------------
 
 def _train_offsets(loaded, offsets, examples, training, epochs, lr, start_layer=0):

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from lofit_ray import Adapter, HeadOffsets, HeadSet, Phase1Config, Phase2Config, TrainingConfig, train_offsets
-from lofit_ray import batching, cache_version, losses, train
+from lofit_ray import batching, cache_version, losses, models, train
 from lofit_ray.architectures import o_projs
 from lofit_ray.evaluate import mc_metrics, mc_scores
 from lofit_ray.heads import random_ranking
@@ -249,6 +249,68 @@ def test_cache_version_follows_the_source_of_every_module_behind_the_caches(tmp_
             f.write("\n# edited\n")
         seen.add(cache_version.source_hash(tmp_path))
     assert len(seen) == len(expected) + 1
+
+
+def test_one_value_changed_in_the_last_layer_misses_every_cache_keyed_on_the_weights(tmp_path, monkeypatch):
+    """A checkpoint rewritten in place (same path, same size) with one value of its last layer changed gets
+    a new fingerprint of the same form, so the phase-1 memo key and the DPO reference cache both miss. The load
+    dtype changes the cache key, not the fingerprint (an adapter still applies)."""
+    monkeypatch.setenv("LOFIT_REFERENCE_CACHE", str(tmp_path / "reference"))
+    source = load_model("tiny-llama")
+    directory = tmp_path / "ckpt"
+    source.model.save_pretrained(directory)
+    source.tokenizer.save_pretrained(directory)
+    size = (directory / "model.safetensors").stat().st_size
+    pairs = batching.encode_examples(source.tokenizer, [PreferenceExample("Q: sky? A:", " blue", " green")], 64)
+    training = TrainingConfig()
+
+    before = load_model(str(directory))
+    ref_before = train.reference_logprobs(before, pairs, training)
+    with torch.no_grad():
+        source.model.model.layers[-1].mlp.down_proj.weight[0, 0] += 1.0
+    source.model.save_pretrained(directory)
+    assert (directory / "model.safetensors").stat().st_size == size
+    after = load_model(str(directory))
+
+    assert after.fingerprint != before.fingerprint and len(after.fingerprint) == len(before.fingerprint) == 16
+    p1 = dict(train_hash="data-a", task="truthfulqa", training=training, phase1=Phase1Config())
+    assert train.phase1_key(after.cache_key, **p1) != train.phase1_key(before.cache_key, **p1)
+    ref_after = train.reference_logprobs(after, pairs, training)
+    assert len(list((tmp_path / "reference").glob("*.pt"))) == 2  # a second entry: the first was not served
+    assert not torch.equal(ref_after, ref_before)
+    half = load_model(str(directory), dtype="bfloat16")
+    assert half.fingerprint == after.fingerprint and half.cache_key != after.cache_key
+    # a model built in memory (no files) is hashed in full too
+    assert models.fingerprint(source.model) != load_model("tiny-llama").fingerprint
+
+
+def test_a_file_is_hashed_once_and_remembered_by_path_size_and_mtime(tmp_path, monkeypatch):
+    """The index answers while the file's size and mtime are unchanged (a planted hash is read back, so it was
+    not recomputed); a new mtime hashes the bytes again. A HF-cache blob link is known by the blob's name."""
+    import hashlib
+    import json
+    import os
+
+    from lofit_ray import content_hash
+
+    monkeypatch.setenv("LOFIT_CACHE_DIR", str(tmp_path / "cache"))
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(bytes(range(256)) * 10_000)  # 2.5 MB: more than one read chunk
+    real = hashlib.sha256(weights.read_bytes()).hexdigest()
+    assert content_hash.file_hash(weights) == real
+    index = json.loads(content_hash.index_path().read_text())
+    index[str(weights.resolve())]["sha256"] = "planted"
+    content_hash.index_path().write_text(json.dumps(index))
+    assert content_hash.file_hash(weights) == "planted"  # an index hit: the bytes were not read
+    stat = weights.stat()
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    assert content_hash.file_hash(weights) == real  # same size, new mtime: hashed again
+
+    blob = tmp_path / "hub" / "blobs" / ("ab" * 32)
+    blob.parent.mkdir(parents=True)
+    blob.write_bytes(b"weights")
+    (tmp_path / "hub" / "snapshot.safetensors").symlink_to(blob)
+    assert content_hash.file_hash(tmp_path / "hub" / "snapshot.safetensors") == "ab" * 32
 
 
 def _pairs(c=(1, 5, 6), r=(1, 5, 7), start=2):

@@ -183,19 +183,64 @@ def test_the_carve_is_seeded_and_disjoint_and_duplicate_prompts_stay_together(tm
     assert {x.prefix for x in other.report} != report
 
 
-def test_a_named_selection_file_is_checked_against_the_other_splits(tmp_path):
+def _jsonl(path: Path, rows: list[dict]) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def test_named_splits_sharing_prompts_stop_unless_on_overlap_drop(tmp_path):
+    """A named selection file with 4 training and 3 report prompts: an error naming the count, both splits and
+    the first three; with task.on_overlap: drop they leave the later split, counted, and the report says so."""
     rows = mc_rows(20)
-    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:14]))
-    (tmp_path / "report.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[14:]))
-    (tmp_path / "select.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[10:17]))  # 3 in report
-    cfg = task(source=str(tmp_path / "train.jsonl"), report=str(tmp_path / "report.jsonl"),
-               select=str(tmp_path / "select.jsonl"), **MC)
-    _, s = items_of(cfg)
-    assert s.carve["dropped_select_in_report"] == 3 and s.carve["dropped_train_in_select"] == 4
-    assert (len(s.train), len(s.select), len(s.report)) == (10, 4, 6)
-    (tmp_path / "select.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[14:]))  # all in report
-    with pytest.raises(TaskDataError, match="task.select: the selection split is empty"):
-        items_of(cfg)
+    files = dict(source=_jsonl(tmp_path / "train.jsonl", rows[:14]), report=_jsonl(tmp_path / "report.jsonl", rows[14:]),
+                 select=_jsonl(tmp_path / "select.jsonl", rows[10:17]))
+    with pytest.raises(TaskDataError) as err:
+        items_of(task(**files, **MC))
+    text = str(err.value)
+    assert text.startswith("task.select: 4 item(s) of ") and "select.jsonl are also in task.train" in text
+    assert all(f"Question {i}?" in text for i in (10, 11, 12)) and "Question 13?" not in text
+    assert "task.on_overlap: drop" in text
+
+    _, s = items_of(task(**files, on_overlap="drop", **MC))
+    assert (s.carve["overlap_select"], s.carve["overlap_report"]) == (4, 3)
+    assert (len(s.train), len(s.select), len(s.report)) == (14, 3, 3)
+    train, select, report = {ex.prompt for ex in s.train}, {x.prefix for x in s.select}, {x.prefix for x in s.report}
+    assert not (train & select) and not (train & report) and not (select & report)
+    from lofit_ray.report import report_text
+
+    line = report_text("m", "reg", "1", {"k": 2, "split": "report", "n": 3, "intervals": {},
+                                         "data": {**s.carve, "truncated_train": 0, "max_length": 64}})
+    assert "task.on_overlap: drop removed 4 selection and 3 report items" in line
+
+    (tmp_path / "select.jsonl").write_text((tmp_path / "report.jsonl").read_text())  # all of it in report
+    with pytest.raises(TaskDataError, match="task.report: the report split is empty"):
+        items_of(task(**files, on_overlap="drop", **MC))
+
+
+def test_a_named_report_file_is_checked_against_training(tmp_path):
+    """No selection file: the carve is automatic, but a report file sharing 2 training prompts is an error
+    (or, with drop, loses them); without a file of the user's, nothing is checked this way."""
+    rows = mc_rows(20)
+    files = dict(source=_jsonl(tmp_path / "train.jsonl", rows[:14]), report=_jsonl(tmp_path / "report.jsonl", rows[12:]))
+    with pytest.raises(TaskDataError, match=r"task.report: 2 item\(s\) of .*report.jsonl are also in task.train"):
+        items_of(task(**files, **MC))
+    _, s = items_of(task(**files, on_overlap="drop", **MC))
+    assert s.carve["overlap_report"] == 2 and len(s.report) == 6 and len(s.train) + len(s.select) == 14
+
+
+@pytest.mark.parametrize("on_overlap", ["error", "drop"])
+def test_a_report_split_that_is_the_training_data_is_always_an_error(tmp_path, on_overlap):
+    """The same file, or another file with the same prompts: an error whatever task.on_overlap says."""
+    train = _jsonl(tmp_path / "train.jsonl", mc_rows(12))
+    copy = _jsonl(tmp_path / "copy.jsonl", mc_rows(12)[::-1])
+    for report in (train, copy):
+        with pytest.raises(TaskDataError, match="task.report: .* is the training data"):
+            items_of(task(source=train, report=report, on_overlap=on_overlap, **MC))
+
+
+def test_on_overlap_takes_error_or_drop():
+    with pytest.raises(ConfigError, match="task.on_overlap: 'keep' is not one of error, drop"):
+        task(on_overlap="keep", **MC)
 
 
 def test_a_single_file_source_has_no_named_report_split(tmp_path):

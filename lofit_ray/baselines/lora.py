@@ -36,6 +36,7 @@ from pathlib import Path
 
 import torch
 
+from ..adapter import check_base
 from ..config import LoraConfig, TrainingConfig
 from ..tasks import PreferenceExample
 from ..train import TorchStepper, train_loop
@@ -163,8 +164,9 @@ def save_lora(peft_model, directory: str | Path, loaded=None, info: dict | None 
     return directory
 
 
-def load_lora(loaded, directory: str | Path, trainable: bool = False):
-    """PeftModel.from_pretrained on loaded.model (LoRA layers are injected into it in place)."""
+def load_lora(loaded, directory: str | Path, trainable: bool = False, allow_base_mismatch: bool = False):
+    """PeftModel.from_pretrained on loaded.model (LoRA layers are injected into it in place); refused when
+    trained on other weights (adapter.check_base) unless allow_base_mismatch."""
     peft = _peft()
     directory = Path(directory)
     if not (directory / "adapter_config.json").is_file():
@@ -173,9 +175,8 @@ def load_lora(loaded, directory: str | Path, trainable: bool = False):
     meta_path = directory / META_NAME
     if meta_path.is_file():
         meta = json.loads(meta_path.read_text())
-        if meta.get("fingerprint") and meta["fingerprint"] != loaded.fingerprint:
-            print(f"[lofit-ray] warning: model fingerprint {loaded.fingerprint} differs from the LoRA adapter's "
-                  f"{meta['fingerprint']} (trained on {meta.get('base_model')})")
+        check_base(meta.get("base_model", "?"), meta.get("fingerprint", ""), loaded.spec, loaded.fingerprint,
+                   allow_base_mismatch, what="LoRA adapter")
     peft_model = peft.PeftModel.from_pretrained(loaded.model, str(directory), is_trainable=trainable)
     inner_model(peft_model).eval()
     return peft_model

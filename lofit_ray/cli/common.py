@@ -187,6 +187,13 @@ def add_eval_batch_size(p: argparse.ArgumentParser) -> None:
                    help="items scored per forward pass (default: %(default)s)")
 
 
+def add_allow_base_mismatch(p: argparse.ArgumentParser) -> None:
+    """For commands that apply an adapter to --model: an adapter trained on other weights is an error."""
+    p.add_argument("--allow-base-mismatch", action="store_true",
+                   help="apply the adapter even though --model's weights differ from those it was trained on "
+                        "(fingerprints differ); default: exit 2 naming both models")
+
+
 def add_model_command(sub, name: str, help: str, func, splits: tuple[str, ...] = (), configs: tuple = (),
                       default_from_adapter: bool = False) -> argparse.ArgumentParser:
     """A sub-command on one model: --model/--dtype/--device, the task flags and one --ROLE-split per role in

@@ -19,8 +19,9 @@ import urllib.parse
 from pathlib import Path
 
 from ..config import Phase1Config, Phase2Config, TrainingConfig
-from .common import (TRACKING_URI_HELP, add_eval_batch_size, add_model_command, check_k, config_from_args,
-                     format_intervals, load, require, resolve_adapter, task_from_args, write_json)
+from .common import (TRACKING_URI_HELP, add_allow_base_mismatch, add_eval_batch_size, add_model_command, check_k,
+                     config_from_args, format_intervals, load, require, resolve_adapter, task_from_args,
+                     write_json)
 
 
 def _heads(pairs) -> str:
@@ -141,11 +142,12 @@ def cmd_eval(args):
         require("peft", "baselines")
         from ..baselines import lora
 
-        peft_model = lora.load_lora(loaded, lora_dir)
+        peft_model = lora.load_lora(loaded, lora_dir, allow_base_mismatch=args.allow_base_mismatch)
         loaded, n = lora.lora_loaded(loaded, peft_model), lora.count_lora_parameters(peft_model)
         label, extra = f"LoRA {lora_dir} ({n} parameters)", {"method": "lora", "lora_parameters": n}
     elif adapter is not None:
-        adapter.attach(loaded.model, loaded.fingerprint)
+        adapter.attach(loaded.model, loaded.fingerprint, model_name=args.model,
+                       allow_base_mismatch=args.allow_base_mismatch)
         label = f"adapter {args.adapter} ({len(adapter.config.heads)} heads)"
     metrics, rows = evaluate_items(loaded, items, batch_size=args.batch_size, progress=True)
     metrics.update(with_intervals(rows))
@@ -193,7 +195,8 @@ def cmd_export(args):
     start = time.time()
     adapter = resolve_adapter(args.adapter)
     loaded = load(args, base_model=adapter.config.base_model)
-    adapter.check_compatible(loaded.model, loaded.fingerprint)
+    adapter.check_compatible(loaded.model, loaded.fingerprint, model_name=args.model,
+                             allow_base_mismatch=args.allow_base_mismatch)
     out = adapter.export(loaded, args.out)
     print(f"merged {len(adapter.config.heads)} head offsets into o_proj biases -> {out} "
           f"(load with AutoModelForCausalLM.from_pretrained) [{time.time() - start:.0f}s]")
@@ -267,6 +270,7 @@ def add_parsers(sub) -> None:
                           "metrics with n, intervals and wall time", cmd_eval, ("eval",), default_from_adapter=True)
     p.add_argument("--adapter", default=None, help="adapter directory (from train, fit, iti or lora) or "
                                                    "models:/NAME@ALIAS")
+    add_allow_base_mismatch(p)
     add_eval_batch_size(p)
     p.add_argument("--out", default=None, help="metrics JSON; the per-item rows go beside it (NAME.items.jsonl)")
 
@@ -283,6 +287,7 @@ def add_parsers(sub) -> None:
     p = add_model_command(sub, "export", "merge an adapter into o_proj biases and save a plain transformers model",
                           cmd_export, default_from_adapter=True)
     p.add_argument("--adapter", required=True, help="adapter directory or models:/NAME@ALIAS")
+    add_allow_base_mismatch(p)
     p.add_argument("--out", required=True)
 
     p = sub.add_parser("ui", help="open the MLflow UI on the lofit-ray store (127.0.0.1 by default)")

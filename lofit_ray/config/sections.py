@@ -146,6 +146,7 @@ class ItiConfig:
 # -- data and records -------------------------------------------------------------------------
 
 TASK_KINDS = ("sft", "dpo", "mc", "generation")  # lofit_ray.tasks.generic: a user's task, configured in YAML
+ON_OVERLAP = ("error", "drop")  # lofit_ray.splits: named splits sharing prompts stop the run, or lose them
 _NEEDS = {"sft": ("completion",), "generation": ("answer",), "dpo": ("chosen", "rejected"), "mc": ("label",)}
 _WHAT = {"completion": "the text to train on", "answer": "the right answer", "chosen": "the preferred answer",
          "rejected": "the dispreferred answer", "label": "the right choice (its index or text)"}
@@ -206,6 +207,10 @@ class TaskConfig:
     limit_train: int | None = _help("use at most this many training examples (after the carve)", None)
     limit_select: int | None = _help("use at most this many selection examples", None)
     limit_report: int | None = _help("use at most this many report examples", None)
+    on_overlap: str = _help("when a split you name (task.select, or task.train / task.report as a file) shares "
+                            "prompts with an earlier one (train, then select, then report): error (stop, naming "
+                            "them) or drop (drop them from the later split; the search's report counts them). A "
+                            "report split that is the training data is an error either way", "error")
     columns: TaskColumns = _help("your own task: which column holds what", factory=TaskColumns)
     template: str | None = _help("your own task: the prompt as a format string over columns, e.g. "
                                  "'Q: {question}\\nA:' (default: the columns.prompt column as it is)", None)
@@ -231,6 +236,9 @@ class TaskConfig:
         for name in ("limit_train", "limit_select", "limit_report"):
             _at_least(getattr(self, name), 1, f"task.{name}", "or null for no limit")
         _at_least(self.max_new_tokens, 1, "task.max_new_tokens")
+        if self.on_overlap not in ON_OVERLAP:
+            raise ConfigError(f"task.on_overlap: {self.on_overlap!r} is not one of {', '.join(ON_OVERLAP)}; error "
+                              f"stops on prompts shared by two splits, drop drops them from the later split")
         if self.kind is None:
             self._check_builtin()
         else:
@@ -288,9 +296,11 @@ class TaskConfig:
                                   f"a hub dataset id (owner/name or owner/name:config)")
 
 
-# The fields a user task added to TaskConfig: a record's settings leave them out while they hold their defaults.
+# The fields added to TaskConfig since the first records (a user task's, on_overlap): a record's settings leave them
+# out while they hold their defaults.
 USER_TASK_FIELDS = ("kind", "records_key", "report_fraction", "columns", "template", "chat_template", "fixed_choices",
-                    "label_names", "answer_prefix", "mc_training", "answer_regex", "stops", "max_new_tokens")
+                    "label_names", "answer_prefix", "mc_training", "answer_regex", "stops", "max_new_tokens",
+                    "on_overlap")
 
 
 def _registered_task(name: str) -> bool:

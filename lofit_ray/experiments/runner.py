@@ -152,7 +152,7 @@ class Runner:
         loaded = self.loaded
         _, s = self.splits(task_name)
         training = self.training(seed)
-        memo = phase1_key(loaded.fingerprint, s.train_hash(), task_name, training, phase1)
+        memo = phase1_key(loaded.cache_key, s.train_hash(), task_name, training, phase1)
         if memo in self.memo:
             return self.memo[memo]
         path = self.ranking_path(loaded.spec, task_name, seed, memo)
