@@ -128,7 +128,11 @@ def run_phase1(jobs: list[dict], *, num_workers: int, cpus_per_worker: float, us
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    outbox = ray.remote(num_cpus=0)(Outbox).remote()
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    # on this process's node: a worker node lost mid-phase-1 must not take the results' carrier with it
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    outbox = ray.remote(num_cpus=0)(Outbox).options(scheduling_strategy=here).remote()
     trainer = TorchTrainer(
         phase1_train_func,
         train_loop_config={"jobs": jobs, "outbox": outbox, "zero_stage": zero_stage, "deepspeed": use_deepspeed,

@@ -354,7 +354,12 @@ def run_search_job(cfg: SearchJobConfig, resume: bool = False) -> dict:
             print(f"[lofit-ray] closed {len(closed)} run(s) the stopped driver left open", flush=True)
     print(f"[lofit-ray] MLflow: {uri} (experiment '{cfg.mlflow.experiment}', parent run {parent})", flush=True)
     claims_name = f"lofit-phase1-claims-{parent}"
-    claims = ray.remote(num_cpus=0)(Phase1Claims).options(name=claims_name, get_if_exists=True).remote()
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    # on the driver's node, which the search cannot lose and go on: a worker node may die mid-search
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    claims = ray.remote(num_cpus=0)(Phase1Claims).options(name=claims_name, get_if_exists=True,
+                                                          scheduling_strategy=here).remote()
     ctx = {"tracking_uri": uri, "experiment_id": experiment_id, "parent_run_id": parent,
            "phase1_claims": claims_name, "driver_pgid": os.getpgid(0),
            "storage_path": str(storage), "run_config": to_dict(cfg)}

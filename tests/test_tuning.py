@@ -64,7 +64,10 @@ def test_both_configs_share_one_policy():
 
 
 def test_k_range_draws_integers(tmp_path):
-    """A K range (low/high) is drawn as an integer: heads are counted."""
+    """K is drawn as an integer, from a range or from values (YAML numbers arrive as floats): heads are counted,
+    and a trial's K is recorded as it was drawn (a registered version's k tag read "16.0" once)."""
+    values = SearchSpaceConfig(k=Space(values=[8.0, 16.0])).searched()["k"].values
+    assert values == [8, 16] and all(type(v) is int for v in values)
     from lofit_ray.tuning import run_in_process
 
     space = SearchSpaceConfig(k=Space(low=4, high=20)).searched()

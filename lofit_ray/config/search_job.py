@@ -68,8 +68,8 @@ class SearchSpaceConfig:
     def searched(self) -> dict[str, Space]:
         """Every searched dimension as a Space, in the order trials draw them: K as an integer, the selector
         as a categorical."""
-        k = self.k if self.k.values is not None else Space(low=self.k.low, high=self.k.high, log=self.k.log,
-                                                             integer=True)
+        k = Space(values=[int(v) for v in self.k.values]) if self.k.values is not None else \
+            Space(low=self.k.low, high=self.k.high, log=self.k.log, integer=True)
         return {"k": k, "selector": Space(values=list(self.selector)), "l1": self.l1, "phase1_lr": self.phase1_lr,
                 "phase2_lr": self.phase2_lr}
 
