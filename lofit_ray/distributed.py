@@ -17,8 +17,11 @@ import torch
 class DeepSpeedStepper:
     """The Stepper of lofit_ray.train backed by a DeepSpeed engine over the offsets module."""
 
-    def __init__(self, module: torch.nn.Module, lr: float, zero_stage: int, micro_batch: int, bf16: bool = False):
+    def __init__(self, module: torch.nn.Module, lr: float, zero_stage: int, micro_batch: int, bf16: bool = False,
+                 lr_schedule: str = "constant", max_grad_norm: float = 0.0, total_steps: int = 0):
         import deepspeed
+
+        from .train import linear_decay
 
         # DeepSpeed JIT-loads its CPU comm op with whichever `ninja` is first on PATH. The venv's ninja (used
         # by scripts/install.sh, which prebuilds the op) and the system's write incompatible build logs, so
@@ -35,9 +38,13 @@ class DeepSpeedStepper:
             "zero_optimization": {"stage": zero_stage},
             "bf16": {"enabled": bf16},
             "steps_per_print": 10**9,
+            "gradient_clipping": max_grad_norm,  # 0: off, as TorchStepper
         }
         params = [p for p in module.parameters() if p.requires_grad]
-        self.engine, *_ = deepspeed.initialize(model=module, model_parameters=params, config=config)
+        # The same schedule as TorchStepper (DeepSpeed's own WarmupDecayLR forces at least 2 warmup steps).
+        schedule = (lambda optimizer: linear_decay(optimizer, total_steps)) if lr_schedule == "linear" else None
+        self.engine, *_ = deepspeed.initialize(model=module, model_parameters=params, config=config,
+                                               lr_scheduler=schedule)
         # ZeRO-3 leaves A partitioned (size 0) until the engine's own forward gathers it; LoFiT reads A in
         # o_proj hooks and never calls that forward. A is small, so DeepSpeed keeps it persistent once
         # gathered: gather it here.
@@ -89,6 +96,7 @@ def phase1_train_func(config: dict) -> None:
     from .config import Phase1Config, TrainingConfig
     from .models import load_model
     from .selectors import select_heads
+    from .train import total_steps
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -99,10 +107,14 @@ def phase1_train_func(config: dict) -> None:
                             attn_implementation=job.get("attn_implementation", "auto"))
         training, phase1 = TrainingConfig(**job["training"]), Phase1Config(**job["phase1"])
         micro, bf16, stage = training.batch_size // world, job.get("dtype") == "bfloat16", config.get("zero_stage", 2)
-        make_stepper = (lambda offsets: DeepSpeedStepper(offsets, phase1.lr, stage, micro, bf16=bf16)) \
+        examples = job_examples(job)
+        steps = total_steps(len(examples), training, phase1.epochs)
+        make_stepper = (lambda offsets: DeepSpeedStepper(offsets, phase1.lr, stage, micro, bf16=bf16,
+                                                         lr_schedule=phase1.lr_schedule,
+                                                         max_grad_norm=phase1.max_grad_norm, total_steps=steps)) \
             if config.get("deepspeed", True) else None
         reference = torch.tensor(job["reference"]) if job.get("reference") is not None else None
-        head_set = select_heads(loaded, job_examples(job), training, phase1, task=job["task_name"],
+        head_set = select_heads(loaded, examples, training, phase1, task=job["task_name"],
                                 make_stepper=make_stepper, rank=rank, world=world, reference=reference)
         head_set.hparams.update(workers=world, zero_stage=config.get("zero_stage"))
         outputs.append({"key": job.get("key"), "head_set": json.loads(head_set.to_json()),

@@ -32,7 +32,7 @@ from .config import SELECTORS, Phase1Config, TrainingConfig
 from .heads import HeadSet, random_ranking, rank_by_score
 from .models import LoadedModel
 from .offsets import INIT_STD, HeadOffsets
-from .train import TorchStepper, train_loop
+from .train import phase_stepper, train_loop
 
 # HardConcrete's stretch and temperature, the values of Louizos et al. (2018) that JoLA keeps.
 GATE_BETA, GATE_GAMMA, GATE_ZETA = 2 / 3, -0.1, 1.1
@@ -135,7 +135,7 @@ def _mean_over_workers(tensor: torch.Tensor, world: int) -> torch.Tensor:
 
 def _l1(loaded, examples, training, phase1, make_stepper, loop_kwargs) -> tuple[torch.Tensor, list]:
     offsets = HeadOffsets(loaded.layout, scale=True, seed=training.seed).attach(loaded.model)
-    stepper = make_stepper(offsets) if make_stepper else TorchStepper([offsets.scale], phase1.lr)
+    stepper = make_stepper(offsets) if make_stepper else phase_stepper([offsets.scale], phase1, len(examples), training)
     try:
         history = train_loop(loaded, examples, training, phase1.epochs, stepper,
                              penalty=(lambda: phase1.l1 * losses.l1_penalty(offsets.scale)) if phase1.l1 else None,
@@ -148,7 +148,8 @@ def _l1(loaded, examples, training, phase1, make_stepper, loop_kwargs) -> tuple[
 def _gates(loaded, examples, training, phase1, make_stepper, loop_kwargs) -> tuple[torch.Tensor, list]:
     gates = HeadGates(loaded.layout, separate=phase1.gate_parts == "separate", seed=training.seed)
     gates.attach(loaded.model)
-    stepper = make_stepper(gates) if make_stepper else TorchStepper(list(gates.parameters()), phase1.lr)
+    stepper = (make_stepper(gates) if make_stepper else
+               phase_stepper(list(gates.parameters()), phase1, len(examples), training))
     try:
         history = train_loop(loaded, examples, training, phase1.epochs, stepper,
                              penalty=(lambda: phase1.l0 * gates.open_probability().sum()) if phase1.l0 else None,

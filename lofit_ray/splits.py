@@ -93,10 +93,12 @@ def build_splits(task, train: str = "train", report: str = "val", select: str | 
         # side, and rows whose question is also in the report split are dropped. Without copies this is the
         # plain row carve.
         questions = list(dict.fromkeys(k for k in keys if k not in reported))
-        if len(questions) < 2:
+        if select_fraction == 0:  # nothing is chosen (a study without a search): all of train is trained on
+            questions = []
+        elif len(questions) < 2:
             raise _empty("task.train", f"{len(questions)} distinct prompt(s) of {train} are not in the report split; "
                          f"the selection carve needs at least 2", "use more training rows or another report split")
-        selected = {questions[i] for i in carve(len(questions), select_fraction, carve_seed)[1]}
+        selected = {questions[i] for i in carve(len(questions), select_fraction, carve_seed)[1]} if questions else set()
         train_ex = [ex for ex, k in zip(examples, keys) if k not in reported and k not in selected]
         select_items = [x for x, k in zip(items, keys) if k in selected]
         carve_info = {"from": train, "fraction": select_fraction, "seed": carve_seed}
@@ -104,7 +106,7 @@ def build_splits(task, train: str = "train", report: str = "val", select: str | 
     if not train_ex:
         raise _empty("task.train", f"no training rows of {train} are left once the prompts also in the selection or "
                      f"report split are dropped", "give more or other training rows, or another report split")
-    if not select_items:
+    if not select_items and (select is not None or select_fraction > 0):
         raise _empty("task.select", "the selection split is empty once the prompts also in another split are "
                      "dropped", "name another selection split, or leave task.select out to carve it from train")
     if not report_items:

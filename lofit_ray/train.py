@@ -39,12 +39,15 @@ class NaNLossError(FloatingPointError):
 
 
 class TorchStepper:
-    """AdamW over `params`, with optional gradient-norm clipping (LoRA) and weight decay."""
+    """AdamW over `params`, with optional gradient-norm clipping and an lr that stays constant or decays linearly
+    to 0 over `total_steps` (lr_schedule="linear": what the paper's code gets from transformers' Trainer)."""
 
-    def __init__(self, params, lr: float, max_grad_norm: float = 0.0, weight_decay: float = 0.0):
+    def __init__(self, params, lr: float, max_grad_norm: float = 0.0, weight_decay: float = 0.0,
+                 lr_schedule: str = "constant", total_steps: int = 0):
         self.params = list(params)
         self.lr, self.max_grad_norm = lr, max_grad_norm
         self.optimizer = torch.optim.AdamW(self.params, lr=lr, weight_decay=weight_decay)
+        self.scheduler = linear_decay(self.optimizer, total_steps) if lr_schedule == "linear" else None
 
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
@@ -53,7 +56,28 @@ class TorchStepper:
         if self.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
         self.optimizer.step()
+        if self.scheduler is not None:
+            self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+
+
+def linear_decay(optimizer: torch.optim.Optimizer, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """lr x (total - step) / total, no warmup: transformers' default schedule, which the paper's code trains with."""
+    if total_steps < 1:
+        raise ValueError(f"a linear lr schedule needs the number of steps (got total_steps={total_steps})")
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: max(0.0, (total_steps - step) / total_steps))
+
+
+def total_steps(num_examples: int, training: TrainingConfig, epochs: int) -> int:
+    """Optimizer steps of train_loop over `num_examples` (every epoch runs ceil(n / batch) global steps)."""
+    return epochs * math.ceil(num_examples / training.batch_size)
+
+
+def phase_stepper(params, phase: Phase1Config | Phase2Config, num_examples: int,
+                  training: TrainingConfig) -> TorchStepper:
+    """The stepper of a LoFiT phase: its lr, lr_schedule and max_grad_norm, over its epochs of these examples."""
+    return TorchStepper(params, phase.lr, max_grad_norm=phase.max_grad_norm, lr_schedule=phase.lr_schedule,
+                        total_steps=total_steps(num_examples, training, phase.epochs))
 
 
 def reference_logprobs(loaded: LoadedModel, encoded: list, training: TrainingConfig,
@@ -208,7 +232,8 @@ def train_offsets(loaded: LoadedModel, head_set: HeadSet, k: int | None, example
     offsets = HeadOffsets(loaded.layout, offset_heads=head_set.top(), seed=training.seed).attach(loaded.model)
     start_layer = offsets.lowest_layer() if phase2.skip_frozen_layers else 0
     try:
-        history = train_loop(loaded, examples, training, phase2.epochs, TorchStepper([offsets.offset], phase2.lr),
+        stepper = phase_stepper([offsets.offset], phase2, len(examples), training)
+        history = train_loop(loaded, examples, training, phase2.epochs, stepper,
                              start_layer=start_layer, base_model=offsets.disabled, label="phase 2 ", **loop_kwargs)
     finally:
         offsets.detach()

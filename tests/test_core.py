@@ -223,6 +223,36 @@ def _train_offsets(loaded, offsets, examples, training, epochs, lr, start_layer=
         offsets.detach()
 
 
+def test_the_papers_optimizer_clips_then_decays_the_lr_linearly_to_zero():
+    """lr_schedule linear + max_grad_norm (the paper's code, through transformers' Trainer defaults): the lr of
+    step s is lr x (T - s) / T, and AdamW sees the clipped gradient (its first moment is 0.1 x the gradient)."""
+    p = torch.nn.Parameter(torch.zeros(3))
+    stepper = TorchStepper([p], lr=0.1, max_grad_norm=1.0, lr_schedule="linear", total_steps=4)
+    lrs = []
+    for _ in range(4):
+        lrs.append(stepper.optimizer.param_groups[0]["lr"])
+        p.grad = torch.tensor([100.0, 0.0, 0.0])
+        stepper.step()
+        assert p.grad is None
+        if len(lrs) == 1:
+            torch.testing.assert_close(stepper.optimizer.state[p]["exp_avg"], torch.tensor([0.1, 0.0, 0.0]))
+    assert lrs == pytest.approx([0.1, 0.075, 0.05, 0.025])
+    constant = TorchStepper([p], lr=0.1)
+    for _ in range(3):
+        p.grad = torch.ones(3)
+        constant.step()
+    assert constant.optimizer.param_groups[0]["lr"] == 0.1  # the default: constant, no clipping
+
+
+@pytest.mark.parametrize("field, value", [("lr_schedule", "cosine"), ("max_grad_norm", -1.0)])
+def test_phase_optimizer_fields_are_checked(field, value):
+    from lofit_ray.config import ConfigError, Phase1Config, Phase2Config
+
+    for phase in (Phase1Config, Phase2Config):
+        with pytest.raises(ConfigError, match=f"phase[12].{field}"):
+            phase(**{field: value})
+
+
 def test_nan_loss_stops_with_a_clear_error(tiny):
     offsets = HeadOffsets(tiny.layout, offset_heads=[(0, 0)])
     with torch.no_grad():

@@ -199,18 +199,6 @@ def test_statistics():
     assert ag.cosines(torch.eye(2), torch.eye(2) * 3) == pytest.approx([1.0, 1.0])
 
 
-def test_trainer_like_stepper_decays_linearly_and_clips():
-    p = torch.nn.Parameter(torch.zeros(3))
-    stepper = ag.TrainerLikeStepper([p], lr=0.1, total_steps=4)
-    lrs = []
-    for _ in range(4):
-        lrs.append(stepper.optimizer.param_groups[0]["lr"])
-        p.grad = torch.tensor([100.0, 0.0, 0.0])
-        stepper.step()
-        assert p.grad is None
-    assert lrs == pytest.approx([0.1, 0.075, 0.05, 0.025])
-
-
 def test_export_for_transformers_439(tmp_path):
     src = tmp_path / "src"
     src.mkdir()

@@ -437,7 +437,8 @@ def test_bad_config_field_named(tmp_path):
     ({"search.spaces.reft.depth": [0.5, 1.5]}, "search.spaces.reft.depth"),
     ({"reft.depth": 2.0}, "reft.depth"),
     ({"phase1.selector": "norm"}, "phase1.selector"),
-    ({"search.num_trials": 0}, "search.num_trials"),
+    ({"search.num_trials": -1}, "search.num_trials"),
+    ({"tasks.mquake.select_fraction": 0}, "tasks.mquake.select_fraction: 0 leaves no selection split"),
     ({"tasks.mquake.select_fraction": 1.5}, "tasks.mquake.select_fraction"),
     ({"tasks.mquake.limit_train": "many"}, "tasks.mquake.limit_train"),
     ({"methods": ["lofit", "prompting"]}, "methods: 'prompting'"),
@@ -457,6 +458,43 @@ def test_config_errors_name_the_field(override, field):
     assert field in str(info.value)
 
 
+def test_a_fixed_protocol_trains_at_the_config_values_without_a_search(tmp_path):
+    """search.num_trials: 0 is a paper's fixed protocol: no selection carve (select_fraction 0 trains on all of
+    train), no trials, every method at its config values with the lr schedule and clipping the config names."""
+    fixed = ["--set", "search.num_trials=0", "--set", "methods=[zero_shot, random_heads, transfer_heads, lofit]",
+             "--set", "k_fractions=[0.1]", "--set", "phase1.lr=0.02", "--set", "phase1.l1=0.002",
+             "--set", "phase2.lr=0.03", "--set", "phase1.lr_schedule=linear", "--set", "phase1.max_grad_norm=1.0",
+             "--set", "phase2.lr_schedule=linear"]
+    no_carve = [a for t in TASKS for a in ("--set", f"tasks.{t}.select_fraction=0")]
+    proc = run_job(tmp_path / "iti", *fixed, "--set", "methods=[iti]")  # nothing in the config to train ITI at
+    assert proc.returncode == 2 and "iti has no iti.alpha" in proc.stderr, proc.stderr[-2000:]
+    out = tmp_path / "fixed"
+    proc = run_job(out, *fixed, *no_carve)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    doc = json.loads((out / "reproduce.json").read_text())
+    assert not doc.get("searches") and not (out / "searches").exists()
+    for task in TASKS:
+        assert doc["splits"][task]["n_select"] == 0 and doc["splits"][task]["n_train"] == 8
+    cells = {c["id"]: c for c in doc["cells"]}
+    assert len(cells) == 2 * (1 + 3)  # per task: zero-shot, and random, transfer and lofit at K=2
+    for task in TASKS:
+        lofit = cells[f"tiny-llama|{task}|lofit|k=2|seed=0"]
+        assert lofit["hparams"] == {"phase1_lr": 0.02, "l1": 0.002, "phase2_lr": 0.03}
+        assert cells[f"tiny-llama|{task}|random_heads|k=2|seed=0"]["hparams"] == {"phase2_lr": 0.03}
+        ranking = json.loads((out / lofit["ranking_file"]).read_text())
+        assert ranking["head_set"]["hparams"]["phase1"]["lr_schedule"] == "linear"
+        assert ranking["head_set"]["hparams"]["phase1"]["max_grad_norm"] == 1.0
+    table = (out / "reproduce.md").read_text()
+    assert "No search (search.num_trials: 0)" in table and "lr linear, gradient norm clipped at 1" in table
+    assert "no selection split (nothing is searched)" in table
+    # the schedule is part of each cell's setting: another schedule re-runs every trained cell on --resume
+    again = run_job(out, *fixed[:-2], *no_carve, "--resume")
+    assert again.returncode == 0
+    rerun = json.loads((out / "reproduce.json").read_text())["cells"]
+    assert {c["id"] for c in rerun if c["finished_at"] != cells[c["id"]]["finished_at"]} == \
+        {i for i in cells if "zero_shot" not in i}
+
+
 def test_configs_load():
     cfg = load_config(REPO / "configs" / "reproduce.yaml", schema=ReproduceConfig)
     assert cfg.models == ["smollm2-135m", "gemma3-270m"]
@@ -467,6 +505,12 @@ def test_configs_load():
     assert cfg.tasks["clutrr"].limit_train
     assert [t.name for t in cfg.tasks.values()] == list(cfg.tasks)  # the key names the task
     assert cfg.search.num_trials >= 4 and cfg.mlflow.experiment == "lofit-reproduce"
+    paper = load_config(REPO / "configs" / "reproduce_paper_protocol.yaml", schema=ReproduceConfig)
+    assert paper.search.num_trials == 0 and paper.tasks["truthfulqa"].select_fraction == 0
+    assert paper.phase1.lr_schedule == paper.phase2.lr_schedule == "linear"
+    for task, extra in (("mquake", {}), ("clutrr", {"limit_train": 300})):  # its other two records' overrides
+        load_config(REPO / "configs" / "reproduce_paper_protocol.yaml",
+                    {"tasks": {task: {"select_fraction": 0, **extra}}}, schema=ReproduceConfig)
     tiny = load_config(TINY, schema=ReproduceConfig)
     assert tiny.models == ["tiny-llama"] and list(tiny.tasks) == list(TASKS) and tiny.seeds == list(SEEDS)
     assert [tiny.transfer_source(t) for t in tiny.tasks] == ["mquake", "truthfulqa"]

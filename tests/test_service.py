@@ -151,15 +151,26 @@ def phase1_on_two_workers(job: dict, tmp_path: Path, name: str, env: dict | None
         ray.shutdown()
 
 
-@pytest.mark.parametrize("zero_stage", [2, 3])
-def test_two_deepspeed_workers_match_a_single_process_run(tmp_path, zero_stage):
+PAPER_OPTIMIZER = dict(lr_schedule="linear", max_grad_norm=0.05)  # a clip small enough to act on every step
+
+
+@pytest.mark.parametrize("zero_stage, optimizer", [(2, {}), (3, {}), (2, PAPER_OPTIMIZER)],
+                         ids=["zero2", "zero3", "zero2-linear-clipped"])
+def test_two_deepspeed_workers_match_a_single_process_run(tmp_path, zero_stage, optimizer):
     """Phase 1 on 2 Ray Train workers (DeepSpeed, gloo) learns exactly what one process learns. ZeRO-3
-    partitions A, which only the engine's own forward would gather; the hooks read it, so the stepper must."""
+    partitions A, which only the engine's own forward would gather; the hooks read it, so the stepper must.
+    The paper's optimizer (lr decayed linearly, gradient norm clipped) is DeepSpeed's clipping and the same
+    scheduler as TorchStepper's, and must match too."""
     job = {"model": "tiny-llama", "task": MQUAKE_8, "task_name": "mquake",
-           "training": dict(batch_size=4, max_length=64, seed=3), "phase1": dict(epochs=1, lr=1e-2, l1=1e-3)}
+           "training": dict(batch_size=4, max_length=64, seed=3),
+           "phase1": dict(epochs=2 if optimizer else 1, lr=1e-2, l1=1e-3, **optimizer)}
     out = phase1_on_two_workers(job, tmp_path, f"grad-check-zero{zero_stage}", zero_stage=zero_stage)
-    torch.testing.assert_close(worker_scores(out[0]), single_process_scores(job), atol=1e-6, rtol=0)
+    expected = single_process_scores(job)
+    torch.testing.assert_close(worker_scores(out[0]), expected, atol=1e-6, rtol=0)
     assert out[0]["head_set"]["hparams"]["workers"] == 2
+    if optimizer:  # the schedule and the clip changed what was learned
+        plain = {**job, "phase1": {k: v for k, v in job["phase1"].items() if k not in optimizer}}
+        assert (single_process_scores(plain) - expected).abs().max() > 1e-3
 
 
 @pytest.mark.parametrize("selector", ["gates", "grad", "grad_x_act"])

@@ -333,29 +333,12 @@ class RecordingStepper:
         self.inner.step()
 
 
-class TrainerLikeStepper(train.TorchStepper):
-    """What transformers' Trainer does by default (TrainingArguments 4.39: adamw_torch, weight_decay 0,
-    max_grad_norm 1.0, lr_scheduler_type linear, no warmup): clip the gradient norm to 1, AdamW, then a linear
-    decay of the lr to 0 over all steps. lofit-ray's TorchStepper keeps the lr constant and does not clip."""
-
-    def __init__(self, params, lr: float, total_steps: int, max_grad_norm: float = 1.0):
-        super().__init__(params, lr, max_grad_norm=max_grad_norm, weight_decay=0.0)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda step: max(0.0, (total_steps - step) / max(1, total_steps)))
-
-    def step(self):
-        if self.max_grad_norm:
-            torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-
-
 def make_stepper(kind: str, params, lr: float, total_steps: int):
     if kind == "as_is":
         return train.TorchStepper(params, lr)
-    if kind == "trainer_like":
-        return TrainerLikeStepper(params, lr, total_steps)
+    if kind == "trainer_like":  # what the reference's Trainer does by default (transformers 4.39): lofit-ray's
+        # phase1/phase2 lr_schedule: linear with max_grad_norm: 1.0 (AdamW, weight decay 0, decay to 0, no warmup)
+        return train.TorchStepper(params, lr, max_grad_norm=1.0, lr_schedule="linear", total_steps=total_steps)
     raise ValueError(f"stepper kind {kind!r}: as_is or trainer_like")
 
 

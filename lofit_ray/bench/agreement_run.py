@@ -168,47 +168,100 @@ def stage_lofit_v(args, scale, out, work, heavy):
     return result
 
 
-def stage_eval(args, scale, out, work, heavy):
+def _score(loaded, items, adapter_dir: Path | None) -> tuple[dict, list[dict]]:
+    """Val metrics (with 95% intervals) and per-item rows of the base model, or with an adapter on."""
     from ..adapter import Adapter
     from ..evaluate import evaluate_items
-    from ..evidence import compare_rows, interval, paired, verdict, with_intervals, write_rows
-    from ..tasks import get_task, match_item
+    from ..evidence import interval, with_intervals
+    from ..tasks import match_item
 
-    task = get_task(args.task, data_dir=args.data)
-    items = task.eval_items(limit=scale.val_limit or None)
+    start = time.time()
+    offsets = Adapter.from_pretrained(adapter_dir).attach(loaded.model, loaded.fingerprint) if adapter_dir else None
+    try:
+        m, rows = evaluate_items(loaded, items)
+    finally:
+        if offsets is not None:
+            offsets.detach()
+    if "generated" in rows[0]:
+        # The reference's SFT text ends in the literal "</s>" (D4), three ordinary tokens on SmolLM2, so
+        # adapters trained on its tokens write "son</s>": score the text before it too.
+        for row, item in zip(rows, items):
+            row[CUT] = float(match_item(row["generated"].split("</s>")[0], item)[0])
+        ci = interval([r[CUT] for r in rows])
+        m.update({CUT: ci["mean"], f"{CUT}_ci_low": ci["ci_low"], f"{CUT}_ci_high": ci["ci_high"]})
+    m.update(with_intervals(rows))
+    m["wall_seconds"] = round(time.time() - start, 1)
+    return m, rows
+
+
+def _paired(rows_a: list[dict], rows_b: list[dict]) -> dict:
+    """a - b per metric, paired item by item (10,000 resamples, seed 0), with its verdict."""
+    from ..evidence import compare_rows, paired, verdict
+
+    cmp = compare_rows(rows_a, rows_b, seed=0)
+    if CUT in rows_a[0]:
+        cmp[CUT] = paired([r[CUT] for r in rows_a], [r[CUT] for r in rows_b], seed=0)
+    return {c: {**v, "verdict": verdict(v)} for c, v in cmp.items()}
+
+
+def _val_items(args, scale):
+    from ..tasks import get_task
+
+    return get_task(args.task, data_dir=args.data).eval_items(limit=scale.val_limit or None)
+
+
+def stage_eval(args, scale, out, work, heavy):
+    from ..evidence import write_rows
+
+    items = _val_items(args, scale)
     names = ["base", "reference", "lofit_as_is", "lofit_trainer_like"]
     rows, metrics = {}, {}
     with heavy("val scoring"):
         loaded = _loaded()
         for name in names:
-            start = time.time()
-            offsets = None
-            if name != "base":
-                offsets = Adapter.from_pretrained(work / "adapters" / name).attach(loaded.model, loaded.fingerprint)
-            try:
-                m, rows[name] = evaluate_items(loaded, items)
-            finally:
-                if offsets is not None:
-                    offsets.detach()
-            if "generated" in rows[name][0]:
-                # The reference's SFT text ends in the literal "</s>" (D4), three ordinary tokens on SmolLM2, so
-                # adapters trained on its tokens write "son</s>": score the text before it too.
-                for row, item in zip(rows[name], items):
-                    row[CUT] = float(match_item(row["generated"].split("</s>")[0], item)[0])
-                ci = interval([r[CUT] for r in rows[name]])
-                m.update({CUT: ci["mean"], f"{CUT}_ci_low": ci["ci_low"], f"{CUT}_ci_high": ci["ci_high"]})
-            m.update(with_intervals(rows[name]))
-            m["wall_seconds"] = round(time.time() - start, 1)
-            metrics[name] = m
+            metrics[name], rows[name] = _score(loaded, items, None if name == "base" else work / "adapters" / name)
             write_rows(work / f"eval_{name}.items.jsonl", rows[name])
-    paired = {}
-    for a, b in (("lofit_as_is", "reference"), ("lofit_trainer_like", "reference"), ("reference", "base"),
-                 ("lofit_as_is", "base")):
-        cmp = compare_rows(rows[a], rows[b], seed=0)
-        if CUT in rows[a][0]:
-            cmp[CUT] = paired([r[CUT] for r in rows[a]], [r[CUT] for r in rows[b]], seed=0)
-        paired[f"{a} - {b}"] = {c: {**v, "verdict": verdict(v)} for c, v in cmp.items()}
-    return {"n_items": len(items), "metrics": metrics, "paired": paired}
+    pairs = (("lofit_as_is", "reference"), ("lofit_trainer_like", "reference"), ("reference", "base"),
+             ("lofit_as_is", "base"))
+    return {"n_items": len(items), "metrics": metrics,
+            "paired": {f"{a} - {b}": _paired(rows[a], rows[b]) for a, b in pairs}}
+
+
+def stage_cross(args, scale, out, work, heavy):
+    """The cross: the reference's phase v on lofit-ray's own phase-1 heads (the as_is run: lofit-ray's default
+    optimizer, whose top K differs from the reference's), scored on val and paired with the reference on its own
+    heads. The other half, lofit-ray's phase 2 on the reference's heads, is lofit_v."""
+    import numpy as np
+
+    from ..evidence import read_rows
+    from ..heads import rank_by_score
+    from ..models import local_dir
+
+    lofit_norms = torch.tensor(json.loads((out / "lofit_A.json").read_text())["runs"]["as_is"]["head_norms"])
+    ranking = [(l, h) for l, h, _ in rank_by_score(lofit_norms)]
+    ref_heads = [tuple(h) for h in json.loads((out / "ref_v.json").read_text())["heads"]]
+    heads = ranking[: scale.k]
+    (work / "cross").mkdir(parents=True, exist_ok=True)
+    npy = work / "cross" / "lofit_as_is_top_heads.npy"
+    np.save(npy, np.array(ranking, dtype=np.int64))
+    model_dir = ag.export_reference_model(local_dir(SPEC), work.parent / "smollm2-135m-llama")
+    items = _val_items(args, scale)
+    with heavy("reference phase v on lofit-ray's heads"):
+        run = ag.run_reference(_python(args), work / "tree", model_dir, args.task, "v", scale, work / "cross",
+                               heads_npy=str(npy))
+        v = ag.read_reference_tensors(work / "cross" / "model", 30, 9)["v"]
+        loaded = _loaded()
+        adapter_dir = work / "adapters" / "reference_on_lofit_heads"
+        ag.reference_adapter(v, heads, task=args.task, **_identity(loaded),
+                             hparams={"source": "reference/lo-fit", "heads_from": "lofit-ray as_is phase 1"}
+                             ).save_pretrained(adapter_dir)
+        metrics, rows = _score(loaded, items, adapter_dir)
+    reference_rows = read_rows(work / "eval_reference.items.jsonl")
+    return {**run, "heads": [list(h) for h in heads], "n_items": len(items),
+            "jaccard_vs_reference_heads": round(len(set(heads) & set(ref_heads)) / len(set(heads) | set(ref_heads)), 4),
+            "step_loss": _round(s["loss"] for s in ag.read_trace(work / "cross" / "trace.jsonl")),
+            "metrics": metrics,
+            "paired": {"reference_on_lofit_heads - reference": _paired(rows, reference_rows)}}
 
 
 def stage_summary(args, scale, out, work, heavy):
@@ -266,7 +319,7 @@ def stage_summary(args, scale, out, work, heavy):
 
 
 STAGES = {"ref_A": stage_ref_A, "lofit_A": stage_lofit_A, "ref_v": stage_ref_v, "lofit_v": stage_lofit_v,
-          "eval": stage_eval, "summary": stage_summary}
+          "eval": stage_eval, "cross": stage_cross, "summary": stage_summary}
 
 
 def run_stage(stage, args, scale, out, work, heavy):
@@ -284,6 +337,7 @@ def report_tables(results: Path) -> str:
         task = task_dir.name
         get = lambda s: json.loads((task_dir / f"{s}.json").read_text()) if (task_dir / f"{s}.json").exists() else None
         refA, lofA, refv, lofv, ev = get("ref_A"), get("lofit_A"), get("ref_v"), get("lofit_v"), get("eval")
+        cross = get("cross")
         if not refA:
             continue
         sc = refA["scale"]
@@ -348,6 +402,20 @@ def report_tables(results: Path) -> str:
                     lines.append(f"| {pair} | {c} | {v['diff']:+.4f} [{v['ci_low']:+.4f}, {v['ci_high']:+.4f}] | "
                                  f"{v['p_value']:.3f} | {v['verdict']} |")
             lines.append("")
+        if cross:
+            cols = [k for k in ("mc1", "mc2", "em", "em_lenient", CUT) if k in cross["metrics"]]
+            m = cross["metrics"]
+            lines += [f"**The cross**: the reference's phase v on lofit-ray's top {sc['k']} heads (the as_is phase 1; "
+                      f"Jaccard with the reference's own top {sc['k']}: {cross['jaccard_vs_reference_heads']:.3f}); "
+                      f"{cross['wall_seconds']} s. Val (n = {cross['n_items']}): "
+                      + ", ".join(f"{c} {m[c]:.3f} [{m[c + '_ci_low']:.3f}, {m[c + '_ci_high']:.3f}]" for c in cols)
+                      + ".", "", "| paired difference | metric | diff [95% CI] | p | verdict |", "|---|---|---|---|---|"]
+            for pair, by in cross["paired"].items():
+                for c in cols:
+                    v = by[c]
+                    lines.append(f"| {pair} | {c} | {v['diff']:+.4f} [{v['ci_low']:+.4f}, {v['ci_high']:+.4f}] | "
+                                 f"{v['p_value']:.3f} | {v['verdict']} |")
+            lines.append("")
     return "\n".join(lines)
 
 
@@ -355,11 +423,17 @@ def wall_times(results: Path) -> str:
     """Markdown table of the wall time of every run (seconds) in results/<task>/*.json."""
     lines = ["| task | run | wall s |", "|---|---|---|"]
     for task_dir in sorted(p for p in Path(results).iterdir() if p.is_dir()):
-        for stage in ("ref_A", "lofit_A", "ref_v", "lofit_v", "eval"):
+        for stage in ("ref_A", "lofit_A", "ref_v", "lofit_v", "eval", "cross"):
             path = task_dir / f"{stage}.json"
             if not path.exists():
                 continue
             r = json.loads(path.read_text())
+            if stage == "cross":
+                lines.append(f"| {task_dir.name} | reference v on lofit-ray's heads (whole process) | "
+                             f"{r['wall_seconds']} |")
+                lines.append(f"| {task_dir.name} | val scoring, reference_on_lofit_heads (n={r['metrics']['n']}) | "
+                             f"{r['metrics']['wall_seconds']} |")
+                continue
             if "wall_seconds" in r:
                 lines.append(f"| {task_dir.name} | reference {stage[4:]} (lofit_trainer.py, whole process) | "
                              f"{r['wall_seconds']} |")

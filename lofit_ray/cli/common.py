@@ -51,8 +51,9 @@ TRACKING_URI_HELP = ("MLflow tracking URI (default $MLFLOW_TRACKING_URI, else sq
 # -- flags from config dataclasses -----------------------------------------------------------------
 
 # Knobs that several sections have carry their section in the flag, as in search.space (phase1_lr, phase2_lr):
-# --phase1-lr, --phase2-epochs, --lora-lr. Every other flag is its field's own name (--l1, --selector, --k).
-SECTIONED = ("lr", "epochs")
+# --phase1-lr, --phase2-epochs, --lora-lr, --phase1-lr-schedule, --lora-max-grad-norm. Every other flag is its
+# field's own name (--l1, --selector, --k).
+SECTIONED = ("lr", "epochs", "lr_schedule", "max_grad_norm")
 
 
 def _flag(name: str) -> str:

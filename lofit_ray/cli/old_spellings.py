@@ -16,7 +16,8 @@ FLAGS: dict[str, dict[str, str | tuple[str, ...]]] = {
                "--random": ("--selector", "random")},
     "train": {"--lr": "--phase2-lr", "--epochs": "--phase2-epochs", "--split": "--train-split"},
     "eval": {"--split": "--eval-split"},
-    "lora": {"--lr": "--lora-lr", "--epochs": "--lora-epochs", "--split": "--train-split"},
+    "lora": {"--lr": "--lora-lr", "--epochs": "--lora-epochs", "--split": "--train-split",
+             "--max-grad-norm": "--lora-max-grad-norm"},
     "iti": {"--split": "--select-split", "--probe-data": "--train-split"},
 }
 

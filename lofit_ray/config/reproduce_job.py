@@ -164,9 +164,13 @@ class ReproduceSearchConfig(SearchPolicy):
 
     SECTION: typing.ClassVar[str] = "search"
 
-    num_trials: int = _help("trials per search: the same for every method", 6)
+    num_trials: int = _help("trials per search: the same for every method; 0: no search, every method trains at "
+                            "its config values (phase1.lr, phase1.l1, phase2.lr, lora.lr, lora.rank, ...) for all "
+                            "its epochs, as a paper's fixed protocol does", 6)
     seed: int = _help("seed of the sampler and of the training inside trials (cells then retrain with `seeds`)", 0)
     spaces: MethodSpaces = _help("what each method searches", factory=MethodSpaces)
+
+    MIN_TRIALS: typing.ClassVar[int] = 0  # 0: no search (num_trials' help)
 
 
 @dataclass
@@ -231,6 +235,10 @@ class ReproduceConfig:
                 raise ConfigError(f"tasks.{name}.name: {task.name!r} differs from its key; leave `name` out, "
                                   f"the key names the task")
             task.name = name
+            if task.select_fraction == 0 and task.select is None and self.search.num_trials:
+                raise ConfigError(f"tasks.{name}.select_fraction: 0 leaves no selection split, and search.num_trials "
+                                  f"({self.search.num_trials}) searches on one; set it above 0 (e.g. 0.2), name "
+                                  f"tasks.{name}.select, or set search.num_trials: 0 (no search)")
         _listed_once(self.methods, "methods", list(REPRODUCE_METHODS))
         for m in self.methods:
             if m not in REPRODUCE_METHODS:

@@ -108,8 +108,10 @@ class SearchPolicy:
     grace_period: int = _help("ASHA: epochs every trial gets", 1)
     reduction_factor: int = _help("ASHA: keep 1 in this many at each rung", 2)
 
+    MIN_TRIALS: typing.ClassVar[int] = 1
+
     def __post_init__(self):
-        _at_least(self.num_trials, 1, "search.num_trials")
+        _at_least(self.num_trials, self.MIN_TRIALS, "search.num_trials")
         _at_least(self.grace_period, 1, "search.grace_period")
         _at_least(self.reduction_factor, 2, "search.reduction_factor")
         if self.metric not in SELECTION_METRICS:
@@ -197,5 +199,8 @@ class SearchJobConfig:
         if self.training.batch_size % self.scaling.num_workers:
             raise ConfigError(f"training.batch_size ({self.training.batch_size}) must be divisible by "
                               f"scaling.num_workers ({self.scaling.num_workers})")
+        if self.task.select_fraction == 0 and self.task.select is None:
+            raise ConfigError("task.select_fraction: 0 leaves no selection split, and the search chooses its trials "
+                              "on one; set it above 0 (e.g. 0.2) or name task.select")
         if self.task.kind is not None and self.mlflow.experiment == MLflowConfig.experiment:
             self.mlflow.experiment = f"lofit-{self.task.name}"  # your task's runs apart from every other task's

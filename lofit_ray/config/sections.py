@@ -27,6 +27,23 @@ class TrainingConfig:
 
 
 SELECTORS = ("l1", "gates", "grad", "grad_x_act", "random")  # lofit_ray.selectors
+LR_SCHEDULES = ("constant", "linear")  # lofit_ray.train.TorchStepper
+_SCHEDULE_HELP = ("constant, or linear: the lr decays to 0 over all steps, as in the paper's code (transformers' "
+                  "Trainer default). A searched epoch count is retrained with the decay over that count")
+_CLIP_HELP = "gradient-norm clipping; 0 turns it off (the paper's code clips at 1.0)"
+
+
+def _check_optimizer(phase) -> None:
+    if phase.lr_schedule not in LR_SCHEDULES:
+        raise ConfigError(f"{phase.SECTION}.lr_schedule: {phase.lr_schedule!r} is not one of {', '.join(LR_SCHEDULES)}")
+    _at_least(phase.max_grad_norm, 0, f"{phase.SECTION}.max_grad_norm", "0 turns clipping off")
+
+
+def optimizer_settings(phase) -> dict:
+    """A phase's lr_schedule and max_grad_norm where they differ from the defaults (constant, no clipping): added
+    after the first records, so settings and memo keys made at the defaults stay as they were."""
+    return {name: getattr(phase, name) for name, default in (("lr_schedule", "constant"), ("max_grad_norm", 0.0))
+            if getattr(phase, name) != default}
 
 
 @dataclass
@@ -45,6 +62,8 @@ class Phase1Config:
     l0: float = _help("gates: weight of the expected-L0 penalty (the expected number of open gates)", 1e-3)
     gate_parts: str = _help("gates: separate (JoLA: one gate for the scale, one for the offset) or joint (one "
                             "gate per head)", "separate")
+    lr_schedule: str = _help(_SCHEDULE_HELP, "constant")
+    max_grad_norm: float = _help(_CLIP_HELP, 0.0)
 
     def __post_init__(self):
         _at_least(self.epochs, 1, "phase1.epochs")
@@ -55,12 +74,14 @@ class Phase1Config:
         _at_least(self.l0, 0, "phase1.l0", "0 turns the penalty off")
         if self.gate_parts not in ("separate", "joint"):
             raise ConfigError(f"phase1.gate_parts: '{self.gate_parts}' is not separate or joint")
+        _check_optimizer(self)
 
     def settings(self) -> dict:
         """The fields the selector reads: the phase-1 memo key, so a ranking that ignores l1 or the lr
         (grad, random) is computed once, whatever the search proposes for them."""
         used = {"l1": ("epochs", "lr", "l1"), "gates": ("epochs", "lr", "l0", "gate_parts")}.get(self.selector, ())
-        return {"selector": self.selector, **{name: getattr(self, name) for name in used}}
+        return {"selector": self.selector, **{name: getattr(self, name) for name in used},
+                **(optimizer_settings(self) if used else {})}
 
 
 @dataclass
@@ -73,10 +94,13 @@ class Phase2Config:
     lr: float = _help("AdamW learning rate of the offsets v", 1e-2)
     skip_frozen_layers: bool = _help("run the layers below the lowest trained head once per example, not every "
                                      "epoch (same result, faster)", True)
+    lr_schedule: str = _help(_SCHEDULE_HELP, "constant")
+    max_grad_norm: float = _help(_CLIP_HELP, 0.0)
 
     def __post_init__(self):
         _at_least(self.epochs, 1, "phase2.epochs")
         _positive(self.lr, "phase2.lr")
+        _check_optimizer(self)
 
 
 @dataclass
@@ -200,7 +224,9 @@ class TaskConfig:
                                "default val for the paper's tasks; for your own task, null carves report_fraction "
                                "of `train` (seeded by carve_seed)", None)
     select: str | None = _help("a separate selection split/file instead of carving train", None)
-    select_fraction: float = _help("share of `train` carved off to choose hyperparameters on", 0.2)
+    select_fraction: float = _help("share of `train` carved off to choose hyperparameters on; 0: no selection "
+                                   "split, train on all of `train` (only a study with search.num_trials: 0, which "
+                                   "chooses nothing)", 0.2)
     report_fraction: float = _help("your own task with no report split: share of `train` carved off to report on",
                                    0.2)
     carve_seed: int = _help("seed of the carves", 0)
@@ -230,9 +256,10 @@ class TaskConfig:
     max_new_tokens: int = _help("generation/sft scoring: tokens generated per item", 16)
 
     def __post_init__(self):
-        for name, value in (("select_fraction", self.select_fraction), ("report_fraction", self.report_fraction)):
-            if not 0 < value < 1:
-                raise ConfigError(f"task.{name}: {value} must be between 0 and 1")
+        if not 0 <= self.select_fraction < 1:
+            raise ConfigError(f"task.select_fraction: {self.select_fraction} must be at least 0 and below 1")
+        if not 0 < self.report_fraction < 1:
+            raise ConfigError(f"task.report_fraction: {self.report_fraction} must be between 0 and 1")
         for name in ("limit_train", "limit_select", "limit_report"):
             _at_least(getattr(self, name), 1, f"task.{name}", "or null for no limit")
         _at_least(self.max_new_tokens, 1, "task.max_new_tokens")

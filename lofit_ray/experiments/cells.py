@@ -81,7 +81,9 @@ def search_setting(cfg: ReproduceConfig, task: str, method: str) -> str:
                          "eval_batch_size": cfg.eval_batch_size},
             "search": {"num_trials": search.num_trials, "seed": search.seed, "metric": search.metric,
                        "asha": search.asha, "reduction_factor": search.reduction_factor,
-                       "space": dataclasses.asdict(getattr(search.spaces, method)),
+                       # no search: the values it trains at; else the space it searches
+                       **({"space": dataclasses.asdict(getattr(search.spaces, method))} if search.num_trials else
+                          {"fixed": METHODS[method].fixed_params(cfg)}),
                        # added later: in the hash only when set, so records run before it stay done
                        **({"grace_period": search.grace_period} if search.grace_period != 1 else {})}}
     part.update(METHODS[method].setting_part(cfg, task))

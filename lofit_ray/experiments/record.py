@@ -215,7 +215,9 @@ def render_markdown(doc: dict, base: Path | None = None) -> str:
     lines.append("- Carve (selection split) and report split per task:")
     for task, s in doc.get("splits", {}).items():
         carve = s["carve"]
-        if "fraction" in carve:
+        if carve.get("fraction") == 0:
+            sel = "no selection split (nothing is searched)"
+        elif "fraction" in carve:
             sel = (f"selection = a {carve['fraction']:.0%} carve of '{carve['from']}' (carve_seed {carve['seed']}), "
                    f"n={s['n_select']}")
         else:
@@ -229,7 +231,17 @@ def render_markdown(doc: dict, base: Path | None = None) -> str:
     lines.append(f"- Seeds {', '.join(map(str, seeds))}: ± is the sample std over seeds (no ± with one seed); "
                  f"[low, high] is the 95% bootstrap interval over items (10,000 resamples) of the seed-averaged "
                  f"per-item scores, where the record has them. Each cell is scored once on the report split.")
-    if searched:
+    if searched and cfg["search"]["num_trials"] == 0:
+        p1, p2 = cfg["phase1"], cfg["phase2"]
+
+        def optimizer(p):
+            return (f"lr {p.get('lr_schedule', 'constant')}"
+                    + (f", gradient norm clipped at {p['max_grad_norm']:g}" if p.get("max_grad_norm") else ""))
+        lines.append(f"- No search (search.num_trials: 0): every method trains at the config's values, once per seed. "
+                     f"LoFiT phase 1: {p1['epochs']} epochs, lr {p1['lr']:g}, L1 {p1['l1']:g}, {optimizer(p1)}; "
+                     f"phase 2 (also random_heads and transfer_heads): {p2['epochs']} epochs, lr {p2['lr']:g}, "
+                     f"{optimizer(p2)}.")
+    elif searched:
         sc = cfg["search"]
         spaces = "; ".join(f"{m}: " + ", ".join(_space_text(n, v) for n, v in space.items())
                            + (" (+ epochs)" if m != "iti" else "")

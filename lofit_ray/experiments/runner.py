@@ -71,7 +71,7 @@ def cell_metrics(record: dict) -> dict:
     for key in ("search_seconds", "train_seconds"):
         if record.get(key) is not None:
             logged[key] = record[key]
-    if isinstance(record.get("selection"), dict):  # the search's best selection score (older records: a grid)
+    if isinstance(record.get("selection"), dict) and record["selection"]["score"] is not None:  # the search's best selection score (older records: a grid)
         logged["sel_score"] = record["selection"]["score"]
     return logged
 
@@ -186,6 +186,9 @@ class Runner:
     def search(self, task_name: str, method: str, k: int | None) -> dict:
         """The method's search at K on the selection split: from the record when its setting is unchanged, else
         run (resuming its Optuna journal) and recorded. Trials train with search.seed."""
+        if self.cfg.search.num_trials == 0:  # no search: the method's config values (search.num_trials' help)
+            return {"chosen": METHODS[method].fixed_params(self.cfg), "score": None, "trials": [], "seconds": 0.0,
+                    "best_trial": None}
         sid = search_id(self.loaded.spec, task_name, method, k)
         setting = search_setting(self.cfg, task_name, method)
         searches = self.results.doc.setdefault("searches", {})
@@ -428,6 +431,10 @@ class Runner:
             self.splits(task_name)
         for model in self.cfg.models:
             check_spec(model)
+        if self.cfg.search.num_trials == 0:  # every searched method must have config values to train at
+            for method in self.cfg.methods:
+                if METHODS[method].searched:
+                    METHODS[method].fixed_params(self.cfg)
 
     def sync(self) -> int:
         """--sync-mlflow: put the record into this MLflow store (one parent run, a run per cell); runs nothing."""

@@ -6,13 +6,22 @@ Runner (lofit_ray.experiments.runner), for three things:
   * `setting_part(cfg, task)`: the config its result depends on beyond the shared part, so --resume re-runs
     exactly the cells whose setting changed;
   * `trained(runner, task, k, seed, params, on_epoch)`: a context manager holding the runner's model with the
-    method trained at `params` inside the with-block (as before after it), yielding what the record keeps.
+    method trained at `params` inside the with-block (as before after it), yielding what the record keeps;
+  * `fixed_params(cfg)`: the `params` it trains at when nothing is searched (search.num_trials: 0).
 A new method is a new file with a subclass, listed in methods/__init__.py.
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+
+from ..config.fields import ConfigError
+from ..config.sections import optimizer_settings
+
+# Where a searched name's value sits in the config when nothing is searched: (section, field). Any other name is
+# the field of that name in the method's own section (lora.lr, lora.rank, reft.depth).
+FIXED_FROM = {"phase1_lr": ("phase1", "lr"), "l1": ("phase1", "l1"), "l0": ("phase1", "l0"),
+              "phase2_lr": ("phase2", "lr")}
 
 
 class Method:
@@ -32,6 +41,19 @@ class Method:
     def setting_part(self, cfg, task: str) -> dict:
         return {}
 
+    def fixed_params(self, cfg) -> dict:
+        """Each name of its search space at the config's own value: a fixed protocol instead of a search."""
+        params = {}
+        for field in dataclasses.fields(getattr(cfg.search.spaces, self.space)):
+            section, name = FIXED_FROM.get(field.name, (self.name, field.name))
+            value = getattr(getattr(cfg, section, None), name, None)
+            if value is None:
+                raise ConfigError(f"search.num_trials: 0 trains every method at its config values, but {self.name} "
+                                  f"has no {section}.{name} (it searches {field.name}); search it (num_trials >= 1) "
+                                  f"or drop {self.name} from methods")
+            params[field.name] = value
+        return params
+
     @contextlib.contextmanager
     def trained(self, runner, task: str, k: int | None, seed: int, params: dict, on_epoch=None):
         yield {}
@@ -43,7 +65,8 @@ class HeadMethod(Method):
     per_k = True
 
     def setting_part(self, cfg, task: str) -> dict:
-        return {"phase2_epochs": cfg.phase2.epochs}
+        optimizer = optimizer_settings(cfg.phase2)
+        return {"phase2_epochs": cfg.phase2.epochs, **({"phase2_optimizer": optimizer} if optimizer else {})}
 
     def head_set(self, runner, task: str, k: int, seed: int, params: dict):
         """(HeadSet, what the record keeps about where the heads came from)."""

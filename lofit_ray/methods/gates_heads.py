@@ -1,6 +1,7 @@
 """Phase 2 on the heads JoLA-style HardConcrete gates keep open (phase1.selector gates)."""
 import dataclasses
 
+from ..config.sections import optimizer_settings
 from .base import HeadMethod
 
 
@@ -11,7 +12,8 @@ class GatesHeads(HeadMethod):
 
     def setting_part(self, cfg, task: str) -> dict:
         return {**super().setting_part(cfg, task),
-                "phase1": {"epochs": cfg.phase1.epochs, "gate_parts": cfg.phase1.gate_parts}}
+                "phase1": {"epochs": cfg.phase1.epochs, "gate_parts": cfg.phase1.gate_parts,
+                           **optimizer_settings(cfg.phase1)}}
 
     def head_set(self, runner, task, k, seed, params):
         phase1 = dataclasses.replace(runner.cfg.phase1, selector="gates", lr=float(params["phase1_lr"]),

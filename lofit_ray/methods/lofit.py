@@ -1,6 +1,7 @@
 """LoFiT: phase 1 ranks heads by ||A|| (scales with an L1 penalty), phase 2 trains offsets on the top K."""
 import dataclasses
 
+from ..config.sections import optimizer_settings
 from .base import HeadMethod
 
 
@@ -10,7 +11,9 @@ class Lofit(HeadMethod):
     logs_ranking = True
 
     def setting_part(self, cfg, task: str) -> dict:
-        return {**super().setting_part(cfg, task), "phase1_epochs": cfg.phase1.epochs}
+        optimizer = optimizer_settings(cfg.phase1)
+        return {**super().setting_part(cfg, task), "phase1_epochs": cfg.phase1.epochs,
+                **({"phase1_optimizer": optimizer} if optimizer else {})}
 
     @staticmethod
     def phase1(cfg, params: dict):
