@@ -330,6 +330,16 @@ def _fmt(x, nd=3):
     return "n/a" if x is None else f"{x:.{nd}f}"
 
 
+def _paired_table(pairs: dict, cols: list[str]) -> list[str]:
+    lines = ["| paired difference | metric | diff [95% CI] | p | verdict |", "|---|---|---|---|---|"]
+    for pair, by in pairs.items():
+        for c in cols:
+            v = by[c]
+            lines.append(f"| {pair} | {c} | {v['diff']:+.4f} [{v['ci_low']:+.4f}, {v['ci_high']:+.4f}] | "
+                         f"{v['p_value']:.3f} | {v['verdict']} |")
+    return lines + [""]
+
+
 def report_tables(results: Path) -> str:
     """Markdown tables of every finished stage under results/<task>/ (docs/agreement.md pastes them)."""
     lines = []
@@ -395,13 +405,7 @@ def report_tables(results: Path) -> str:
             for name, m in ev["metrics"].items():
                 cells = [f"{m[c]:.3f} [{m[c + '_ci_low']:.3f}, {m[c + '_ci_high']:.3f}]" for c in cols]
                 lines.append(f"| {name} | " + " | ".join(cells) + f" | {m['wall_seconds']} |")
-            lines += ["", "| paired difference | metric | diff [95% CI] | p | verdict |", "|---|---|---|---|---|"]
-            for pair, by in ev["paired"].items():
-                for c in cols:
-                    v = by[c]
-                    lines.append(f"| {pair} | {c} | {v['diff']:+.4f} [{v['ci_low']:+.4f}, {v['ci_high']:+.4f}] | "
-                                 f"{v['p_value']:.3f} | {v['verdict']} |")
-            lines.append("")
+            lines += [""] + _paired_table(ev["paired"], cols)
         if cross:
             cols = [k for k in ("mc1", "mc2", "em", "em_lenient", CUT) if k in cross["metrics"]]
             m = cross["metrics"]
@@ -409,13 +413,7 @@ def report_tables(results: Path) -> str:
                       f"Jaccard with the reference's own top {sc['k']}: {cross['jaccard_vs_reference_heads']:.3f}); "
                       f"{cross['wall_seconds']} s. Val (n = {cross['n_items']}): "
                       + ", ".join(f"{c} {m[c]:.3f} [{m[c + '_ci_low']:.3f}, {m[c + '_ci_high']:.3f}]" for c in cols)
-                      + ".", "", "| paired difference | metric | diff [95% CI] | p | verdict |", "|---|---|---|---|---|"]
-            for pair, by in cross["paired"].items():
-                for c in cols:
-                    v = by[c]
-                    lines.append(f"| {pair} | {c} | {v['diff']:+.4f} [{v['ci_low']:+.4f}, {v['ci_high']:+.4f}] | "
-                                 f"{v['p_value']:.3f} | {v['verdict']} |")
-            lines.append("")
+                      + ".", ""] + _paired_table(cross["paired"], cols)
     return "\n".join(lines)
 
 
@@ -442,8 +440,3 @@ def wall_times(results: Path) -> str:
             for name, m in r.get("metrics", {}).items():
                 lines.append(f"| {task_dir.name} | val scoring, {name} (n={m['n']}) | {m['wall_seconds']} |")
     return "\n".join(lines)
-
-
-def render_doc(template: str, results: Path, differences: str) -> str:
-    return (template.replace("RESULTS_TABLES", report_tables(results)).replace("DIFFERENCES", differences)
-            .replace("WALLTIMES", wall_times(results)))

@@ -71,8 +71,9 @@ def cell_metrics(record: dict) -> dict:
     for key in ("search_seconds", "train_seconds"):
         if record.get(key) is not None:
             logged[key] = record[key]
-    if isinstance(record.get("selection"), dict) and record["selection"]["score"] is not None:  # the search's best selection score (older records: a grid)
-        logged["sel_score"] = record["selection"]["score"]
+    selection = record.get("selection")
+    if isinstance(selection, dict) and selection["score"] is not None:  # the search's best (older records: a grid)
+        logged["sel_score"] = selection["score"]
     return logged
 
 
@@ -187,7 +188,7 @@ class Runner:
         """The method's search at K on the selection split: from the record when its setting is unchanged, else
         run (resuming its Optuna journal) and recorded. Trials train with search.seed."""
         if self.cfg.search.num_trials == 0:  # no search: the method's config values (search.num_trials' help)
-            return {"chosen": METHODS[method].fixed_params(self.cfg), "score": None, "trials": [], "seconds": 0.0,
+            return {"chosen": METHODS[method].fixed_params(self.cfg), "score": None, "trials": [], "seconds": None,
                     "best_trial": None}
         sid = search_id(self.loaded.spec, task_name, method, k)
         setting = search_setting(self.cfg, task_name, method)
