@@ -27,7 +27,7 @@ from ..evidence import with_intervals
 from ..heads import HeadSet
 from ..methods import METHODS
 from ..models import check_spec, load_model, spec_slug
-from ..splits import split_spec, splits_from_spec
+from ..split_specs import split_spec, splits_from_spec
 from ..selectors import select_heads
 from ..train import phase1_key
 from ..tuning import run_in_process
