@@ -1,6 +1,8 @@
 """The import graph of lofit_ray, read from the source (every `import`, at module level or inside a function,
-relative ones resolved), and its cycles: strongly connected components of more than one module, or a module
-that imports itself. Imports under `if TYPE_CHECKING:` are left out (they never run).
+relative ones resolved), and its cycles: strongly connected components of more than one module. Imports under
+`if TYPE_CHECKING:` are left out (they never run). An import of a.b.c is an edge to a.b.c alone: Python also
+runs a/__init__.py and a/b/__init__.py first, but counting those would make every module depend on
+lofit_ray/__init__.py and hide the knots this is for.
 Run: python scripts/import_cycles.py  (prints each cycle's modules and the import lines that close it)."""
 from __future__ import annotations
 
