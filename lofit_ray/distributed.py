@@ -127,7 +127,7 @@ def phase1_train_func(config: dict) -> None:
 
 def job_examples(job: dict) -> list:
     """The training examples a phase-1 job names (the same carve the trial uses)."""
-    from .splits import splits_from_spec
+    from .split_specs import splits_from_spec
 
     return splits_from_spec(job["task"])[1].train
 

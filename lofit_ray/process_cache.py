@@ -11,13 +11,13 @@ import torch
 
 from .config import SearchJobConfig
 from .models import load_model
-from .splits import split_spec, splits_from_spec
+from .split_specs import split_spec, splits_from_spec
 
 _CACHE: dict = {}  # per-process: loaded models and splits, kept across trials when cost-aware
 
 
 def task_spec(cfg: SearchJobConfig, model: str | None = None) -> dict:
-    """What a worker needs to rebuild the same splits (splits.split_spec)."""
+    """What a worker needs to rebuild the same splits (split_specs.split_spec)."""
     return split_spec(cfg.task, model)
 
 

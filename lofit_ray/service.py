@@ -38,7 +38,8 @@ from .heads import HeadSet
 from .models import check_spec, load_tokenizer, spec_slug
 from .offsets import detach_all
 from .process_cache import get_model, get_splits, task_spec
-from .splits import selection_fingerprint, with_absolute_paths
+from .split_specs import with_absolute_paths
+from .splits import selection_fingerprint
 from .train import NaNLossError, phase1_key, reference_logprobs, train_offsets
 from .tuning import run_on_ray
 

@@ -18,6 +18,8 @@ import random
 from dataclasses import asdict, dataclass, is_dataclass
 from pathlib import Path
 
+from .tasks.base import TaskDataError
+
 
 @dataclass
 class TaskSplits:
@@ -147,8 +149,6 @@ def _without_overlap(later: list, earlier: set, later_split: tuple[str, str], ea
 def _eval_items_of_train(task, train) -> list:
     """The train split read as evaluation items (what each row asks), or [] where its rows have no such reading
     (a JSONL file of SFT or DPO rows): the training prompts then stand for what is asked."""
-    from .tasks import TaskDataError
-
     try:
         return task.eval_items(train)
     except TaskDataError:
@@ -156,51 +156,7 @@ def _eval_items_of_train(task, train) -> list:
 
 
 def _empty(field: str, what: str, fix: str):
-    from .tasks import TaskDataError
-
     return TaskDataError(f"{field}: {what}; {fix}.")
-
-
-def split_spec(task_config, model: str | None = None) -> dict:
-    """A task config as plain data a Ray worker rebuilds the same splits from (data dir and file paths made
-    absolute, so a worker in another directory reads the same files). `model` matters only to a task whose
-    prompts use the model's chat template."""
-    from dataclasses import asdict
-
-    from .tasks.base import data_dir
-
-    t = asdict(with_absolute_paths(task_config))
-    if task_config.kind is None and task_config.name != "jsonl":
-        t["data_dir"] = str(data_dir(task_config.data_dir).resolve())
-    return {"task": t, "model": model if task_config.chat_template else None}
-
-
-def with_absolute_paths(task_config):
-    """The task config with its paths that exist here (source, train, report, select, data_dir) made absolute:
-    relative paths mean the directory the command runs in, and Ray workers run in another one."""
-    import dataclasses
-    from pathlib import Path
-
-    absolute = {}
-    for key in ("source", "train", "report", "select", "data_dir"):
-        value = getattr(task_config, key)
-        if value and Path(value).expanduser().exists():
-            absolute[key] = str(Path(value).expanduser().resolve())
-    return dataclasses.replace(task_config, **absolute) if absolute else task_config
-
-
-def splits_from_spec(spec: dict):
-    """(task, TaskSplits) of a split_spec."""
-    from .config import TaskConfig
-    from .config.loading import build
-    from .tasks import make_task
-
-    cfg = build(TaskConfig, spec["task"], "task")
-    task = make_task(cfg, model=spec.get("model"))
-    return task, build_splits(task, train=cfg.train, report=cfg.report, select=cfg.select,
-                              select_fraction=cfg.select_fraction, carve_seed=cfg.carve_seed,
-                              limit_train=cfg.limit_train, limit_select=cfg.limit_select,
-                              limit_report=cfg.limit_report, on_overlap=cfg.on_overlap)
 
 
 def asked(item) -> str:

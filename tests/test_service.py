@@ -20,7 +20,7 @@ from ray_util import free_port, stop_ray_cluster
 
 from lofit_ray import Adapter, tracking
 from lofit_ray.config import ConfigError, TaskConfig, load_config
-from lofit_ray.splits import split_spec
+from lofit_ray.split_specs import split_spec
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = REPO / "configs" / "smoke.yaml"

@@ -12,7 +12,7 @@ import yaml
 
 from lofit_ray.config import ConfigError, TaskConfig
 from lofit_ray.config.loading import build
-from lofit_ray.splits import split_spec, splits_from_spec
+from lofit_ray.split_specs import split_spec, splits_from_spec
 from lofit_ray.tasks import GenerationItem, TaskDataError, make_task, match_item
 
 REPO = Path(__file__).resolve().parents[1]

@@ -6,6 +6,8 @@ import typing
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..tasks.registry import TASK_NAMES, is_registered
+from ..tasks.source import is_hub_id
 from .fields import ConfigError, _at_least, _help, _positive, template_fields
 
 
@@ -305,16 +307,12 @@ class TaskConfig:
                 raise ConfigError(f"task.answer_regex: not a valid regex ({exc})") from None
 
     def _check_builtin(self) -> None:
-        from ..tasks import TASK_NAMES
-
         if self.report is None:
             self.report = "val"
-        if self.name not in TASK_NAMES and not _registered_task(self.name):
+        if self.name not in TASK_NAMES and not is_registered(self.name):
             raise ConfigError(f"task.name: {self.name!r} is not a built-in task ({', '.join(TASK_NAMES)}); for your "
                               f"own data set task.kind (sft, dpo, mc or generation), task.source and task.columns")
         if self.source is not None:
-            from ..tasks.source import is_hub_id
-
             if self.name == "jsonl":
                 raise ConfigError("task.source: the jsonl task reads the files task.train and task.report; "
                                   "set those (a file or a save_to_disk folder each) and drop task.source")
@@ -328,13 +326,6 @@ class TaskConfig:
 USER_TASK_FIELDS = ("kind", "records_key", "report_fraction", "columns", "template", "chat_template", "fixed_choices",
                     "label_names", "answer_prefix", "mc_training", "answer_regex", "stops", "max_new_tokens",
                     "on_overlap")
-
-
-def _registered_task(name: str) -> bool:
-    """A task another package registers under the `lofit_ray.tasks` entry point group."""
-    from ..tasks import entry_point_tasks
-
-    return name in entry_point_tasks()
 
 
 @dataclass

@@ -2,7 +2,9 @@
 
 cells: which cells a config plans and the setting each depends on; tuning: one method's search (Optuna
 TPE + ASHA, resumable); record: the reproduce.json record and its Markdown table; runner: the Runner that
-searches, runs the cells, keeps the record and logs to MLflow; curve: the learning curve over records.
+searches, runs the cells and keeps the record; caches: the splits and phase-1 rankings it reuses across cells;
+mlflow_runs: its MLflow runs (parent, searches, cells, the backfill from the record); curve: the learning curve
+over records.
 The config is `lofit_ray.config.ReproduceConfig`.
 """
 from .cells import METHODS, cell_id, cell_setting, k_values, plan_cells

@@ -6,14 +6,11 @@ re-runs exactly the cells whose setting changed.
 """
 from __future__ import annotations
 
-import dataclasses
-import hashlib
-import json
 import math
 
-from ..config import ReproduceConfig, TaskConfig
-from ..config.sections import USER_TASK_FIELDS
+from ..config import ReproduceConfig
 from ..methods import METHODS, HeadMethod
+from ..methods.setting import method_setting, setting_hash, task_part
 
 PER_K = tuple(name for name, m in METHODS.items() if m.per_k)  # one cell per K and seed, in run order
 PHASE2 = tuple(name for name, m in METHODS.items() if isinstance(m, HeadMethod))  # the methods that train offsets
@@ -53,46 +50,15 @@ def search_id(model: str, task: str, method: str, k: int | None) -> str:
     return f"{model}|{task}|{method}|k={'-' if k is None else k}"
 
 
-def _task_part(cfg: ReproduceConfig, name: str) -> dict:
-    """The task config a cell's result depends on. Where the data lives is not part of it (the split hashes
-    in the record are); a `source` is, since it may hold other rows than the data dir's files."""
-    t = dataclasses.asdict(cfg.tasks[name])
-    del t["data_dir"], t["name"]
-    defaults = dataclasses.asdict(TaskConfig())
-    for key in USER_TASK_FIELDS:  # at their defaults (the paper's tasks) they leave the setting as it was
-        if t[key] == defaults[key]:
-            del t[key]
-    if t["source"] is None:  # the data dir's files, as before `source` existed: settings stay the same
-        del t["source"]
-    return t
-
-
-def _hash(part: dict) -> str:
-    return hashlib.sha256(json.dumps(part, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
 def search_setting(cfg: ReproduceConfig, task: str, method: str) -> str:
     """A hash of what a method's search (and so every cell it serves) depends on: --resume searches again
-    and re-runs the cells when it changes. Left out: what changes speed only (phase2.skip_frozen_layers,
-    data_dir) and the seeds the cells retrain with."""
-    tr, search = cfg.training, cfg.search
-    part = {"dtype": cfg.dtype, "task": _task_part(cfg, task), "method": method,
-            "training": {"batch_size": tr.batch_size, "max_length": tr.max_length, "dpo_beta": tr.dpo_beta,
-                         "eval_batch_size": cfg.eval_batch_size},
-            "search": {"num_trials": search.num_trials, "seed": search.seed, "metric": search.metric,
-                       "asha": search.asha, "reduction_factor": search.reduction_factor,
-                       # no search: the values it trains at; else the space it searches
-                       **({"space": dataclasses.asdict(getattr(search.spaces, method))} if search.num_trials else
-                          {"fixed": METHODS[method].fixed_params(cfg)}),
-                       # added later: in the hash only when set, so records run before it stay done
-                       **({"grace_period": search.grace_period} if search.grace_period != 1 else {})}}
-    part.update(METHODS[method].setting_part(cfg, task))
-    return _hash(part)
+    and re-runs the cells when it changes (lofit_ray.methods.setting)."""
+    return method_setting(cfg, task, METHODS[method])
 
 
 def cell_setting(cfg: ReproduceConfig, cell: dict) -> str:
     """A hash of the config parts a cell's result depends on: --resume re-runs a cell when it changes."""
     if not METHODS[cell["method"]].searched:
-        return _hash({"dtype": cfg.dtype, "task": _task_part(cfg, cell["task"]), "method": cell["method"],
+        return setting_hash({"dtype": cfg.dtype, "task": task_part(cfg, cell["task"]), "method": cell["method"],
                       "eval_batch_size": cfg.eval_batch_size})
     return search_setting(cfg, cell["task"], cell["method"])

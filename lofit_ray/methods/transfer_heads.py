@@ -3,17 +3,16 @@ import dataclasses
 
 from .base import HeadMethod
 from .lofit import Lofit
+from .setting import method_setting
 
 
 class TransferHeads(HeadMethod):
     name = "transfer_heads"
 
     def setting_part(self, cfg, task: str) -> dict:
-        from ..experiments.cells import search_setting
-
         source = cfg.transfer_source(task)
         return {**super().setting_part(cfg, task),
-                "source": {"task": source, "lofit": search_setting(cfg, source, "lofit") if "lofit" in cfg.methods
+                "source": {"task": source, "lofit": method_setting(cfg, source, Lofit()) if "lofit" in cfg.methods
                            else dataclasses.asdict(cfg.phase1)}}
 
     def head_set(self, runner, task, k, seed, params):

@@ -1,11 +1,13 @@
-"""Task registry: turns each task's files into training examples and eval items.
+"""Tasks: turn each task's files into training examples and eval items.
 
 `make_task(task_config)` builds the task a config's `task:` section describes: a built-in task by
 name, your own task (`kind` set: tasks/generic.py), or a task another package registers under the
 entry point group `lofit_ray.tasks` (name = "module:Class"; the class takes the keyword arguments
-`data_dir` and `source`). `get_task(name, **kw)` builds one by name. Task modules are imported lazily
-so this package stays importable without torch or any task's extra dependencies. Built-in tasks read their rows through Hugging Face `datasets`
-(tasks/source.py: local files, save_to_disk folders, hub ids).
+`data_dir` and `source`). `get_task(name, **kw)` builds one by name. Which names exist is tasks/registry.py;
+the surface every task shares is tasks/task.py (`Task`), the shapes it returns tasks/base.py. Task modules are
+imported lazily so this package stays importable without torch or any task's extra dependencies. Built-in
+tasks read their rows through Hugging Face `datasets` (tasks/source.py: local files, save_to_disk folders, hub
+ids).
 
 `exact_match` / `match_item` score greedy generations for the generation tasks
 (MQuAKE, CLUTRR, JSONL generation rows); they live here so every task and the
@@ -13,9 +15,6 @@ evaluator share one definition.
 """
 from __future__ import annotations
 
-import importlib
-import os
-from pathlib import Path
 from typing import Iterable
 
 from .base import (
@@ -29,7 +28,8 @@ from .base import (
     limit_items,
     require_file,
 )
-from .source import read_records
+from .registry import ENTRY_POINT_GROUP, TASK_NAMES, entry_point_tasks, registered_class
+from .task import SPLIT_NAMES, Task
 
 __all__ = [
     "DATA_DIR_ENV", "GenerationItem", "MCQuestion", "PreferenceExample", "SFTExample",
@@ -38,102 +38,13 @@ __all__ = [
     "exact_match", "match_item",
 ]
 
-SPLIT_NAMES = ("train", "val", "test")
-
-
-class Task:
-    """Common surface of every task.
-
-    Subclasses set `name`, `objective` ("dpo" | "sft"), `eval_kind` ("mc" |
-    "generation") and `splits` (split name -> file path relative to the data dir),
-    and implement `train_examples` / `eval_items` (and `labelled_statements` for
-    ITI probing). `path=None` means the default split: "train" for training,
-    "val" for evaluation; `path` may also be a split name or a file path.
-    """
-
-    name = ""
-    objective = ""
-    eval_kind = ""
-    splits: dict[str, str] = {}
-    source_hint = ""  # appended to "split file missing" errors: where the file comes from
-    splits_under_data_dir = True  # False: split paths are used as given (user files)
-
-    def __init__(self, data_dir: str | os.PathLike | None = None, source: str | None = None):
-        self.data_dir = data_dir
-        self.source = source  # a save_to_disk folder or hub id whose splits replace the data dir's files
-        self.splits = dict(type(self).splits)
-
-    def resolve(self, split_or_path, data_dir: str | os.PathLike | None = None) -> Path:
-        """A split name ("train"/"val"/"test") maps via `splits`; anything else is a file path."""
-        if isinstance(split_or_path, str) and split_or_path in self.splits:
-            rel = Path(self.splits[split_or_path])
-            if not self.splits_under_data_dir:
-                return require_file(rel, f"{self.name} '{split_or_path}' file")
-            path = rel if rel.is_absolute() else _data_dir(data_dir or self.data_dir) / rel
-            if not path.exists():
-                raise TaskDataError(
-                    f"{self.name} '{split_or_path}' split: file not found: {path}. {self.source_hint}"
-                    f"Put {rel} under the data dir (--data-dir / ${DATA_DIR_ENV}; `lofit-ray data fetch` "
-                    f"writes it there), pass an existing file path instead of the split name, or set "
-                    f"task.source to a save_to_disk folder or a hub dataset id."
-                )
-            return path
-        if isinstance(split_or_path, str) and split_or_path in SPLIT_NAMES:
-            raise TaskDataError(
-                f"{self.name} has no '{split_or_path}' split (known splits: "
-                f"{', '.join(sorted(self.splits)) or 'none'}). Pass a file path instead."
-            )
-        if Path(str(split_or_path)).expanduser().is_dir():  # a save_to_disk folder of one split
-            return Path(str(split_or_path)).expanduser()
-        return require_file(split_or_path, f"{self.name} data")
-
-    def _path(self, path, default_split: str, data_dir) -> Path:
-        return self.resolve(default_split if path is None else path, data_dir)
-
-    def records(self, path, default_split: str, data_dir=None) -> tuple[str, list[dict]]:
-        """(where, rows) of a split name or a path, read through `datasets` (tasks/source.py). With a
-        `source`, split names pick the source's splits; paths are read as they are."""
-        split = default_split if path is None else path
-        if self.source and isinstance(split, str) and split in SPLIT_NAMES:
-            return f"{self.source} [{split}]", self.source_records(split)
-        where = self.resolve(split, data_dir)
-        return str(where), read_records(where)
-
-    def source_records(self, split: str) -> list[dict]:
-        """The rows of one split of `source`; a task whose hub dataset needs building overrides this."""
-        return read_records(self.source, split)
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(name={self.name!r}, objective={self.objective!r}, eval_kind={self.eval_kind!r})"
-
-
-_data_dir = data_dir  # Task.resolve's argument shadows the function name
-
-# name -> "module:class"; imported on first use.
-_REGISTRY = {
-    "truthfulqa": "lofit_ray.tasks.truthfulqa:TruthfulQATask",
-    "mquake": "lofit_ray.tasks.mquake:MQuAKETask",
-    "clutrr": "lofit_ray.tasks.clutrr:ClutrrTask",
-    "jsonl": "lofit_ray.tasks.jsonl:JsonlTask",
-}
-TASK_NAMES = tuple(_REGISTRY)
-ENTRY_POINT_GROUP = "lofit_ray.tasks"
-
-
-def entry_point_tasks() -> dict:
-    """Tasks other packages register: {name: entry point} of the group `lofit_ray.tasks`."""
-    from importlib.metadata import entry_points
-
-    return {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
-
 
 def get_task(name: str, **kw) -> Task:
     """Build a task by name; keyword arguments go to its constructor
     (builtin tasks: data_dir=...; jsonl: train_path=..., eval_path=...)."""
     key = str(name).strip().lower()
-    if key in _REGISTRY:
-        module, cls = _REGISTRY[key].split(":")
-        return getattr(importlib.import_module(module), cls)(**kw)
+    if key in TASK_NAMES:
+        return registered_class(key)(**kw)
     registered = entry_point_tasks()
     if name in registered:
         return registered[name].load()(**kw)

@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import ast
 
-from . import GenerationItem, SFTExample, Task, TaskDataError, limit_items
+from .base import GenerationItem, SFTExample, TaskDataError, limit_items
+from .task import Task
 
 TEMPLATE = (
     "Read the following story about a family. \"{story}\" Assume the relations described in the story are "

@@ -27,7 +27,8 @@ import re
 from pathlib import Path
 
 from ..config.fields import template_fields
-from . import GenerationItem, MCQuestion, PreferenceExample, SFTExample, Task, TaskDataError, limit_items
+from .base import GenerationItem, MCQuestion, PreferenceExample, SFTExample, TaskDataError, limit_items
+from .task import Task
 from .source import read_records
 
 CARVED_REPORT = "carved-report"

@@ -14,10 +14,11 @@ raises TaskDataError naming the file, line, missing key and expected keys.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from . import GenerationItem, MCQuestion, PreferenceExample, SFTExample, Task, TaskDataError, limit_items
+from .base import GenerationItem, MCQuestion, PreferenceExample, SFTExample, TaskDataError, limit_items
+from .source import iter_jsonl
+from .task import Task
 
 ROW_KEYS = {
     "dpo": ("prompt", "chosen", "rejected"),
@@ -32,31 +33,6 @@ def _describe(kinds) -> str:
     names = {"sft": "SFT", "dpo": "DPO", "mc": "MC", "generation": "generation"}
     keys = {k: ", ".join(ROW_KEYS[k]) + (" (or answer)" if k == "generation" else "") for k in kinds}
     return " or ".join(f"{names[k]} rows {{{keys[k]}}}" for k in kinds)
-
-
-def iter_jsonl(path):
-    """(line number, object) for each non-blank line; bad JSON or non-objects raise TaskDataError.
-
-    A UTF-8 byte-order mark at the start (Windows editors write one) is skipped."""
-    try:
-        with open(path, encoding="utf-8-sig") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise TaskDataError(f"{path}:{lineno}: invalid JSON ({e.msg}, column {e.colno}).") from None
-                except (ValueError, RecursionError) as e:  # a number of 5000 digits, arrays nested 1000 deep
-                    reason = "nested too deeply" if isinstance(e, RecursionError) else str(e).split(";")[0]
-                    raise TaskDataError(f"{path}:{lineno}: invalid JSON ({reason}).") from None
-                if not isinstance(row, dict):
-                    raise TaskDataError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}.")
-                yield lineno, row
-    except UnicodeDecodeError as e:
-        raise TaskDataError(f"{path}: not UTF-8 text ({e}).") from None
-    except OSError as e:
-        raise TaskDataError(f"{path}: cannot read it ({e.strerror or e}).") from None
 
 
 def infer_kind(row: dict) -> str | None:

@@ -19,7 +19,8 @@ answer_sep="" reproduces the original training text.
 """
 from __future__ import annotations
 
-from . import GenerationItem, SFTExample, Task, TaskDataError, limit_items
+from .base import GenerationItem, SFTExample, TaskDataError, limit_items
+from .task import Task
 
 PROMPT = "Q: Imagine that {edited_prompt}. {question} A:"
 MAX_NEW_TOKENS = 16

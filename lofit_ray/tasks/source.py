@@ -9,10 +9,12 @@
 
 `datasets` keeps its Arrow cache under $LOFIT_CACHE_DIR/datasets. Rows come back as plain dicts; each task
 checks the fields it needs and names the row on error. User JSONL files (`--task jsonl`) keep their own
-line-numbered reader (tasks/jsonl.py): their errors point at a line of a file the user wrote.
+line-numbered reader (iter_jsonl, below; used by tasks/jsonl.py): their errors point at a line of a file the
+user wrote.
 """
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -108,11 +110,7 @@ def _check_json(path: Path, records_key: str | None = None) -> None:
     """Parse a JSON / JSONL file with Python's json first: pyarrow's reader (under `datasets`) crashes the whole
     process on some malformed input (5000 unclosed brackets: a segfault), where a bad file must be an error
     that names it."""
-    import json
-
     if path.suffix.lower() == ".jsonl":
-        from .jsonl import iter_jsonl
-
         for _ in iter_jsonl(path):  # raises TaskDataError naming the line
             pass
         return
@@ -165,3 +163,28 @@ def _from_repo(name: str, config: str | None, split: str | None) -> list[dict]:
     if isinstance(ds, datasets.DatasetDict):
         raise TaskDataError(f"{where}: holds the splits {sorted(ds)}; name one of them.")
     return ds.to_list()
+
+
+def iter_jsonl(path):
+    """(line number, object) for each non-blank line; bad JSON or non-objects raise TaskDataError.
+
+    A UTF-8 byte-order mark at the start (Windows editors write one) is skipped."""
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise TaskDataError(f"{path}:{lineno}: invalid JSON ({e.msg}, column {e.colno}).") from None
+                except (ValueError, RecursionError) as e:  # a number of 5000 digits, arrays nested 1000 deep
+                    reason = "nested too deeply" if isinstance(e, RecursionError) else str(e).split(";")[0]
+                    raise TaskDataError(f"{path}:{lineno}: invalid JSON ({reason}).") from None
+                if not isinstance(row, dict):
+                    raise TaskDataError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}.")
+                yield lineno, row
+    except UnicodeDecodeError as e:
+        raise TaskDataError(f"{path}: not UTF-8 text ({e}).") from None
+    except OSError as e:
+        raise TaskDataError(f"{path}: cannot read it ({e.strerror or e}).") from None

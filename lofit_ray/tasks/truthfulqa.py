@@ -22,7 +22,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from . import MCQuestion, PreferenceExample, Task, TaskDataError, limit_items
+from .base import MCQuestion, PreferenceExample, TaskDataError, limit_items
+from .task import Task
 from .source import read_records
 
 # From Ouyang et al. (2022), used by LLaMA, ITI and LoFiT (curly quotes as in the source).
