@@ -232,3 +232,15 @@ def test_cpu_patch_applies_to_the_reference(tmp_path):
     assert (tree / "dataset" / "truthfulqa" / "fold_0_test_seed_42.csv").is_symlink()
     assert subprocess.run(["python", "-m", "py_compile", str(tree / "lofit_trainer.py"),
                            str(tree / "utils" / "trainers.py")]).returncode == 0
+
+
+def test_the_agreement_page_shows_the_recorded_tables():
+    """docs/agreement.md pastes the tables `report_tables` and `wall_times` print from jobs/results/agreement: a
+    rerun that changes the record must change the page too."""
+    from lofit_ray.bench.agreement_run import report_tables, wall_times
+
+    repo = Path(__file__).resolve().parents[1]
+    page = (repo / "docs" / "agreement.md").read_text()
+    for table in (report_tables(repo / "jobs" / "results" / "agreement"),
+                  wall_times(repo / "jobs" / "results" / "agreement")):
+        assert table.strip() and table.strip() in page
