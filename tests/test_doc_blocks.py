@@ -167,15 +167,25 @@ def _register_champions(workdir: Path, monkeypatch) -> dict:
 
 @pytest.fixture
 def workdir(tmp_path, monkeypatch):
-    """A working folder with ../shared/data beside it, as in a checkout next to shared/."""
+    """A working folder with ../shared/data beside it, as in a checkout next to shared/.
+
+    The CLI runs in this process, and mlflow.set_tracking_uri (which lofit_ray.tracking calls) also exports
+    $MLFLOW_TRACKING_URI. So the variable is put under monkeypatch before any command runs (set, then deleted:
+    undo returns it to unset), and MLflow's own URI is put back after the test. Later tests see neither."""
+    import mlflow
+
     from lofit_ray.tasks import data_dir
 
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "unset-by-workdir")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    previous = mlflow.get_tracking_uri()
     (tmp_path / "shared").mkdir()
     (tmp_path / "shared" / "data").symlink_to(data_dir().resolve(), target_is_directory=True)
     work = tmp_path / "work"
     work.mkdir()
     monkeypatch.chdir(work)
-    return work
+    yield work
+    mlflow.set_tracking_uri(previous)  # exports the variable again; monkeypatch's undo, which runs next, unsets it
 
 
 def test_every_run_block_runs_as_written_on_the_tiny_model(workdir, monkeypatch):
