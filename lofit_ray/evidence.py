@@ -55,11 +55,25 @@ def paired(a, b, resamples: int = RESAMPLES, seed: int = 0, confidence: float = 
             "n": len(a)}
 
 
-def verdict(result: dict, alpha: float = 1 - CONFIDENCE) -> str:
-    """ahead / behind / tie for a paired result (p < alpha decides)."""
+def verdict(result: dict, alpha: float = 1 - CONFIDENCE, seeds: tuple[int, int, int] | None = None) -> str:
+    """ahead / behind / tie for a paired result (p < alpha decides).
+
+    The items bootstrap holds each method's seeds fixed. With `seeds` (from `seed_counts`), a seed on which the
+    order goes the other way makes it a tie: the spread over seeds (a random-heads draw, say) covers the gap."""
     if result["p_value"] >= alpha:
         return "tie"
+    if seeds is not None and seeds[2 if result["diff"] > 0 else 0] > 0:
+        return "tie"
     return "ahead" if result["diff"] > 0 else "behind"
+
+
+def seed_counts(a_by_seed: dict, b_by_seed: dict) -> tuple[int, int, int] | None:
+    """On how many seeds a is above / equal to / below b (paired by seed), or None below 2 shared seeds."""
+    shared = sorted(set(a_by_seed) & set(b_by_seed) - {None})
+    if len(shared) < 2:
+        return None
+    diffs = [a_by_seed[s] - b_by_seed[s] for s in shared]
+    return sum(d > 0 for d in diffs), sum(d == 0 for d in diffs), sum(d < 0 for d in diffs)
 
 
 def metric_columns(rows: list[dict]) -> list[str]:

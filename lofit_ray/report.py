@@ -48,8 +48,10 @@ def score_report(cfg: SearchJobConfig, model: str, uri: str, name: str, run_id: 
               "vs_zero_shot": evidence.compare_rows(rows["champion"], rows["zero-shot"])}
     if controls:
         report["vs_random"] = evidence.compare_rows(rows["champion"], rows["random heads"])
-        report["random_seed_sd"] = {c: float(np.std([np.mean([r[c] for r in seed_rows]) for seed_rows in controls],
-                                                     ddof=1)) if len(controls) > 1 else None for c in columns}
+        report["random_each"] = {c: [float(np.mean([r[c] for r in seed_rows])) for seed_rows in controls]
+                                 for c in columns}
+        report["random_seed_sd"] = {c: float(np.std(v, ddof=1)) if len(v) > 1 else None
+                                    for c, v in report["random_each"].items()}
     tracking.log_metrics(uri, run_id, {f"val_{k}": v for k, v in report["intervals"]["champion"].items()})
     logged = {f"{slug}.val_{k}": v for k, v in report["intervals"]["champion"].items()}
     logged |= {f"{slug}.val_zero_shot_{k}": v for k, v in report["intervals"]["zero-shot"].items()}
@@ -133,7 +135,15 @@ def report_text(model: str, name: str, version: str, report: dict) -> str:
                    + (f"; seed-to-seed sd {sd})" if sd else ")"))
     for key, label in (("vs_zero_shot", "champion - 0-shot"), ("vs_random", "champion - random heads")):
         for col, diff in report.get(key, {}).items():
-            out.append(f"  {label:<24} {describe(col, diff)}  {verdict(diff)}")
+            each = report.get("random_each", {}).get(col, []) if key == "vs_random" else []
+            champ = report.get("champion", {}).get(col)  # one run against each control: the seed guard
+            seeds = evidence.seed_counts(dict.fromkeys(range(len(each)), champ), dict(enumerate(each))) \
+                if each and champ is not None else None
+            call = verdict(diff, seeds=seeds)
+            if call != verdict(diff):
+                side = "above" if diff["diff"] > 0 else "below"
+                call += f" (a control is {side} the champion: the random draws cover the gap)"
+            out.append(f"  {label:<24} {describe(col, diff)}  {call}")
     return "\n".join(out)
 
 

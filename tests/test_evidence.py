@@ -67,3 +67,56 @@ def test_rows_pair_only_when_they_scored_the_same_items(tmp_path):
         evidence.read_rows(tmp_path / "missing.jsonl")
     with pytest.raises(ValueError, match="non-empty"):
         evidence.interval([])
+
+
+def test_a_seed_going_the_other_way_makes_a_significant_gap_a_tie():
+    assert evidence.seed_counts({0: 0.3, 1: 0.4, 2: 0.4}, {0: 0.3, 1: 0.1, 2: 0.5}) == (1, 1, 1)
+    assert evidence.seed_counts({0: 0.3}, {0: 0.1}) is None  # one shared seed says nothing about the spread
+    assert evidence.seed_counts({None: 0.3}, {None: 0.1, 0: 0.2}) is None
+    strong = {"diff": 0.2, "p_value": 0.0002}
+    assert evidence.verdict(strong, seeds=(3, 0, 0)) == "ahead"
+    assert evidence.verdict(strong, seeds=(2, 1, 0)) == "ahead"  # an equal seed is not a reversal
+    assert evidence.verdict(strong, seeds=(2, 0, 1)) == "tie"
+    assert evidence.verdict({"diff": -0.2, "p_value": 0.0002}, seeds=(1, 0, 2)) == "tie"
+    assert evidence.verdict({"diff": -0.2, "p_value": 0.0002}, seeds=(0, 1, 2)) == "behind"
+
+
+def test_the_record_tally_holds_a_win_that_one_random_draw_reverses_to_a_tie(tmp_path):
+    """The case the paper protocol met on Gemma-3 / CLUTRR (K = 2): two random-heads draws score 0 and one
+    beats LoFiT. Over the seed-averaged items LoFiT is far ahead (p < 0.05), but the draws' spread covers it."""
+    from lofit_ray.experiments.record import render_comparisons
+
+    n = 100
+    lofit_em = {0: 0.25, 1: 0.24, 2: 0.25}
+    def cells_for(random_em: dict) -> list[dict]:
+        cells = []
+        for method, ems in (("lofit", lofit_em), ("random_heads", random_em)):
+            for seed, em in ems.items():
+                items = f"items/{method}_{seed}_{random_em[0]}.jsonl"
+                evidence.write_rows(tmp_path / items, [{"id": str(i), "em": float(i < round(em * n))}
+                                                      for i in range(n)])
+                cells.append({"model": "m", "task": "clutrr", "method": method, "k": 2, "seed": seed,
+                              "metrics": {"em": em}, "items": items})
+        return cells
+
+    reversed_by_one_draw = "\n".join(render_comparisons(cells_for({0: 0.31, 1: 0.0, 2: 0.0}), ["m"], ["clutrr"],
+                                                        tmp_path))
+    row = next(line for line in reversed_by_one_draw.splitlines() if line.startswith("| m |"))
+    assert "+0.143 (p=0.0002; seeds 2/0/1)" in row  # item by item it looks decisive
+    assert "random_heads 0 / 1 / 0" in reversed_by_one_draw
+    every_draw_behind = "\n".join(render_comparisons(cells_for({0: 0.15, 1: 0.0, 2: 0.0}), ["m"], ["clutrr"],
+                                                     tmp_path))
+    assert "seeds 3/0/0" in every_draw_behind and "random_heads 1 / 0 / 0" in every_draw_behind
+
+
+def test_the_search_report_calls_a_win_a_tie_when_a_random_control_beats_the_champion():
+    from lofit_ray.report import report_text
+
+    strong = {"diff": 0.12, "ci_low": 0.06, "ci_high": 0.18, "p_value": 0.0002, "n": 100}
+    def text(each: list[float]) -> str:
+        return report_text("m", "reg", "1", {"k": 2, "split": "val", "n": 100, "intervals": {}, "controls": 3,
+                                             "random_seed_sd": {"em": 0.1}, "champion": {"em": 0.30, "n": 100},
+                                             "vs_random": {"em": strong}, "random_each": {"em": each}})
+    reversed_by_one = [line for line in text([0.31, 0.0, 0.22]).splitlines() if "champion - random heads" in line]
+    assert reversed_by_one[0].endswith("tie (a control is above the champion: the random draws cover the gap)")
+    assert text([0.29, 0.0, 0.22]).rstrip().endswith("p=0.0002  ahead")

@@ -396,10 +396,11 @@ def render_comparisons(cells: list[dict], models: list[str], tasks: list[str], b
     Computed from the cells so the claims in prose can be checked against the record. The tally uses the
     first metric (MC1 on TruthfulQA, strict EM on the generation tasks); zero-shot, LoRA and ReFT have no K, so
     their one value is compared with LoFiT at every K. Where both methods' per-item rows are under `base`,
-    the difference is paired item by item (seed-averaged rows) and ahead / tied / behind is p < 0.05;
-    otherwise a difference counts as ahead or behind whatever its size.
+    the difference is paired item by item (seed-averaged rows) and ahead / tied / behind is p < 0.05 with no
+    seed going the other way (`evidence.verdict`); otherwise a difference counts as ahead or behind whatever
+    its size.
     """
-    from ..evidence import compare_rows, verdict
+    from ..evidence import compare_rows, seed_counts, verdict
 
     def group(model, task, method, k) -> list[dict]:
         return [c for c in cells if (c["model"], c["task"], c["method"]) == (model, task, method)
@@ -426,9 +427,12 @@ def render_comparisons(cells: list[dict], models: list[str], tasks: list[str], b
                     deltas = [lofit[n] - other[n] for n in names]
                     if lofit_rows and other_rows:
                         paired = compare_rows(lofit_rows, other_rows)
-                        cols.append(" / ".join(f"{paired[n]['diff']:+.3f} (p={paired[n]['p_value']:.2g})"
-                                               for n in names))
-                        tally[b][("ahead", "tie", "behind").index(verdict(paired[names[0]]))] += 1
+                        seeds = seed_counts({r["seed"]: r["metrics"][names[0]] for r in lofit_recs},
+                                            {r["seed"]: r["metrics"][names[0]] for r in recs})
+                        texts = [f"{paired[n]['diff']:+.3f} (p={paired[n]['p_value']:.2g}" for n in names]
+                        texts[0] += "" if seeds is None else "; seeds {}/{}/{}".format(*seeds)
+                        cols.append(" / ".join(t + ")" for t in texts))
+                        tally[b][("ahead", "tie", "behind").index(verdict(paired[names[0]], seeds=seeds))] += 1
                     else:
                         paired_all = False
                         cols.append(" / ".join(f"{d:+.3f}" for d in deltas))
@@ -439,7 +443,9 @@ def render_comparisons(cells: list[dict], models: list[str], tasks: list[str], b
     if not rows:
         return []
     how = ("paired item by item over the seed-averaged report scores, with the p-value of no difference (paired "
-           "bootstrap, 10,000 resamples); ahead / behind means p < 0.05, anything else is a tie" if paired_all else
+           "bootstrap, 10,000 resamples); seeds a/t/b counts the seeds on which LoFiT is above / equal to / below "
+           "the baseline on the first metric (paired by seed number); ahead / behind means p < 0.05 with no seed "
+           "going the other way, anything else is a tie" if paired_all else
            "At n = 82-100 one standard error of a single MC1 or EM is about 0.05, so gaps under that are noise; "
            "this record has no per-item rows, so the tally counts any nonzero gap")
     lines = ["## LoFiT minus each baseline", "",
