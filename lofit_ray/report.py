@@ -140,7 +140,7 @@ def report_text(model: str, name: str, version: str, report: dict) -> str:
             seeds = evidence.seed_counts(dict.fromkeys(range(len(each)), champ), dict(enumerate(each))) \
                 if each and champ is not None else None
             call = verdict(diff, seeds=seeds)
-            if call != verdict(diff):
+            if seeds is not None and call != verdict(diff):
                 side = "above" if diff["diff"] > 0 else "below"
                 call += f" (a control is {side} the champion: the random draws cover the gap)"
             out.append(f"  {label:<24} {describe(col, diff)}  {call}")
